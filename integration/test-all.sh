@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of colo-blk: installs what the tests need, then the Rust unit and
+# integration tests, then the peer-interop and guest tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*"; }
+
+log "installing test dependencies"
+./integration/install-deps.sh
+
+log "cargo fmt / clippy"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+log "cargo test (unit + integration, real binary through libblkio)"
+cargo test --release --all-targets 2>&1 | tee target/cargo-test.log

@@ -1,0 +1,464 @@
+//! A raw image file (or block device) as a node.
+
+use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use vm_memory::VolatileSlice;
+
+/// How to open a [`RawFile`].
+#[derive(Debug, Clone, Default)]
+pub struct RawFileOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`). Misaligned requests fall back to
+    /// an aligned bounce buffer.
+    pub direct: bool,
+    /// Create a sparse file of this size when the path does not exist; extend a
+    /// shorter regular file to it.
+    pub create_size: Option<u64>,
+}
+
+/// A raw image: byte `n` of the device is byte `n` of the file.
+#[derive(Debug)]
+pub struct RawFile {
+    file: File,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+}
+
+/// Alignment O_DIRECT needs for buffers, offsets and lengths on the devices we
+/// serve (4096 also covers 512-byte sector devices).
+const DIRECT_ALIGN: usize = 4096;
+
+/// At most this many iovecs per preadv/pwritev call (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+impl RawFile {
+    /// Opens (or creates) the image at `path`.
+    pub fn open(path: &Path, opts: &RawFileOptions) -> io::Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.create_size.is_some() && !opts.read_only {
+            oo.create(true);
+        }
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path)?;
+        let meta = file.metadata()?;
+        let mut size = if meta.is_file() {
+            meta.len()
+        } else {
+            device_size(&file)?
+        };
+        if let Some(want) = opts.create_size {
+            if meta.is_file() && size < want && !opts.read_only {
+                file.set_len(want)?;
+                size = want;
+            }
+        }
+        Ok(RawFile {
+            file,
+            size,
+            read_only: opts.read_only,
+            direct: opts.direct,
+        })
+    }
+
+    /// Wraps an already open file; its current length is the device size.
+    pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(RawFile {
+            file,
+            size,
+            read_only,
+            direct: false,
+        })
+    }
+
+    fn needs_bounce(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> bool {
+        self.direct
+            && (offset % DIRECT_ALIGN as u64 != 0
+                || bufs.iter().any(|b| {
+                    b.len() % DIRECT_ALIGN != 0
+                        || b.ptr_guard().as_ptr() as usize % DIRECT_ALIGN != 0
+                }))
+    }
+
+    fn fallocate(&self, op: &'static str, mode: i32, offset: u64, len: u64) -> Result<()> {
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(BlockError::io(op, offset, io::Error::last_os_error()))
+        }
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut zeros = AlignedBuf::new(CHUNK.min(len) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            let slice = VolatileSlice::from(&mut zeros.as_mut_slice()[..n]);
+            self.rw(Dir::Write, offset + done, &[slice])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Moves all bytes of `bufs`, looping over short transfers and EINTR.
+    fn rw(&self, dir: Dir, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        let op = dir.name();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| b.len() > 0)
+            .map(|b| libc::iovec {
+                iov_base: b.ptr_guard_mut().as_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut first = 0;
+        let mut pos = offset;
+        while first < iovs.len() {
+            let batch = &iovs[first..iovs.len().min(first + IOV_MAX)];
+            // SAFETY: every iovec points into a VolatileSlice the caller lent us for
+            // this call, of the stated length; the fd is owned by self.
+            let n = unsafe {
+                match dir {
+                    Dir::Read => libc::preadv(
+                        self.file.as_raw_fd(),
+                        batch.as_ptr(),
+                        batch.len() as i32,
+                        pos as libc::off_t,
+                    ),
+                    Dir::Write => libc::pwritev(
+                        self.file.as_raw_fd(),
+                        batch.as_ptr(),
+                        batch.len() as i32,
+                        pos as libc::off_t,
+                    ),
+                }
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(BlockError::io(op, pos, err));
+            }
+            let mut n = n as usize;
+            if n == 0 {
+                match dir {
+                    // Past the end of a shorter file (or a shrunk device): zeroes.
+                    Dir::Read => {
+                        for iov in &iovs[first..] {
+                            // SAFETY: as above, the iovec lies in a caller's buffer.
+                            unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+                        }
+                        return Ok(());
+                    }
+                    Dir::Write => {
+                        return Err(BlockError::io(op, pos, io::ErrorKind::WriteZero.into()))
+                    }
+                }
+            }
+            pos += n as u64;
+            while first < iovs.len() && n >= iovs[first].iov_len {
+                n -= iovs[first].iov_len;
+                first += 1;
+            }
+            if n > 0 {
+                let iov = &mut iovs[first];
+                // SAFETY: n < iov_len, so the advanced pointer stays in the buffer.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n).cast() };
+                iov.iov_len -= n;
+            }
+        }
+        Ok(())
+    }
+
+    /// O_DIRECT with misaligned guest buffers: go through one aligned buffer that
+    /// covers the whole aligned range (read-modify-write for writes).
+    fn rw_bounced(&self, dir: Dir, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        let len = iov_len(bufs);
+        let align = DIRECT_ALIGN as u64;
+        let start = offset / align * align;
+        let end = (offset + len).div_ceil(align) * align;
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let head = (offset - start) as usize;
+        let needs_read = dir == Dir::Read || start != offset || end != offset + len;
+        if needs_read {
+            let slice = VolatileSlice::from(bounce.as_mut_slice());
+            self.rw(Dir::Read, start, &[slice])?;
+        }
+        let mut at = head;
+        for b in bufs {
+            let window = &mut bounce.as_mut_slice()[at..at + b.len()];
+            match dir {
+                Dir::Read => b.copy_from(window),
+                Dir::Write => {
+                    b.copy_to(window);
+                }
+            }
+            at += b.len();
+        }
+        if dir == Dir::Write {
+            let slice = VolatileSlice::from(bounce.as_mut_slice());
+            self.rw(Dir::Write, start, &[slice])?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Read => "read",
+            Dir::Write => "write",
+        }
+    }
+}
+
+impl BlockDev for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        check_range(offset, iov_len(bufs), self.size)?;
+        if self.needs_bounce(offset, bufs) {
+            return self.rw_bounced(Dir::Read, offset, bufs);
+        }
+        self.rw(Dir::Read, offset, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(offset, iov_len(bufs), self.size)?;
+        if self.needs_bounce(offset, bufs) {
+            return self.rw_bounced(Dir::Write, offset, bufs);
+        }
+        self.rw(Dir::Write, offset, bufs)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io("flush", 0, e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate("write-zeroes", mode, offset, len) {
+            Ok(()) => Ok(()),
+            Err(BlockError::Io { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)
+                ) =>
+            {
+                // The filesystem cannot punch or zero ranges: write the zeroes.
+                self.write_zero_bytes(offset, len)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.size)?;
+        let fd = self.file.as_raw_fd();
+        let end = offset + len;
+        // SAFETY: lseek only reads its integer arguments.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data at or after offset: the rest of the file is a hole.
+                Some(libc::ENXIO) => Ok(Extent {
+                    len,
+                    kind: ExtentKind::Hole,
+                }),
+                // SEEK_DATA unsupported (block device, old fs): report data.
+                _ => Ok(Extent {
+                    len,
+                    kind: ExtentKind::Data,
+                }),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok(Extent {
+                len: data.min(end) - offset,
+                kind: ExtentKind::Hole,
+            });
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        Ok(Extent {
+            len: hole.max(offset + 1).min(end) - offset,
+            kind: ExtentKind::Data,
+        })
+    }
+}
+
+/// Size of a block device (or anything seekable) from its end offset.
+fn device_size(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+/// A zeroed heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size (at least one alignment unit).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("aligned layout of a request-sized buffer")
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of at least len bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated in new() with this exact layout.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::BlockDevExt;
+
+    fn image(size: u64) -> (tempfile::TempDir, RawFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RawFileOptions {
+            create_size: Some(size),
+            ..Default::default()
+        };
+        let dev = RawFile::open(&dir.path().join("img"), &opts).unwrap();
+        (dir, dev)
+    }
+
+    #[test]
+    fn vectored_write_reads_back_across_buffers() {
+        let (_d, dev) = image(1 << 20);
+        let mut a = vec![1u8; 512];
+        let mut b = vec![2u8; 3584];
+        dev.write_vectored(
+            4096,
+            &[VolatileSlice::from(&mut a[..]), VolatileSlice::from(&mut b[..])],
+        )
+        .unwrap();
+        let mut out = vec![0u8; 4096];
+        dev.read_at(4096, &mut out).unwrap();
+        assert!(out[..512].iter().all(|&x| x == 1));
+        assert!(out[512..].iter().all(|&x| x == 2));
+    }
+
+    #[test]
+    fn out_of_range_is_refused_not_written() {
+        let (_d, dev) = image(8192);
+        let err = dev.write_at(8192 - 512, &[0u8; 1024]).unwrap_err();
+        assert!(matches!(err, BlockError::OutOfRange { .. }));
+        assert!(matches!(
+            dev.read_at(u64::MAX - 10, &mut [0u8; 512]),
+            Err(BlockError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_read_zero_and_report_holes() {
+        let (_d, dev) = image(1 << 20);
+        dev.write_at(0, &vec![7u8; 1 << 20]).unwrap();
+        dev.write_zeroes(65536, 65536, false).unwrap();
+        dev.discard(262144, 65536).unwrap();
+        let mut out = vec![9u8; 65536];
+        dev.read_at(65536, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        dev.read_at(262144, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        let ext = dev.block_status(262144, 1 << 19).unwrap();
+        assert_eq!(ext.kind, ExtentKind::Hole);
+        assert_eq!(ext.len, 65536);
+        assert_eq!(dev.block_status(0, 4096).unwrap().kind, ExtentKind::Data);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let (d, dev) = image(4096);
+        drop(dev);
+        let ro = RawFile::open(
+            &d.path().join("img"),
+            &RawFileOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(ro.write_at(0, &[1u8; 512]), Err(BlockError::ReadOnly)));
+        assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
+    }
+}

@@ -1,0 +1,1 @@
+//! The QMP control socket and the `colo-blk ctl` client.

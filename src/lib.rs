@@ -1,0 +1,12 @@
+//! colo-blk: a vhost-user-blk backend with COLO block replication.
+//!
+//! Data flows one way: [`vhost`] → [`virtio_blk`] → [`block`] (the node stack,
+//! where [`replication`] sits) → files or [`nbd`]. [`control`] drives the
+//! replication state machine from outside.
+
+pub mod block;
+pub mod control;
+pub mod nbd;
+pub mod replication;
+pub mod vhost;
+pub mod virtio_blk;

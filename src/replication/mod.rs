@@ -1,0 +1,2 @@
+//! COLO block replication: the stage machine, copy-before-write, checkpoint and
+//! failover commit.

@@ -1,0 +1,2 @@
+//! vhost-user glue: the `VhostUserBackend` implementation, per-queue workers and
+//! the reconnect loop.

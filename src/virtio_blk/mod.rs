@@ -1,0 +1,1 @@
+//! virtio-blk: descriptor chains to typed requests, config space, status codes.
