@@ -124,7 +124,7 @@ impl RawFile {
         let op = dir.name();
         let mut iovs: Vec<libc::iovec> = bufs
             .iter()
-            .filter(|b| b.len() > 0)
+            .filter(|b| !b.is_empty())
             .map(|b| libc::iovec {
                 iov_base: b.ptr_guard_mut().as_ptr().cast(),
                 iov_len: b.len(),
@@ -166,7 +166,9 @@ impl RawFile {
                     Dir::Read => {
                         for iov in &iovs[first..] {
                             // SAFETY: as above, the iovec lies in a caller's buffer.
-                            unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+                            unsafe {
+                                std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len)
+                            };
                         }
                         return Ok(());
                     }
@@ -337,7 +339,11 @@ impl BlockDev for RawFile {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         Ok(Extent {
             len: hole.max(offset + 1).min(end) - offset,
             kind: ExtentKind::Data,
@@ -409,7 +415,10 @@ mod tests {
         let mut b = vec![2u8; 3584];
         dev.write_vectored(
             4096,
-            &[VolatileSlice::from(&mut a[..]), VolatileSlice::from(&mut b[..])],
+            &[
+                VolatileSlice::from(&mut a[..]),
+                VolatileSlice::from(&mut b[..]),
+            ],
         )
         .unwrap();
         let mut out = vec![0u8; 4096];
@@ -458,7 +467,10 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(matches!(ro.write_at(0, &[1u8; 512]), Err(BlockError::ReadOnly)));
+        assert!(matches!(
+            ro.write_at(0, &[1u8; 512]),
+            Err(BlockError::ReadOnly)
+        ));
         assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
     }
 }

@@ -1,1 +1,43 @@
-//! The QMP control socket and the `colo-blk ctl` client.
+//! The QMP control socket (`--control PATH`) and the `colo-blk ctl` client.
+//!
+//! The wire format is QMP's, so QMP clients (the `qemu.qmp` Python library,
+//! `qmp-shell`, `socat`) drive colo-blk as they drive QEMU.
+
+pub mod client;
+pub mod ctl;
+#[cfg(test)]
+mod fake;
+mod framing;
+pub mod protocol;
+mod server;
+
+pub use server::{ControlContext, ControlServer, EventHub};
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Why the control socket could not be served or reached.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// Another process is listening on the path.
+    #[error("control socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// bind() or chmod() failed.
+    #[error("cannot create control socket {0}: {1}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// connect() failed.
+    #[error("cannot connect to control socket {0}: {1}")]
+    Connect(PathBuf, #[source] std::io::Error),
+    /// Reading or writing the socket failed.
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer did not speak QMP.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The command failed; the text is the server's `desc`.
+    #[error("{0}")]
+    Command(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
+}

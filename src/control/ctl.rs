@@ -1,0 +1,135 @@
+//! `colo-blk ctl`: one control command, printed for humans (or as JSON).
+
+use super::client::QmpClient;
+use super::ControlError;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `colo-blk ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Control socket of the daemon (its `serve --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// Print the raw QMP return value as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up when the daemon does not answer within this many seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+/// The control commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlAction {
+    /// Start replication in the daemon's configured mode (replication-start).
+    Start {
+        /// Primary only: how to bring the secondary up to date first.
+        #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+        sync: SyncArg,
+    },
+    /// Take a checkpoint (replication-checkpoint): a barrier on the primary,
+    /// emptying of the overlays on the secondary.
+    Checkpoint,
+    /// Stop replicating (replication-stop).
+    Stop {
+        /// Secondary: take over (commit the overlays, fence the old primary).
+        /// Primary: carry on alone.
+        #[arg(long)]
+        failover: bool,
+    },
+    /// Show mode, stage, error and progress (query-replication).
+    Status,
+    /// Exit 0 when no I/O error is recorded, else print it and exit 1
+    /// (replication-get-error).
+    GetError,
+    /// Ask the daemon to exit cleanly (quit).
+    Quit,
+}
+
+/// `--sync` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SyncArg {
+    /// Copy the whole disk (holes skipped), then forward writes.
+    Full,
+    /// Copy only what changed since forwarding stopped.
+    Dirty,
+    /// The disks are known to be equal.
+    None,
+}
+
+impl SyncArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncArg::Full => "full",
+            SyncArg::Dirty => "dirty",
+            SyncArg::None => "none",
+        }
+    }
+}
+
+/// Runs one `ctl` invocation; the returned text is what to print on success.
+pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
+    let timeout = Some(Duration::from_secs(args.timeout.max(1)));
+    let mut qmp = QmpClient::connect(&args.control, timeout)?;
+    let (ret, summary) = match &args.action {
+        CtlAction::Start { sync } => {
+            let status = qmp.execute("query-replication", json!({}))?;
+            let mode = status["mode"].as_str().unwrap_or("secondary").to_owned();
+            let mut a = json!({ "mode": mode });
+            if mode == "primary" {
+                a["sync"] = json!(sync.as_str());
+            }
+            let ret = qmp.execute("replication-start", a)?;
+            (ret, format!("replication started ({mode})"))
+        }
+        CtlAction::Checkpoint => (
+            qmp.execute("replication-checkpoint", json!({}))?,
+            "checkpoint done".to_owned(),
+        ),
+        CtlAction::Stop { failover } => {
+            let ret = qmp.execute("replication-stop", json!({ "failover": failover }))?;
+            let text = if *failover {
+                "failover started (query status to follow it)"
+            } else {
+                "replication stopped"
+            };
+            (ret, text.to_owned())
+        }
+        CtlAction::Status => {
+            let ret = qmp.execute("query-replication", json!({}))?;
+            let text = status_text(&ret);
+            (ret, text)
+        }
+        CtlAction::GetError => (
+            qmp.execute("replication-get-error", json!({}))?,
+            "no error".to_owned(),
+        ),
+        CtlAction::Quit => (qmp.execute("quit", json!({}))?, "daemon exiting".to_owned()),
+    };
+    Ok(if args.json { ret.to_string() } else { summary })
+}
+
+fn status_text(s: &Value) -> String {
+    let mut out = format!(
+        "mode:  {}\nstage: {}\nerror: {}",
+        s["mode"].as_str().unwrap_or("?"),
+        s["stage"].as_str().unwrap_or("?"),
+        s["error"].as_str().unwrap_or("none"),
+    );
+    for key in ["resync", "commit"] {
+        if let (Some(done), Some(total)) = (s[key]["done"].as_u64(), s[key]["total"].as_u64()) {
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            out.push_str(&format!("\n{key}: {done}/{total} bytes ({pct}%)"));
+        }
+    }
+    if let Some(n) = s["dirty-clusters"].as_u64() {
+        out.push_str(&format!("\ndirty clusters: {n}"));
+    }
+    out
+}
