@@ -182,3 +182,9 @@ pub trait Replication: Send + Sync {
     /// `query-replication`.
     fn status(&self) -> Status;
 }
+
+mod cluster_lock;
+mod dirty;
+pub mod primary;
+
+pub use primary::{Connector, Primary, PrimaryControl};

@@ -1,0 +1,554 @@
+//! The primary side: serve the local disk, forward every write to the secondary
+//! (write-through: the guest's write completes when both copies have it), record
+//! forwarding failures without failing the guest, track what changed while not
+//! forwarding, and resync the secondary (full or dirty) while the guest runs.
+//!
+//! Ordering rules that keep the two disks equal:
+//! * A guest write and a resync copy of the same cluster hold that cluster's lock
+//!   across the local and the remote I/O, so the remote sees them in the same
+//!   order as the local disk did.
+//! * Every guest write either reaches the remote or marks its clusters dirty. The
+//!   `link` lock makes that exact: writes hold it shared for their whole
+//!   duration; `start`/`stop` take it exclusively to switch forwarding on or off.
+//! * Forwarding is switched on before the resync starts, so a write racing the
+//!   copy is forwarded itself, and the copy of its cluster (taken under the
+//!   cluster lock) reads the local disk after it: no convergence loop is needed.
+
+use super::cluster_lock::ClusterLocks;
+use super::dirty::DirtyBitmap;
+use super::{
+    Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
+};
+use crate::block::{
+    BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, Result as BlockResult, SharedDev,
+};
+use log::{info, warn};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use vm_memory::VolatileSlice;
+
+/// Opens a connection to the secondary (an NBD client in the daemon).
+pub type Connector = Box<dyn Fn() -> BlockResult<SharedDev> + Send + Sync>;
+
+/// Largest piece a resync copies in one I/O.
+const RESYNC_WINDOW: u64 = 1 << 20;
+/// Parallel resync copiers: enough to keep an NBD link busy.
+const RESYNC_THREADS: usize = 4;
+
+/// Which copy an operation is applied to.
+#[derive(Clone, Copy)]
+enum Side {
+    Local,
+    Remote,
+}
+
+/// The forwarding target, switched under the `link` lock.
+#[derive(Default)]
+struct Link {
+    remote: Option<SharedDev>,
+}
+
+#[derive(Default)]
+struct ResyncState {
+    active: bool,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A primary replication node; it is also the [`BlockDev`] the guest is served.
+pub struct Primary {
+    local: SharedDev,
+    connect: Connector,
+    cluster_shift: u32,
+    locks: ClusterLocks,
+    dirty: DirtyBitmap,
+    link: RwLock<Link>,
+    /// False once a forwarded I/O failed; writes then mark clusters dirty.
+    healthy: AtomicBool,
+    /// True while the secondary is known equal to the local disk except for the
+    /// dirty clusters; only then is dirty tracking (and `sync: dirty`) meaningful.
+    baseline: AtomicBool,
+    stage: Mutex<Stage>,
+    error: Mutex<Option<String>>,
+    resync: Mutex<ResyncState>,
+    resync_done: Condvar,
+    resync_cancel: AtomicBool,
+    resync_bytes: AtomicU64,
+    resync_total: AtomicU64,
+    events: EventSink,
+}
+
+impl Primary {
+    /// A primary over `local` that reaches its secondary through `connect`
+    /// (called at every `start`, so a restarted secondary is picked up).
+    pub fn new(
+        local: SharedDev,
+        connect: Connector,
+        cluster_size: u64,
+        events: EventSink,
+    ) -> Arc<Self> {
+        let cluster_size = cluster_size.max(512).next_power_of_two();
+        let clusters = local.size().div_ceil(cluster_size);
+        Arc::new(Primary {
+            local,
+            connect,
+            cluster_shift: cluster_size.trailing_zeros(),
+            locks: ClusterLocks::default(),
+            dirty: DirtyBitmap::new(clusters),
+            link: RwLock::new(Link::default()),
+            healthy: AtomicBool::new(false),
+            baseline: AtomicBool::new(false),
+            stage: Mutex::new(Stage::None),
+            error: Mutex::new(None),
+            resync: Mutex::new(ResyncState::default()),
+            resync_done: Condvar::new(),
+            resync_cancel: AtomicBool::new(false),
+            resync_bytes: AtomicU64::new(0),
+            resync_total: AtomicU64::new(0),
+            events,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_shift
+    }
+
+    /// Clusters touched by `[offset, offset + len)`, as (first, last).
+    fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let last = offset.saturating_add(len.max(1) - 1);
+        (offset >> self.cluster_shift, last >> self.cluster_shift)
+    }
+
+    fn stage(&self) -> Stage {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_stage(&self, stage: Stage) {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = stage;
+        info!("primary: stage {stage}");
+        (self.events)(Event::StageChanged {
+            mode: Mode::Primary,
+            stage,
+        });
+    }
+
+    fn recorded_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A forwarded I/O failed: keep serving, stop forwarding, tell the tooling.
+    fn forward_failed(&self, what: &str, err: &BlockError) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            let message = format!("forwarding to the secondary failed ({what}): {err}");
+            warn!("primary: {message}; carrying on alone, tracking dirty clusters");
+            *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+            self.resync_cancel.store(true, Ordering::Release);
+            (self.events)(Event::Error {
+                mode: Mode::Primary,
+                message,
+            });
+        }
+    }
+
+    fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a SharedDev> {
+        link.remote
+            .as_ref()
+            .filter(|_| self.healthy.load(Ordering::Acquire))
+    }
+
+    /// Applies a content-changing operation locally and, when forwarding, on the
+    /// secondary; marks the clusters dirty when the secondary did not get it.
+    fn replicate(
+        &self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
+    ) -> BlockResult<()> {
+        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        let (first, last) = self.clusters(offset, len);
+        match self.forwarding(&link) {
+            Some(remote) => {
+                let _g = self.locks.lock(first, last);
+                op(self.local.as_ref(), Side::Local)?;
+                if let Err(e) = op(remote.as_ref(), Side::Remote) {
+                    self.forward_failed(what, &e);
+                    self.dirty.set_range(first, last);
+                }
+            }
+            None => {
+                op(self.local.as_ref(), Side::Local)?;
+                if self.baseline.load(Ordering::Acquire) {
+                    self.dirty.set_range(first, last);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_resync(self: &Arc<Self>, full: bool) -> Result<(), ReplicationError> {
+        let total = if full {
+            self.local.size()
+        } else {
+            (self.dirty.count() << self.cluster_shift).min(self.local.size())
+        };
+        self.resync_bytes.store(0, Ordering::Release);
+        self.resync_total.store(total, Ordering::Release);
+        self.resync_cancel.store(false, Ordering::Release);
+        let cursor = Arc::new(Mutex::new(0u64));
+        self.resync.lock().unwrap_or_else(|e| e.into_inner()).active = true;
+        info!(
+            "primary: {} resync of {total} bytes started",
+            if full { "full" } else { "dirty" }
+        );
+        (self.events)(Event::ResyncProgress(Progress { done: 0, total }));
+        let running = Arc::new(AtomicU64::new(RESYNC_THREADS as u64));
+        let mut threads = Vec::with_capacity(RESYNC_THREADS);
+        let mut spawn_error = None;
+        for i in 0..RESYNC_THREADS {
+            let me = Arc::clone(self);
+            let cursor = Arc::clone(&cursor);
+            let counter = Arc::clone(&running);
+            let spawned = std::thread::Builder::new()
+                .name(format!("resync-{i}"))
+                .spawn(move || {
+                    me.resync_worker(full, &cursor);
+                    if counter.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        me.resync_finished(full);
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Account for the copiers that will never run.
+                    let missing = (RESYNC_THREADS - i) as u64;
+                    if running.fetch_sub(missing, Ordering::AcqRel) == missing {
+                        self.resync_finished(full);
+                    }
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        self.resync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .threads
+            .extend(threads);
+        match spawn_error {
+            None => Ok(()),
+            Some(e) => Err(ReplicationError::Io(format!("cannot start resync: {e}"))),
+        }
+    }
+
+    /// Hands out the next window to copy: `(offset, len)`.
+    fn next_window(&self, full: bool, cursor: &Mutex<u64>) -> Option<(u64, u64)> {
+        let mut pos = cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let size = self.local.size();
+        if full {
+            if *pos >= size {
+                return None;
+            }
+            let off = *pos;
+            let len = (RESYNC_WINDOW - off % RESYNC_WINDOW).min(size - off);
+            *pos = off + len;
+            return Some((off, len));
+        }
+        let first = self.dirty.next_set(*pos)?;
+        let max = (RESYNC_WINDOW >> self.cluster_shift).max(1);
+        let mut last = first;
+        while last + 1 < first + max && self.dirty.get(last + 1) {
+            last += 1;
+        }
+        *pos = last + 1;
+        let off = first << self.cluster_shift;
+        let end = ((last + 1) << self.cluster_shift).min(size);
+        Some((off, end - off))
+    }
+
+    fn resync_worker(&self, full: bool, cursor: &Mutex<u64>) {
+        let mut buf = vec![0u8; RESYNC_WINDOW as usize];
+        while let Some((off, len)) = self.next_window(full, cursor) {
+            if self.resync_cancel.load(Ordering::Acquire) {
+                return;
+            }
+            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            let Some(remote) = self.forwarding(&link) else {
+                return;
+            };
+            let (first, last) = self.clusters(off, len);
+            let _g = self.locks.lock(first, last);
+            if !full {
+                for c in first..=last {
+                    self.dirty.test_and_clear(c);
+                }
+            }
+            if let Err(e) = self.copy_window(remote.as_ref(), off, len, &mut buf) {
+                if !full {
+                    self.dirty.set_range(first, last);
+                }
+                self.forward_failed("resync", &e);
+                return;
+            }
+            let done = self.resync_bytes.fetch_add(len, Ordering::AcqRel) + len;
+            let total = self.resync_total.load(Ordering::Acquire);
+            let step = (total / 10).max(1);
+            if done / step != (done - len) / step {
+                (self.events)(Event::ResyncProgress(Progress { done, total }));
+            }
+        }
+    }
+
+    /// Copies `[off, off + len)` to the remote: data as data, holes as zeroes
+    /// (cheap on the wire, and right even if the secondary held old bytes).
+    fn copy_window(
+        &self,
+        remote: &dyn BlockDev,
+        off: u64,
+        len: u64,
+        buf: &mut [u8],
+    ) -> BlockResult<()> {
+        let mut pos = off;
+        while pos < off + len {
+            let Extent { len: n, kind } = self.local.block_status(pos, off + len - pos)?;
+            let n = n.clamp(1, off + len - pos);
+            match kind {
+                ExtentKind::Hole | ExtentKind::Zero => remote.write_zeroes(pos, n, true)?,
+                ExtentKind::Data => {
+                    let piece = &mut buf[..n as usize];
+                    self.local.read_at(pos, piece)?;
+                    remote.write_vectored(pos, &[VolatileSlice::from(piece)])?;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn resync_finished(&self, full: bool) {
+        let done = self.resync_bytes.load(Ordering::Acquire);
+        let total = self.resync_total.load(Ordering::Acquire);
+        let ok =
+            self.healthy.load(Ordering::Acquire) && !self.resync_cancel.load(Ordering::Acquire);
+        if ok {
+            if full {
+                self.baseline.store(true, Ordering::Release);
+            }
+            info!("primary: resync complete, {done} bytes copied; forwarding synchronously");
+        } else {
+            warn!("primary: resync stopped after {done} of {total} bytes");
+        }
+        (self.events)(Event::ResyncProgress(Progress { done, total }));
+        let mut st = self.resync.lock().unwrap_or_else(|e| e.into_inner());
+        st.active = false;
+        self.resync_done.notify_all();
+    }
+
+    /// Waits for a running resync to end; joins its threads.
+    fn wait_resync(&self) {
+        let mut st = self.resync.lock().unwrap_or_else(|e| e.into_inner());
+        while st.active {
+            st = self.resync_done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let threads = std::mem::take(&mut st.threads);
+        drop(st);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Starts replication; `self` must be the `Arc` the daemon holds.
+    fn start_arc(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*stage, Stage::None | Stage::Done) {
+            return Err(ReplicationError::AlreadyStarted);
+        }
+        if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
+            return Err(ReplicationError::Invalid(
+                "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
+                    .into(),
+            ));
+        }
+        let remote = (self.connect)()
+            .map_err(|e| ReplicationError::Io(format!("cannot reach the secondary: {e}")))?;
+        if remote.size() != self.local.size() {
+            return Err(ReplicationError::Invalid(format!(
+                "secondary disk is {} bytes, primary disk is {}",
+                remote.size(),
+                self.local.size()
+            )));
+        }
+        self.wait_resync();
+        {
+            let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
+            link.remote = Some(remote);
+            self.healthy.store(true, Ordering::Release);
+            if sync != SyncMode::Dirty {
+                // Full copies everything; none declares the disks equal.
+                self.dirty.clear();
+                self.baseline
+                    .store(sync == SyncMode::None, Ordering::Release);
+            }
+        }
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *stage = Stage::Running;
+        drop(stage);
+        info!("primary: replication started (sync {sync:?})");
+        (self.events)(Event::StageChanged {
+            mode: Mode::Primary,
+            stage: Stage::Running,
+        });
+        if sync != SyncMode::None {
+            self.spawn_resync(sync == SyncMode::Full)?;
+        }
+        Ok(())
+    }
+}
+
+/// The control surface needs `Arc<Primary>` to spawn resync threads.
+pub struct PrimaryControl(pub Arc<Primary>);
+
+impl Replication for PrimaryControl {
+    fn mode(&self) -> Mode {
+        Mode::Primary
+    }
+
+    fn start(&self, mode: Mode, sync: SyncMode) -> Result<(), ReplicationError> {
+        if mode != Mode::Primary {
+            return Err(ReplicationError::ModeMismatch {
+                expected: Mode::Primary,
+                got: mode,
+            });
+        }
+        self.0.start_arc(sync)
+    }
+
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        let p = &self.0;
+        if p.stage() != Stage::Running {
+            return Err(ReplicationError::NotRunning);
+        }
+        p.wait_resync();
+        let link = p.link.read().unwrap_or_else(|e| e.into_inner());
+        let Some(remote) = p.forwarding(&link) else {
+            return Err(ReplicationError::Io(
+                p.recorded_error()
+                    .unwrap_or_else(|| "the secondary is not reachable".into()),
+            ));
+        };
+        // Every acknowledged write already reached the secondary (write-through);
+        // the flush makes them durable there before the VM state is sent.
+        if let Err(e) = remote.flush() {
+            p.forward_failed("checkpoint flush", &e);
+            return Err(ReplicationError::Io(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
+        let p = &self.0;
+        if p.stage() != Stage::Running {
+            return Err(ReplicationError::NotRunning);
+        }
+        p.resync_cancel.store(true, Ordering::Release);
+        {
+            let mut link = p.link.write().unwrap_or_else(|e| e.into_inner());
+            link.remote = None;
+            p.healthy.store(false, Ordering::Release);
+        }
+        p.wait_resync();
+        info!(
+            "primary: replication stopped{}",
+            if failover {
+                " (failover: carrying on alone)"
+            } else {
+                ""
+            }
+        );
+        p.set_stage(Stage::Done);
+        Ok(())
+    }
+
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        if self.0.stage() == Stage::None {
+            return Err(ReplicationError::NotRunning);
+        }
+        match self.0.recorded_error() {
+            Some(e) => Err(ReplicationError::Io(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let p = &self.0;
+        let total = p.resync_total.load(Ordering::Acquire);
+        Status {
+            mode: Mode::Primary,
+            stage: p.stage(),
+            error: p.recorded_error(),
+            resync: (total > 0).then(|| Progress {
+                done: p.resync_bytes.load(Ordering::Acquire),
+                total,
+            }),
+            commit: None,
+            dirty_clusters: Some(p.dirty.count()),
+        }
+    }
+}
+
+impl BlockDev for Primary {
+    fn size(&self) -> u64 {
+        self.local.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.local.read_only()
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        self.local.read_vectored(offset, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        let len = crate::block::iov_len(bufs);
+        self.replicate("write", offset, len, |d, _| d.write_vectored(offset, bufs))
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        self.local.flush()?;
+        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(remote) = self.forwarding(&link) {
+            if let Err(e) = remote.flush() {
+                self.forward_failed("flush", &e);
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        // The local discard reads back as zeroes; make the secondary match exactly.
+        self.replicate("discard", offset, len, |d, side| match side {
+            Side::Local => d.discard(offset, len),
+            Side::Remote => d.write_zeroes(offset, len, true),
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> BlockResult<()> {
+        self.replicate("write-zeroes", offset, len, |d, _| {
+            d.write_zeroes(offset, len, unmap)
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.local.block_status(offset, len)
+    }
+}
+
+impl std::fmt::Debug for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Primary")
+            .field("stage", &self.stage())
+            .field("cluster_size", &self.cluster_size())
+            .finish_non_exhaustive()
+    }
+}
