@@ -10,10 +10,22 @@
 //! or a plain `&mut [u8]` converted with `VolatileSlice::from`, so that the hot path
 //! moves data between guest memory and the file with no bounce copy.
 
+mod bitmap;
+mod chain;
 mod error;
+mod iov;
+mod mem;
+mod overlay;
+mod rangelock;
 mod raw;
 
+pub(crate) use bitmap::Bitmap;
+pub use chain::Chain;
 pub use error::BlockError;
+pub(crate) use iov::iov_window;
+pub use mem::{MemDev, MemStats};
+pub use overlay::{Below, Emptied, Overlay, DEFAULT_GRANULE};
+pub use rangelock::{RangeGuard, RangeLocks, DEFAULT_STRIPES};
 pub use raw::{RawFile, RawFileOptions};
 
 use std::sync::Arc;

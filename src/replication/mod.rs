@@ -3,6 +3,11 @@
 //!
 //! Both modes implement [`Replication`], the surface the control socket drives.
 
+mod gate;
+mod secondary;
+
+pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};
+
 use std::fmt;
 use std::sync::Arc;
 use thiserror::Error;

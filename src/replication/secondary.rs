@@ -1,0 +1,346 @@
+//! The secondary side of COLO block replication, as a node of the block stack.
+//!
+//! ```text
+//!   guest() ──> [gate] ──> active ▸ hidden ▸ secondary disk      (Chain)
+//!                                              ▲ copy-before-write
+//!   primary() ─> [gate] ──────────────────────> secondary disk
+//! ```
+//!
+//! [`Secondary`] owns the stack and the stage machine of DESIGN.md §1 and hands out
+//! two views of it: [`Secondary::guest`], what the vhost worker serves to the
+//! secondary VM, and [`Secondary::primary`], what the NBD server serves to the
+//! primary.
+//!
+//! Concurrency, without a lock around the disk:
+//! * every request passes a sharded in-flight [gate](super::gate); start,
+//!   checkpoint and stop close it to quiesce guest and primary I/O;
+//! * per-cluster [range locks](crate::block::RangeLocks): a guest request holds its
+//!   clusters shared while it reads below the active disk; copy-before-write holds
+//!   them exclusive from the copy until the primary's write has landed, so a
+//!   guest read never looks at hidden before the copy and at the secondary disk
+//!   after the write; the failover commit holds each cluster exclusive while it
+//!   moves it, so no guest write racing it is lost.
+
+mod commit;
+mod io;
+
+use super::gate::Gate;
+use super::{Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode};
+use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+
+/// Default copy-before-write cluster size (QEMU's backup job default).
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
+
+fn stage_code(s: Stage) -> u8 {
+    match s {
+        Stage::None => 0,
+        Stage::Running => 1,
+        Stage::Failover => 2,
+        Stage::FailoverFailed => 3,
+        Stage::Done => 4,
+    }
+}
+
+fn stage_from(c: u8) -> Stage {
+    match c {
+        1 => Stage::Running,
+        2 => Stage::Failover,
+        3 => Stage::FailoverFailed,
+        4 => Stage::Done,
+        _ => Stage::None,
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+struct CommitState {
+    progress: Option<Progress>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The secondary replication node. See the module documentation.
+pub struct Secondary {
+    me: Weak<Secondary>,
+    disk: SharedDev,
+    active: Arc<Overlay>,
+    hidden: Arc<Overlay>,
+    chain: Chain,
+    cluster: u64,
+    /// Clusters copied to hidden since the last checkpoint.
+    copied: Bitmap,
+    locks: RangeLocks,
+    gate: Gate,
+    stage: AtomicU8,
+    /// Serialises control commands with each other.
+    control: Mutex<()>,
+    error: Mutex<Option<String>>,
+    commit: Mutex<CommitState>,
+    events: EventSink,
+}
+
+impl std::fmt::Debug for Secondary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secondary")
+            .field("stage", &self.stage())
+            .field("cluster", &self.cluster)
+            .field("active", &self.active)
+            .field("hidden", &self.hidden)
+            .finish()
+    }
+}
+
+impl Secondary {
+    /// Builds the node over the secondary `disk` with the `active` and `hidden`
+    /// overlays. `cluster_size` is the copy-before-write unit: a power of two, at
+    /// least the overlays' granule. The node starts in stage `none`: guest I/O is
+    /// refused, primary writes go straight to the disk (initial sync).
+    pub fn new(
+        disk: SharedDev,
+        active: Arc<Overlay>,
+        hidden: Arc<Overlay>,
+        cluster_size: u64,
+        events: EventSink,
+    ) -> Result<Arc<Self>, ReplicationError> {
+        let granule = active.granule().max(hidden.granule());
+        if !cluster_size.is_power_of_two() || cluster_size < granule {
+            return Err(ReplicationError::Invalid(format!(
+                "cluster size {cluster_size} must be a power of two of at least {granule} bytes"
+            )));
+        }
+        let clusters = disk.size().div_ceil(cluster_size);
+        let chain = Chain::new(vec![active.clone(), hidden.clone()], disk.clone());
+        Ok(Arc::new_cyclic(|me| Secondary {
+            me: me.clone(),
+            disk,
+            active,
+            hidden,
+            chain,
+            cluster: cluster_size,
+            copied: Bitmap::new(clusters),
+            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            gate: Gate::new(),
+            stage: AtomicU8::new(stage_code(Stage::None)),
+            control: Mutex::new(()),
+            error: Mutex::new(None),
+            commit: Mutex::new(CommitState::default()),
+            events,
+        }))
+    }
+
+    /// What the secondary VM sees (served by the vhost worker): before start,
+    /// refused; while running, active ▸ hidden ▸ secondary disk; after failover, the
+    /// secondary disk.
+    pub fn guest(self: &Arc<Self>) -> SharedDev {
+        Arc::new(io::GuestView(self.clone()))
+    }
+
+    /// What the primary writes to (served by the NBD server): reads the secondary
+    /// disk; writes straight to it in stage `none` (initial sync), with
+    /// copy-before-write while running, refused after failover or stop (fencing).
+    pub fn primary(self: &Arc<Self>) -> SharedDev {
+        Arc::new(io::PrimaryView(self.clone()))
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> Stage {
+        stage_from(self.stage.load(Ordering::Acquire))
+    }
+
+    /// The copy-before-write cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+
+    /// The active overlay (the secondary VM's writes since the last checkpoint).
+    pub fn active(&self) -> &Arc<Overlay> {
+        &self.active
+    }
+
+    /// The hidden overlay (old contents of clusters the primary overwrote).
+    pub fn hidden(&self) -> &Arc<Overlay> {
+        &self.hidden
+    }
+
+    /// The secondary disk.
+    pub fn disk(&self) -> &SharedDev {
+        &self.disk
+    }
+
+    /// Waits for a failover commit started by `stop(failover)` to end (stage
+    /// `done` or `failover-failed`). Returns at once when none runs.
+    pub fn wait_commit(&self) {
+        let handle = locked(&self.commit).thread.take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                log::error!("replication: the commit thread panicked");
+            }
+        }
+    }
+
+    fn set_stage(&self, stage: Stage) {
+        self.stage.store(stage_code(stage), Ordering::Release);
+    }
+
+    fn announce(&self, stage: Stage) {
+        log::info!("replication (secondary): stage {stage}");
+        (self.events)(Event::StageChanged {
+            mode: Mode::Secondary,
+            stage,
+        });
+    }
+
+    /// Keeps an error for get-error and emits it.
+    fn record_error(&self, message: String) {
+        log::error!("replication (secondary): {message}");
+        *locked(&self.error) = Some(message.clone());
+        (self.events)(Event::Error {
+            mode: Mode::Secondary,
+            message,
+        });
+    }
+
+    fn set_progress(&self, p: Progress) {
+        locked(&self.commit).progress = Some(p);
+    }
+
+    /// Empties both overlays and forgets which clusters were copied. The gate
+    /// must be closed.
+    fn empty_overlays(&self) -> Result<(), ReplicationError> {
+        let started = std::time::Instant::now();
+        let io_err = |what: &str, e: crate::block::BlockError| {
+            ReplicationError::Io(format!("emptying the {what} disk: {e}"))
+        };
+        let a = self.active.make_empty().map_err(|e| io_err("active", e))?;
+        let h = self.hidden.make_empty().map_err(|e| io_err("hidden", e))?;
+        self.copied.clear_all();
+        log::debug!(
+            "replication (secondary): checkpoint emptied {} + {} bytes in {:?}",
+            a.bytes,
+            h.bytes,
+            started.elapsed()
+        );
+        Ok(())
+    }
+}
+
+impl Replication for Secondary {
+    fn mode(&self) -> Mode {
+        Mode::Secondary
+    }
+
+    fn start(&self, mode: Mode, _sync: SyncMode) -> Result<(), ReplicationError> {
+        let _control = locked(&self.control);
+        match self.stage() {
+            // A promoted secondary has nothing left to replicate.
+            Stage::Failover | Stage::Done => return Ok(()),
+            Stage::None => {}
+            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::AlreadyStarted),
+        }
+        if mode != Mode::Secondary {
+            return Err(ReplicationError::ModeMismatch {
+                expected: Mode::Secondary,
+                got: mode,
+            });
+        }
+        if !self.chain.sizes_match() {
+            return Err(ReplicationError::LengthMismatch);
+        }
+        let emptied = {
+            let _closed = self.gate.close();
+            self.set_stage(Stage::Running);
+            *locked(&self.error) = None;
+            self.empty_overlays()
+        };
+        self.announce(Stage::Running);
+        emptied
+    }
+
+    fn checkpoint(&self) -> Result<(), ReplicationError> {
+        let _control = locked(&self.control);
+        match self.stage() {
+            Stage::Failover | Stage::Done => Ok(()),
+            Stage::None => Err(ReplicationError::NotRunning),
+            Stage::FailoverFailed => Err(ReplicationError::Invalid(
+                "Block replication failover failed; the overlays hold data the secondary disk lacks"
+                    .into(),
+            )),
+            Stage::Running => {
+                let _closed = self.gate.close();
+                self.empty_overlays()
+            }
+        }
+    }
+
+    fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
+        let _control = locked(&self.control);
+        match self.stage() {
+            Stage::Failover | Stage::Done => return Ok(()),
+            Stage::Running => {}
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
+        }
+        if !failover {
+            {
+                let _closed = self.gate.close();
+                // On error the stage stays running, so the overlays' data is kept
+                // and the stop can be retried.
+                self.empty_overlays()?;
+                self.set_stage(Stage::Done);
+            }
+            self.announce(Stage::Done);
+            return Ok(());
+        }
+        let Some(me) = self.me.upgrade() else {
+            return Err(ReplicationError::Invalid("the replication node is closing".into()));
+        };
+        {
+            // Drains in-flight primary writes: none may land once the commit runs.
+            let _closed = self.gate.close();
+            self.set_stage(Stage::Failover);
+            self.set_progress(Progress::default());
+        }
+        self.announce(Stage::Failover);
+        let spawned = std::thread::Builder::new()
+            .name("colo-commit".into())
+            .spawn(move || me.run_commit());
+        match spawned {
+            Ok(handle) => {
+                locked(&self.commit).thread = Some(handle);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("cannot start the failover commit: {e}");
+                self.record_error(msg.clone());
+                self.set_stage(Stage::FailoverFailed);
+                self.announce(Stage::FailoverFailed);
+                Err(ReplicationError::Io(msg))
+            }
+        }
+    }
+
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        if self.stage() == Stage::None {
+            return Err(ReplicationError::NotRunning);
+        }
+        match locked(&self.error).clone() {
+            Some(message) => Err(ReplicationError::Io(message)),
+            None => Ok(()),
+        }
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            mode: Mode::Secondary,
+            stage: self.stage(),
+            error: locked(&self.error).clone(),
+            resync: None,
+            commit: locked(&self.commit).progress,
+            dirty_clusters: None,
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The two I/O views of a [`Secondary`]: the secondary VM's (guest) and the
+//! primary's (NBD), with the per-stage policy of DESIGN.md §1.
+
+use super::Secondary;
+use crate::block::{
+    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, Result, SharedDev,
+};
+use crate::replication::Stage;
+use std::sync::Arc;
+use vm_memory::VolatileSlice;
+
+/// The secondary VM's view.
+pub(super) struct GuestView(pub(super) Arc<Secondary>);
+
+/// The primary's view.
+pub(super) struct PrimaryView(pub(super) Arc<Secondary>);
+
+fn not_started() -> BlockError {
+    BlockError::Refused("block replication is not started".into())
+}
+
+fn fenced() -> BlockError {
+    BlockError::Refused("this secondary has taken over; writes from the old primary are fenced".into())
+}
+
+fn no_below(_offset: u64, buf: &mut [u8]) -> Result<()> {
+    buf.fill(0);
+    Ok(())
+}
+
+/// A guest-side zeroing request.
+#[derive(Clone, Copy)]
+enum Zeroes {
+    Discard,
+    WriteZeroes { unmap: bool },
+}
+
+impl Secondary {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    /// True when a guest write cannot need a read from below the active disk.
+    fn granule_aligned(&self, offset: u64, len: u64) -> bool {
+        let g = self.active.granule();
+        let end = offset + len;
+        offset % g == 0 && (end % g == 0 || end == self.size())
+    }
+
+    fn guest_read(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        // Done is final and the overlays are empty: no gate, no locks.
+        if self.stage() == Stage::Done {
+            return self.disk.read_vectored(offset, bufs);
+        }
+        let len = iov_len(bufs);
+        check_range(offset, len, self.size())?;
+        let _pass = self.gate.enter();
+        match self.stage() {
+            Stage::None => Err(not_started()),
+            Stage::Done => self.disk.read_vectored(offset, bufs),
+            Stage::Running | Stage::Failover | Stage::FailoverFailed => {
+                let _held = self.locks.shared(offset, len);
+                self.chain.read_vectored(offset, bufs)
+            }
+        }
+    }
+
+    fn guest_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        if self.stage() == Stage::Done {
+            return self.disk.write_vectored(offset, bufs);
+        }
+        let len = iov_len(bufs);
+        check_range(offset, len, self.size())?;
+        let _pass = self.gate.enter();
+        match self.stage() {
+            Stage::None => Err(not_started()),
+            Stage::Done => self.disk.write_vectored(offset, bufs),
+            Stage::Running => {
+                // Only a read-modify-write looks below the active disk, where
+                // copy-before-write may be changing things.
+                let _held =
+                    (!self.granule_aligned(offset, len)).then(|| self.locks.shared(offset, len));
+                self.chain.write_top(offset, bufs)
+            }
+            Stage::Failover | Stage::FailoverFailed => {
+                let _held = self.locks.shared(offset, len);
+                self.split_write(offset, bufs)
+            }
+        }
+    }
+
+    /// Failover policy: what active or hidden still hold goes to active (the
+    /// commit moves it later, or has failed to); the rest goes to the disk.
+    fn split_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        let end = offset + iov_len(bufs);
+        let mut pos = offset;
+        while pos < end {
+            let (above, run) = self.chain.allocated_above(pos, end - pos);
+            let part = iov_window(bufs, pos - offset, run)?;
+            if above {
+                self.chain.write_top(pos, &part)?;
+            } else {
+                self.disk.write_vectored(pos, &part)?;
+            }
+            pos += run;
+        }
+        Ok(())
+    }
+
+    fn guest_zeroes(&self, offset: u64, len: u64, how: Zeroes) -> Result<()> {
+        let on_disk = |o: u64, l: u64| match how {
+            Zeroes::Discard => self.disk.discard(o, l),
+            Zeroes::WriteZeroes { unmap } => self.disk.write_zeroes(o, l, unmap),
+        };
+        if self.stage() == Stage::Done {
+            return on_disk(offset, len);
+        }
+        check_range(offset, len, self.size())?;
+        let _pass = self.gate.enter();
+        match self.stage() {
+            Stage::None => Err(not_started()),
+            Stage::Done => on_disk(offset, len),
+            Stage::Running => {
+                let _held = self.locks.shared(offset, len);
+                self.chain.zero_top(offset, len)
+            }
+            Stage::Failover | Stage::FailoverFailed => {
+                let _held = self.locks.shared(offset, len);
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end {
+                    let (above, run) = self.chain.allocated_above(pos, end - pos);
+                    if above {
+                        self.chain.zero_top(pos, run)?;
+                    } else {
+                        on_disk(pos, run)?;
+                    }
+                    pos += run;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn guest_flush(&self) -> Result<()> {
+        match self.stage() {
+            Stage::None => Err(not_started()),
+            // The overlays are volatile by design (their bitmaps live in memory):
+            // the secondary VM's writes become durable by the failover commit,
+            // which flushes the disk. Syncing the overlay files buys nothing.
+            Stage::Running => Ok(()),
+            Stage::Failover | Stage::FailoverFailed | Stage::Done => self.disk.flush(),
+        }
+    }
+
+    fn guest_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        if self.stage() == Stage::Done {
+            return self.disk.block_status(offset, len);
+        }
+        check_range(offset, len, self.size())?;
+        let _pass = self.gate.enter();
+        match self.stage() {
+            Stage::None => Err(not_started()),
+            Stage::Done => self.disk.block_status(offset, len),
+            Stage::Running | Stage::Failover | Stage::FailoverFailed => {
+                let _held = self.locks.shared(offset, len);
+                self.chain.block_status(offset, len)
+            }
+        }
+    }
+
+    /// Runs a primary write-type request `op` on `offset..offset + len` with the
+    /// policy of the current stage.
+    fn primary_modify(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+        check_range(offset, len, self.size())?;
+        let _pass = self.gate.enter();
+        match self.stage() {
+            Stage::None => op(),
+            Stage::Running => {
+                let result = self.with_copy_before_write(offset, len, op);
+                if let Err(e) = &result {
+                    if !matches!(e, BlockError::OutOfRange { .. }) {
+                        self.record_error(format!("applying a primary write: {e}"));
+                    }
+                }
+                result
+            }
+            Stage::Failover | Stage::FailoverFailed | Stage::Done => Err(fenced()),
+        }
+    }
+
+    /// Copies the old contents of every cluster of the range not yet copied since
+    /// the last checkpoint to hidden, then runs `op`, holding those clusters
+    /// exclusively throughout so that no guest read sees hidden before the copy and
+    /// the disk after `op`.
+    fn with_copy_before_write(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+        if len == 0 {
+            return op();
+        }
+        let c0 = offset / self.cluster;
+        let c1 = (offset + len - 1) / self.cluster;
+        let n = c1 - c0 + 1;
+        if self.copied.run(c0, n) == (true, n) {
+            // Copied before, under the lock: guest reads of these clusters go to
+            // hidden and never look at the disk until the next checkpoint.
+            return op();
+        }
+        let _held = self.locks.exclusive(c0 * self.cluster, n * self.cluster);
+        let mut buf = Vec::new();
+        for c in c0..=c1 {
+            if !self.copied.get(c) {
+                self.copy_cluster(c, &mut buf)?;
+            }
+        }
+        op()
+    }
+
+    fn copy_cluster(&self, c: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let start = c * self.cluster;
+        let end = (start + self.cluster).min(self.size());
+        buf.resize((end - start) as usize, 0);
+        let cbw = |e: BlockError| {
+            BlockError::io(
+                "copy-before-write",
+                start,
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let slice = [VolatileSlice::from(buf.as_mut_slice())];
+        self.disk.read_vectored(start, &slice).map_err(cbw)?;
+        self.hidden.write_over(start, &slice, &no_below).map_err(cbw)?;
+        self.copied.set_range(c, 1);
+        Ok(())
+    }
+}
+
+impl BlockDev for GuestView {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        self.0.guest_read(offset, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        self.0.guest_write(offset, bufs)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.0.guest_flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.guest_zeroes(offset, len, Zeroes::Discard)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.0.guest_zeroes(offset, len, Zeroes::WriteZeroes { unmap })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.0.guest_block_status(offset, len)
+    }
+}
+
+impl BlockDev for PrimaryView {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        self.0.disk.read_vectored(offset, bufs)
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        let disk: &SharedDev = &self.0.disk;
+        self.0
+            .primary_modify(offset, iov_len(bufs), || disk.write_vectored(offset, bufs))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.0.disk.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let disk: &SharedDev = &self.0.disk;
+        self.0.primary_modify(offset, len, || disk.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let disk: &SharedDev = &self.0.disk;
+        self.0
+            .primary_modify(offset, len, || disk.write_zeroes(offset, len, unmap))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.0.disk.block_status(offset, len)
+    }
+}
