@@ -29,7 +29,11 @@ fn atomics(n: u64) -> Box<[AtomicU64]> {
 
 /// Bits `lo..hi` (within one word, `hi <= 64`) as a mask.
 fn mask(lo: u64, hi: u64) -> u64 {
-    let upper = if hi >= WORD { u64::MAX } else { (1u64 << hi) - 1 };
+    let upper = if hi >= WORD {
+        u64::MAX
+    } else {
+        (1u64 << hi) - 1
+    };
     upper & !((1u64 << lo) - 1)
 }
 

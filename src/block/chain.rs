@@ -259,13 +259,20 @@ mod tests {
         let mut y = vec![0u8; 6000];
         c.read_vectored(
             2000,
-            &[VolatileSlice::from(x.as_mut_slice()), VolatileSlice::from(y.as_mut_slice())],
+            &[
+                VolatileSlice::from(x.as_mut_slice()),
+                VolatileSlice::from(y.as_mut_slice()),
+            ],
         )
         .unwrap();
         let all: Vec<u8> = x.iter().chain(y.iter()).copied().collect();
         for (i, &v) in all.iter().enumerate() {
             let off = 2000 + i as u64;
-            let want = if (4096..8192).contains(&off) { 0x33 } else { 0x11 };
+            let want = if (4096..8192).contains(&off) {
+                0x33
+            } else {
+                0x11
+            };
             assert_eq!(v, want, "byte at {off}");
         }
     }

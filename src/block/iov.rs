@@ -79,7 +79,10 @@ mod tests {
     fn window_spans_buffers_and_rejects_overrun() {
         let mut a = [1u8; 3];
         let mut b = [2u8; 5];
-        let bufs = [VolatileSlice::from(&mut a[..]), VolatileSlice::from(&mut b[..])];
+        let bufs = [
+            VolatileSlice::from(&mut a[..]),
+            VolatileSlice::from(&mut b[..]),
+        ];
         let w = iov_window(&bufs, 2, 4).unwrap();
         assert_eq!(w.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![1, 3]);
         let mut out = [0u8; 4];

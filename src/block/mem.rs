@@ -137,12 +137,14 @@ impl MemDev {
 
     /// Fails every write-type request that reaches `offset` or beyond (`None`: off).
     pub fn fail_writes_from(&self, offset: Option<u64>) {
-        self.writes_from.store(offset.unwrap_or(OFF), Ordering::SeqCst);
+        self.writes_from
+            .store(offset.unwrap_or(OFF), Ordering::SeqCst);
     }
 
     /// Fails every read that reaches `offset` or beyond (`None`: off).
     pub fn fail_reads_from(&self, offset: Option<u64>) {
-        self.reads_from.store(offset.unwrap_or(OFF), Ordering::SeqCst);
+        self.reads_from
+            .store(offset.unwrap_or(OFF), Ordering::SeqCst);
     }
 
     /// Fails the `n`-th next write-type request (1 = the next one), once; 0: off.

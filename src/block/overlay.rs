@@ -195,7 +195,12 @@ impl Overlay {
 
     /// Writes `bufs` at `offset`. Parts of unallocated granules the request does not
     /// cover are filled from `below` first, so the granule becomes allocated whole.
-    pub fn write_over(&self, offset: u64, bufs: &[VolatileSlice<'_>], below: Below<'_>) -> Result<()> {
+    pub fn write_over(
+        &self,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+        below: Below<'_>,
+    ) -> Result<()> {
         let len = iov_len(bufs);
         check_range(offset, len, self.size)?;
         if len == 0 {
@@ -227,7 +232,13 @@ impl Overlay {
 
     /// Writes the part of the request (`offset`, `bufs`) that falls in granule `g`,
     /// which the request covers only partly.
-    fn rmw_granule(&self, g: u64, offset: u64, bufs: &[VolatileSlice<'_>], below: Below<'_>) -> Result<()> {
+    fn rmw_granule(
+        &self,
+        g: u64,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+        below: Below<'_>,
+    ) -> Result<()> {
         let end = offset + iov_len(bufs);
         let gs = g * self.granule;
         let ge = self.granule_end(g);
@@ -242,8 +253,13 @@ impl Overlay {
         let mut buf = vec![0u8; (ge - gs) as usize];
         below(gs, &mut buf)?;
         let at = (part_lo - gs) as usize;
-        iov_copy_out(bufs, part_lo - offset, &mut buf[at..at + (part_hi - part_lo) as usize])?;
-        self.store.write_vectored(gs, &[VolatileSlice::from(buf.as_mut_slice())])?;
+        iov_copy_out(
+            bufs,
+            part_lo - offset,
+            &mut buf[at..at + (part_hi - part_lo) as usize],
+        )?;
+        self.store
+            .write_vectored(gs, &[VolatileSlice::from(buf.as_mut_slice())])?;
         self.bitmap.set_range(g, 1);
         Ok(())
     }
@@ -438,16 +454,24 @@ mod tests {
     fn partial_write_completes_granule_from_below() {
         let (_s, ov) = mem_overlay(1 << 20);
         let mut data = vec![9u8; 1024];
-        ov.write_over(4096 + 512, &[VolatileSlice::from(data.as_mut_slice())], &fill_below(0x11))
-            .unwrap();
+        ov.write_over(
+            4096 + 512,
+            &[VolatileSlice::from(data.as_mut_slice())],
+            &fill_below(0x11),
+        )
+        .unwrap();
         let mut out = vec![0u8; 4096];
         ov.read_at(4096, &mut out).unwrap();
         assert!(out[..512].iter().all(|&b| b == 0x11));
         assert!(out[512..1536].iter().all(|&b| b == 9));
         assert!(out[1536..].iter().all(|&b| b == 0x11));
         // Once allocated, a partial write no longer consults below.
-        ov.write_over(4096, &[VolatileSlice::from(&mut [5u8; 512][..])], &fill_below(0x77))
-            .unwrap();
+        ov.write_over(
+            4096,
+            &[VolatileSlice::from(&mut [5u8; 512][..])],
+            &fill_below(0x77),
+        )
+        .unwrap();
         ov.read_at(4096, &mut out).unwrap();
         assert!(out[..512].iter().all(|&b| b == 5));
         assert!(out[1536..].iter().all(|&b| b == 0x11));
@@ -477,7 +501,9 @@ mod tests {
         let mut out = vec![0u8; 4096];
         ov.read_at(0, &mut out).unwrap();
         for i in 0..8 {
-            assert!(out[i * 512..(i + 1) * 512].iter().all(|&b| b == i as u8 + 1));
+            assert!(out[i * 512..(i + 1) * 512]
+                .iter()
+                .all(|&b| b == i as u8 + 1));
         }
     }
 
@@ -522,7 +548,11 @@ mod tests {
         assert!(st.truncated);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 64 << 20);
-        assert!(meta.blocks() * 512 < 64 << 10, "still {} bytes", meta.blocks() * 512);
+        assert!(
+            meta.blocks() * 512 < 64 << 10,
+            "still {} bytes",
+            meta.blocks() * 512
+        );
         // Few runs: hole punching.
         ov.write_at(1 << 20, &vec![7u8; 2 << 20]).unwrap();
         let st = ov.make_empty().unwrap();

@@ -50,7 +50,9 @@ impl RangeLocks {
 
     /// Shares `offset..offset + len` with other shared holders.
     pub fn shared(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        self.lock(offset, len, |l| Held::Shared(l.read().unwrap_or_else(|e| e.into_inner())))
+        self.lock(offset, len, |l| {
+            Held::Shared(l.read().unwrap_or_else(|e| e.into_inner()))
+        })
     }
 
     /// Holds `offset..offset + len` alone.
@@ -60,7 +62,12 @@ impl RangeLocks {
         })
     }
 
-    fn lock<'a>(&'a self, offset: u64, len: u64, take: impl Fn(&'a RwLock<()>) -> Held<'a>) -> RangeGuard<'a> {
+    fn lock<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        take: impl Fn(&'a RwLock<()>) -> Held<'a>,
+    ) -> RangeGuard<'a> {
         let mut guard = RangeGuard {
             first: None,
             second: None,
@@ -129,7 +136,10 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!done.load(Ordering::SeqCst), "exclusive ran while shared was held");
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "exclusive ran while shared was held"
+        );
         drop(reading);
         t.join().unwrap();
         assert!(done.load(Ordering::SeqCst));

@@ -3,11 +3,6 @@
 //!
 //! Both modes implement [`Replication`], the surface the control socket drives.
 
-mod gate;
-mod secondary;
-
-pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};
-
 use std::fmt;
 use std::sync::Arc;
 use thiserror::Error;
@@ -190,6 +185,9 @@ pub trait Replication: Send + Sync {
 
 mod cluster_lock;
 mod dirty;
+mod gate;
 pub mod primary;
+mod secondary;
 
 pub use primary::{Connector, Primary, PrimaryControl};
+pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};

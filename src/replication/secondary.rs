@@ -25,7 +25,9 @@ mod commit;
 mod io;
 
 use super::gate::Gate;
-use super::{Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode};
+use super::{
+    Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
+};
 use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -296,7 +298,9 @@ impl Replication for Secondary {
             return Ok(());
         }
         let Some(me) = self.me.upgrade() else {
-            return Err(ReplicationError::Invalid("the replication node is closing".into()));
+            return Err(ReplicationError::Invalid(
+                "the replication node is closing".into(),
+            ));
         };
         {
             // Drains in-flight primary writes: none may land once the commit runs.

@@ -30,7 +30,10 @@ impl Secondary {
     }
 
     fn next_dirty(&self, from: u64) -> Option<u64> {
-        match (self.active.next_allocated(from), self.hidden.next_allocated(from)) {
+        match (
+            self.active.next_allocated(from),
+            self.hidden.next_allocated(from),
+        ) {
             (Some(a), Some(h)) => Some(a.min(h)),
             (a, h) => a.or(h),
         }

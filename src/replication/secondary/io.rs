@@ -20,7 +20,9 @@ fn not_started() -> BlockError {
 }
 
 fn fenced() -> BlockError {
-    BlockError::Refused("this secondary has taken over; writes from the old primary are fenced".into())
+    BlockError::Refused(
+        "this secondary has taken over; writes from the old primary are fenced".into(),
+    )
 }
 
 fn no_below(_offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -193,7 +195,12 @@ impl Secondary {
     /// the last checkpoint to hidden, then runs `op`, holding those clusters
     /// exclusively throughout so that no guest read sees hidden before the copy and
     /// the disk after `op`.
-    fn with_copy_before_write(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+    fn with_copy_before_write(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         if len == 0 {
             return op();
         }
@@ -228,7 +235,9 @@ impl Secondary {
         };
         let slice = [VolatileSlice::from(buf.as_mut_slice())];
         self.disk.read_vectored(start, &slice).map_err(cbw)?;
-        self.hidden.write_over(start, &slice, &no_below).map_err(cbw)?;
+        self.hidden
+            .write_over(start, &slice, &no_below)
+            .map_err(cbw)?;
         self.copied.set_range(c, 1);
         Ok(())
     }
@@ -256,7 +265,8 @@ impl BlockDev for GuestView {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.0.guest_zeroes(offset, len, Zeroes::WriteZeroes { unmap })
+        self.0
+            .guest_zeroes(offset, len, Zeroes::WriteZeroes { unmap })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
@@ -285,7 +295,8 @@ impl BlockDev for PrimaryView {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let disk: &SharedDev = &self.0.disk;
-        self.0.primary_modify(offset, len, || disk.discard(offset, len))
+        self.0
+            .primary_modify(offset, len, || disk.discard(offset, len))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
