@@ -1,1 +1,60 @@
-fn main() {}
+//! `colo-blk`: command line entry point. Parses, validates, and hands over.
+
+mod config;
+mod daemon;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// A vhost-user-blk backend with COLO block replication.
+#[derive(Parser)]
+#[command(name = "colo-blk", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a raw disk image to a VMM over a vhost-user-blk socket.
+    ///
+    /// Without --mode this is a plain backend. The socket stays open across
+    /// frontend disconnects; SIGINT/SIGTERM finish in-flight requests, flush,
+    /// remove the socket and exit 0. Bad arguments exit with code 2.
+    Serve(config::ServeArgs),
+    /// Run the demonstration (not implemented yet).
+    Demo,
+}
+
+/// Exit code for a command line that parses but makes no sense (clap uses the
+/// same code for syntax errors).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match config::Config::try_from(args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match daemon::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo => {
+            eprintln!("not yet implemented");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,2 +1,196 @@
 //! vhost-user glue: the `VhostUserBackend` implementation, per-queue workers and
 //! the reconnect loop.
+//!
+//! [`serve`] serves any [`SharedDev`]: a raw file for the plain backend, a
+//! replication filter for COLO. It knows nothing of modes.
+
+mod backend;
+mod shutdown;
+mod worker;
+
+pub use shutdown::Shutdown;
+
+use crate::block::{BlockError, SharedDev};
+use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
+use backend::BlkBackend;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+
+/// How the disk is presented to the frontend.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Path of the vhost-user socket to listen on.
+    pub socket: PathBuf,
+    /// Number of request queues (one worker thread each).
+    pub num_queues: u16,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+    /// Logical block size advertised to the guest (512 or 4096).
+    pub logical_block_size: u32,
+    /// Answer to GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+/// Why [`serve`] stopped with an error.
+#[derive(Debug, Error)]
+pub enum VhostError {
+    /// The socket path is taken by something else.
+    #[error("socket path {0}: {1}")]
+    SocketPath(PathBuf, String),
+    /// Creating the listening socket failed.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: VhostUserError,
+    },
+    /// Waiting for a frontend failed.
+    #[error("waiting for a frontend: {0}")]
+    Poll(#[source] io::Error),
+    /// Setting up the vhost-user daemon or accepting a connection failed.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    /// The final flush before exiting failed.
+    #[error("final flush: {0}")]
+    Flush(#[source] BlockError),
+}
+
+/// Serves `dev` on `opts.socket` until `shutdown` is requested.
+///
+/// The listening socket is created once; each frontend connection gets a fresh
+/// vhost-user daemon (and fresh queue workers) while the disk stays open, so a
+/// VMM that restarts simply reconnects. On shutdown the live connection is
+/// closed, the workers finish the requests they hold, the disk is flushed and
+/// the socket removed.
+pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result<(), VhostError> {
+    claim_socket_path(&opts.socket)?;
+    let mut listener = Listener::new(&opts.socket, false).map_err(|source| VhostError::Listen {
+        path: opts.socket.clone(),
+        source,
+    })?;
+    let geometry = Geometry::new(
+        dev.size(),
+        opts.logical_block_size,
+        opts.queue_size,
+        opts.num_queues,
+        dev.read_only(),
+    );
+    log::info!(
+        "serving {} bytes{} on {} ({} queue(s) of {})",
+        geometry.capacity_bytes(),
+        if geometry.read_only { " read-only" } else { "" },
+        opts.socket.display(),
+        opts.num_queues,
+        opts.queue_size
+    );
+    let result = accept_loop(&dev, &geometry, opts, &mut listener, shutdown);
+    let flushed = dev.flush().map_err(VhostError::Flush);
+    // Dropping the listener removes the socket file.
+    drop(listener);
+    result.and(flushed)
+}
+
+fn accept_loop(
+    dev: &SharedDev,
+    geometry: &Geometry,
+    opts: &ServeOptions,
+    listener: &mut Listener,
+    shutdown: &Shutdown,
+) -> Result<(), VhostError> {
+    while wait_for_frontend(listener, shutdown)? {
+        let device = Arc::new(BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial));
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let backend = Arc::new(BlkBackend::new(
+            device,
+            mem.clone(),
+            usize::from(opts.num_queues),
+            usize::from(opts.queue_size),
+        ));
+        let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend, mem)
+            .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        daemon
+            .start(listener)
+            .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        log::info!("frontend connected");
+        shutdown.attach(daemon.shutdown_handle());
+        let ended = daemon.wait();
+        shutdown.attach(None);
+        // Dropping the daemon stops and joins the queue workers: every request
+        // they picked up has completed once this returns.
+        drop(daemon);
+        match ended {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("connection ended: {e}"),
+        }
+        if shutdown.is_requested() {
+            break;
+        }
+    }
+    log::info!("shutting down");
+    Ok(())
+}
+
+/// Blocks until a frontend is waiting to be accepted (true) or a shutdown was
+/// requested (false).
+fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> Result<bool, VhostError> {
+    loop {
+        if shutdown.is_requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shutdown.wake_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(VhostError::Poll(err));
+        }
+        if fds[1].revents != 0 || shutdown.is_requested() {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Removes a stale socket left by a dead process; refuses to replace anything
+/// else (a regular file, a socket someone is listening on).
+fn claim_socket_path(path: &Path) -> Result<(), VhostError> {
+    let taken = |why: &str| VhostError::SocketPath(path.to_path_buf(), why.to_string());
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(taken(&e.to_string())),
+        Ok(meta) if !meta.file_type().is_socket() => Err(taken("exists and is not a socket")),
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            Err(taken("another process is listening on it"))
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(|e| taken(&e.to_string())),
+    }
+}

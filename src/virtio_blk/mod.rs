@@ -1,1 +1,19 @@
-//! virtio-blk: descriptor chains to typed requests, config space, status codes.
+//! virtio-blk: descriptor chains to block-stack calls, config space, status codes.
+//!
+//! Pure device model: it knows guest memory and descriptor chains but nothing of
+//! vhost-user, so unit tests drive it with `virtio_queue::mock` queues.
+
+mod chain;
+mod config;
+mod device;
+mod error;
+mod queue;
+mod ratelimit;
+
+pub use chain::GuestMem;
+pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
+pub use device::{BlkDevice, Completion, Scratch};
+pub use error::RequestError;
+
+#[cfg(test)]
+mod tests;

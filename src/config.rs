@@ -1,0 +1,677 @@
+//! `colo-blk serve` command line and the validated [`Config`] it becomes.
+//!
+//! clap parses syntax; [`Config::try_from`] checks meaning (ranges, which flags
+//! belong to which mode) so that every bad command line gets one clear message
+//! and exit code 2 before anything is opened.
+
+use clap::{Args, ValueEnum};
+use colo_blk::virtio_blk::ID_BYTES;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Default NBD export name of the secondary's disk (QEMU's COLO examples use it).
+pub const DEFAULT_NBD_EXPORT: &str = "parent0";
+/// Default replication cluster size.
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
+/// Default NBD TCP port.
+pub const NBD_DEFAULT_PORT: u16 = 10809;
+
+const MAX_QUEUES: u16 = 64;
+const MAX_QUEUE_SIZE: u16 = 32768;
+const MAX_CLUSTER_SIZE: u64 = 64 << 20;
+
+/// `colo-blk serve` flags, exactly as documented in DESIGN.md §3.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// vhost-user socket to listen on. A stale socket left by a dead process is
+    /// replaced; the socket is removed on exit.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Raw disk image (regular file or block device) to serve.
+    #[arg(long, value_name = "IMAGE")]
+    pub disk: PathBuf,
+
+    /// Create IMAGE as a sparse file of this size if it does not exist (or extend
+    /// a shorter file). Accepts K, M, G, T suffixes (powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Serve the disk read-only (VIRTIO_BLK_F_RO); writes, discards and
+    /// write-zeroes are refused.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Number of request queues, 1-64; each gets its own worker thread. The
+    /// VMM may use fewer.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+
+    /// Maximum entries per queue: a power of two, 4-32768.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Disk serial number returned to GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub serial: String,
+
+    /// Logical block size advertised to the guest: 512 or 4096.
+    #[arg(long, value_name = "512|4096", default_value_t = 512)]
+    pub logical_block_size: u32,
+
+    /// QMP control socket for replication (start, checkpoint, stop, status).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// COLO replication role. Absent: a plain vhost-user-blk backend.
+    #[arg(long, value_enum, value_name = "primary|secondary")]
+    pub mode: Option<Mode>,
+
+    /// Secondary: the active overlay (the secondary guest's own writes since
+    /// the last checkpoint). Default: IMAGE.active.
+    #[arg(long, value_name = "FILE")]
+    pub active: Option<PathBuf>,
+
+    /// Secondary: the hidden overlay (old contents of clusters the primary
+    /// overwrote since the last checkpoint). Default: IMAGE.hidden.
+    #[arg(long, value_name = "FILE")]
+    pub hidden: Option<PathBuf>,
+
+    /// Secondary: where the NBD server receiving the primary's writes listens,
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
+    pub nbd_listen: Option<String>,
+
+    /// Secondary: NBD export name of the secondary disk. Default: parent0.
+    #[arg(long, value_name = "NAME")]
+    pub nbd_export: Option<String>,
+
+    /// Primary: the secondary's NBD export, `nbd+unix:///NAME?socket=PATH` or
+    /// `nbd://HOST:PORT/NAME`.
+    #[arg(long, value_name = "URI")]
+    pub secondary: Option<String>,
+
+    /// Replication cluster size (copy-before-write and dirty tracking unit): a
+    /// power of two, at least 4096. Accepts K/M suffixes. Default: 64K.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub cluster_size: Option<u64>,
+}
+
+/// COLO replication role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Serves the guest from the local disk and forwards writes to the secondary.
+    Primary,
+    /// Receives the primary's writes over NBD; the guest sees active ▸ hidden ▸ disk.
+    Secondary,
+}
+
+/// A validated `serve` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Disk image path.
+    pub disk: PathBuf,
+    /// Size to create the image with.
+    pub size: Option<u64>,
+    /// Serve read-only.
+    pub read_only: bool,
+    /// Number of queues (1-64).
+    pub num_queues: u16,
+    /// Queue size (power of two, 4-32768).
+    pub queue_size: u16,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// GET_ID answer (≤ 20 bytes).
+    pub serial: String,
+    /// 512 or 4096.
+    pub logical_block_size: u32,
+    /// QMP control socket.
+    pub control: Option<PathBuf>,
+    /// Replication cluster size (power of two ≥ 4096).
+    pub cluster_size: u64,
+    /// Plain backend or replication role.
+    pub mode: ModeConfig,
+}
+
+/// What the daemon stacks on top of the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModeConfig {
+    /// The disk itself.
+    Plain,
+    /// COLO primary.
+    Primary(PrimaryConfig),
+    /// COLO secondary.
+    Secondary(SecondaryConfig),
+}
+
+/// Primary-only settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryConfig {
+    /// The secondary's NBD export.
+    pub secondary: NbdTarget,
+}
+
+/// Secondary-only settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondaryConfig {
+    /// Active overlay file.
+    pub active: PathBuf,
+    /// Hidden overlay file.
+    pub hidden: PathBuf,
+    /// NBD server address.
+    pub nbd_listen: NbdListen,
+    /// NBD export name.
+    pub nbd_export: String,
+}
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdListen {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Tcp {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// An NBD export to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdTarget {
+    /// `nbd+unix:///NAME?socket=PATH`.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+        /// Export name.
+        export: String,
+    },
+    /// `nbd://HOST[:PORT]/NAME`.
+    Tcp {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port (default 10809).
+        port: u16,
+        /// Export name.
+        export: String,
+    },
+}
+
+/// A command line that parses but does not make sense.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A flag value out of range.
+    #[error("--{flag}: {why}")]
+    Invalid {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A flag that only makes sense in another mode.
+    #[error("--{flag} is only valid with --mode {mode}")]
+    WrongMode {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// The mode it belongs to.
+        mode: &'static str,
+    },
+    /// A flag the mode cannot run without.
+    #[error("--mode {mode} needs --{flag}")]
+    Missing {
+        /// The missing flag.
+        flag: &'static str,
+        /// The mode that needs it.
+        mode: &'static str,
+    },
+}
+
+fn invalid(flag: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        why: why.into(),
+    }
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
+        if a.socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "empty path"));
+        }
+        if a.disk.as_os_str().is_empty() {
+            return Err(invalid("disk", "empty path"));
+        }
+        if !matches!(a.logical_block_size, 512 | 4096) {
+            return Err(invalid(
+                "logical-block-size",
+                format!("{} is neither 512 nor 4096", a.logical_block_size),
+            ));
+        }
+        if let Some(size) = a.size {
+            let lbs = u64::from(a.logical_block_size);
+            if size == 0 || size % lbs != 0 {
+                return Err(invalid(
+                    "size",
+                    format!("{size} is not a positive multiple of the {lbs}-byte block size"),
+                ));
+            }
+        } else if !a.disk.exists() {
+            return Err(invalid(
+                "disk",
+                format!(
+                    "{} does not exist (pass --size to create it)",
+                    a.disk.display()
+                ),
+            ));
+        }
+        if !(1..=MAX_QUEUES).contains(&a.num_queues) {
+            return Err(invalid(
+                "num-queues",
+                format!("{} is not in 1..={MAX_QUEUES}", a.num_queues),
+            ));
+        }
+        if !a.queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
+            return Err(invalid(
+                "queue-size",
+                format!(
+                    "{} is not a power of two in 4..={MAX_QUEUE_SIZE}",
+                    a.queue_size
+                ),
+            ));
+        }
+        if a.serial.len() > ID_BYTES {
+            return Err(invalid(
+                "serial",
+                format!("{:?} is longer than 20 bytes", a.serial),
+            ));
+        }
+        let cluster_size = a.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
+        if !cluster_size.is_power_of_two() || !(4096..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+            return Err(invalid(
+                "cluster-size",
+                format!("{cluster_size} is not a power of two between 4096 and 64M"),
+            ));
+        }
+        let mode = mode_config(&a)?;
+        if a.readonly && mode != ModeConfig::Plain {
+            return Err(invalid("readonly", "replication needs a writable disk"));
+        }
+        Ok(Config {
+            socket: a.socket,
+            disk: a.disk,
+            size: a.size,
+            read_only: a.readonly,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            direct: a.direct,
+            serial: a.serial,
+            logical_block_size: a.logical_block_size,
+            control: a.control,
+            cluster_size,
+            mode,
+        })
+    }
+}
+
+fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
+    let secondary_only = [
+        ("active", a.active.is_some()),
+        ("hidden", a.hidden.is_some()),
+        ("nbd-listen", a.nbd_listen.is_some()),
+        ("nbd-export", a.nbd_export.is_some()),
+    ];
+    let primary_only = [("secondary", a.secondary.is_some())];
+    let misplaced = |flags: &[(&'static str, bool)], mode| {
+        flags
+            .iter()
+            .find(|(_, given)| *given)
+            .map_or(Ok(()), |(flag, _)| {
+                Err(ConfigError::WrongMode { flag, mode })
+            })
+    };
+    match a.mode {
+        None => {
+            misplaced(&secondary_only, "secondary")?;
+            misplaced(&primary_only, "primary")?;
+            Ok(ModeConfig::Plain)
+        }
+        Some(Mode::Primary) => {
+            misplaced(&secondary_only, "secondary")?;
+            let uri = a.secondary.as_deref().ok_or(ConfigError::Missing {
+                flag: "secondary",
+                mode: "primary",
+            })?;
+            Ok(ModeConfig::Primary(PrimaryConfig {
+                secondary: parse_nbd_uri(uri).map_err(|why| invalid("secondary", why))?,
+            }))
+        }
+        Some(Mode::Secondary) => {
+            misplaced(&primary_only, "primary")?;
+            let listen = a.nbd_listen.as_deref().ok_or(ConfigError::Missing {
+                flag: "nbd-listen",
+                mode: "secondary",
+            })?;
+            let export = a.nbd_export.clone().unwrap_or(DEFAULT_NBD_EXPORT.into());
+            if export.is_empty() || export.len() > 4096 {
+                return Err(invalid("nbd-export", "must be 1 to 4096 bytes"));
+            }
+            let sibling = |ext: &str| {
+                let mut p = a.disk.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            Ok(ModeConfig::Secondary(SecondaryConfig {
+                active: a.active.clone().unwrap_or_else(|| sibling(".active")),
+                hidden: a.hidden.clone().unwrap_or_else(|| sibling(".hidden")),
+                nbd_listen: parse_nbd_listen(listen).map_err(|why| invalid("nbd-listen", why))?,
+                nbd_export: export,
+            }))
+        }
+    }
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix {c:?} in {s:?} (use K, M, G, T)"
+                    ))
+                }
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `unix:PATH` or `tcp:HOST:PORT` (`tcp:[v6addr]:PORT` for IPv6).
+pub fn parse_nbd_listen(s: &str) -> Result<NbdListen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path".into());
+        }
+        return Ok(NbdListen::Unix(PathBuf::from(path)));
+    }
+    if let Some(hp) = s.strip_prefix("tcp:") {
+        let (host, port) = split_host_port(hp)?;
+        let port = port.ok_or_else(|| format!("{s:?} needs a port"))?;
+        return Ok(NbdListen::Tcp { host, port });
+    }
+    Err(format!("{s:?} is neither unix:PATH nor tcp:HOST:PORT"))
+}
+
+/// Parses `nbd+unix:///NAME?socket=PATH` or `nbd://HOST[:PORT]/NAME`.
+pub fn parse_nbd_uri(s: &str) -> Result<NbdTarget, String> {
+    if let Some(rest) = s.strip_prefix("nbd+unix://") {
+        let rest = rest
+            .strip_prefix('/')
+            .ok_or_else(|| format!("{s:?}: expected nbd+unix:///NAME?socket=PATH"))?;
+        let (export, query) = rest
+            .split_once('?')
+            .ok_or_else(|| format!("{s:?}: missing ?socket=PATH"))?;
+        let path = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| format!("{s:?}: missing ?socket=PATH"))?;
+        return Ok(NbdTarget::Unix {
+            path: PathBuf::from(path),
+            export: export.to_string(),
+        });
+    }
+    if let Some(rest) = s.strip_prefix("nbd://") {
+        let (hp, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = split_host_port(hp)?;
+        return Ok(NbdTarget::Tcp {
+            host,
+            port: port.unwrap_or(NBD_DEFAULT_PORT),
+            export: export.to_string(),
+        });
+    }
+    Err(format!(
+        "{s:?} is neither nbd+unix:///NAME?socket=PATH nor nbd://HOST:PORT/NAME"
+    ))
+}
+
+fn split_host_port(hp: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{hp:?}: unterminated [IPv6] address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| format!("{hp:?}: junk after ]"))?,
+            ),
+        };
+        (host, port)
+    } else {
+        match hp.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hp, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{hp:?}: empty host"));
+    }
+    let port = port
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("{p:?} is not a TCP port"))
+        })
+        .transpose()?;
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec![
+            "serve",
+            "--socket",
+            "/tmp/s.sock",
+            "--disk",
+            "/nonexistent/img",
+        ];
+        argv.extend_from_slice(extra);
+        if !extra.contains(&"--size") {
+            argv.extend_from_slice(&["--size", "1M"]);
+        }
+        Config::try_from(Cli::try_parse_from(argv).unwrap().serve)
+    }
+
+    #[test]
+    fn plain_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.mode, ModeConfig::Plain);
+        assert_eq!(
+            (c.num_queues, c.queue_size, c.logical_block_size),
+            (1, 256, 512)
+        );
+        assert_eq!(c.cluster_size, 64 * 1024);
+        assert_eq!(c.size, Some(1 << 20));
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_with_the_flag_named() {
+        let flag = |extra: &[&str]| match parse(extra) {
+            Err(ConfigError::Invalid { flag, .. }) => flag,
+            other => panic!("{extra:?} gave {other:?}"),
+        };
+        assert_eq!(
+            flag(&["--logical-block-size", "1024"]),
+            "logical-block-size"
+        );
+        assert_eq!(flag(&["--num-queues", "0"]), "num-queues");
+        assert_eq!(flag(&["--num-queues", "65"]), "num-queues");
+        assert_eq!(flag(&["--queue-size", "100"]), "queue-size");
+        assert_eq!(flag(&["--queue-size", "2"]), "queue-size");
+        assert_eq!(flag(&["--serial", "123456789012345678901"]), "serial");
+        assert_eq!(flag(&["--cluster-size", "2048"]), "cluster-size");
+        assert_eq!(flag(&["--cluster-size", "12K"]), "cluster-size");
+        assert_eq!(flag(&["--size", "1000"]), "size");
+        assert_eq!(
+            flag(&["--size", "2K", "--logical-block-size", "4096"]),
+            "size"
+        );
+        let missing = Config::try_from(
+            Cli::try_parse_from(["serve", "--socket", "s", "--disk", "/nonexistent/img"])
+                .unwrap()
+                .serve,
+        );
+        assert!(matches!(
+            missing,
+            Err(ConfigError::Invalid { flag: "disk", .. })
+        ));
+    }
+
+    #[test]
+    fn mode_flags_are_checked_against_the_mode() {
+        assert_eq!(
+            parse(&["--active", "a"]),
+            Err(ConfigError::WrongMode {
+                flag: "active",
+                mode: "secondary"
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "--mode",
+                "primary",
+                "--nbd-listen",
+                "unix:/x",
+                "--secondary",
+                "nbd://h/e"
+            ]),
+            Err(ConfigError::WrongMode {
+                flag: "nbd-listen",
+                mode: "secondary"
+            })
+        );
+        assert_eq!(
+            parse(&["--mode", "primary"]),
+            Err(ConfigError::Missing {
+                flag: "secondary",
+                mode: "primary"
+            })
+        );
+        assert_eq!(
+            parse(&["--mode", "secondary"]),
+            Err(ConfigError::Missing {
+                flag: "nbd-listen",
+                mode: "secondary"
+            })
+        );
+        assert!(matches!(
+            parse(&[
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                "unix:/x",
+                "--readonly"
+            ]),
+            Err(ConfigError::Invalid {
+                flag: "readonly",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn secondary_defaults_follow_the_image_name() {
+        let c = parse(&["--mode", "secondary", "--nbd-listen", "tcp:127.0.0.1:10809"]).unwrap();
+        let ModeConfig::Secondary(s) = c.mode else {
+            panic!("not secondary")
+        };
+        assert_eq!(s.active, PathBuf::from("/nonexistent/img.active"));
+        assert_eq!(s.hidden, PathBuf::from("/nonexistent/img.hidden"));
+        assert_eq!(s.nbd_export, "parent0");
+        assert_eq!(
+            s.nbd_listen,
+            NbdListen::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809
+            }
+        );
+    }
+
+    #[test]
+    fn nbd_addresses_parse() {
+        assert_eq!(
+            parse_nbd_uri("nbd+unix:///parent0?socket=/run/s.sock").unwrap(),
+            NbdTarget::Unix {
+                path: "/run/s.sock".into(),
+                export: "parent0".into()
+            }
+        );
+        assert_eq!(
+            parse_nbd_uri("nbd://[::1]:10810/disk").unwrap(),
+            NbdTarget::Tcp {
+                host: "::1".into(),
+                port: 10810,
+                export: "disk".into()
+            }
+        );
+        assert_eq!(
+            parse_nbd_uri("nbd://host/e").unwrap(),
+            NbdTarget::Tcp {
+                host: "host".into(),
+                port: 10809,
+                export: "e".into()
+            }
+        );
+        assert!(parse_nbd_uri("nbd+unix:///e").is_err());
+        assert!(parse_nbd_uri("http://x").is_err());
+        assert!(parse_nbd_listen("tcp:host").is_err());
+        assert!(parse_nbd_listen("tcp:host:0").is_err());
+        assert_eq!(
+            parse_nbd_listen("unix:/a/b").unwrap(),
+            NbdListen::Unix("/a/b".into())
+        );
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! The `serve` process: open the disk → build the block stack for the mode →
+//! start side services → run the vhost-user loop → shut down.
+//!
+//! Modes differ only in [`build_stack`]: each returns the [`SharedDev`] the
+//! vhost layer serves. Side services (the QMP control socket, the secondary's
+//! NBD server) live as long as the vhost loop and stop after it.
+
+use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
+use colo_blk::block::{BlockDev, RawFile, RawFileOptions, SharedDev};
+use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Why the daemon could not run or stopped with an error.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The disk image could not be opened or created.
+    #[error("cannot open disk {path}: {source}")]
+    OpenDisk {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A requested feature is not built yet.
+    #[error("{0} is not implemented yet")]
+    NotImplemented(&'static str),
+    /// Signal handling could not be set up.
+    #[error("signal handling: {0}")]
+    Signals(#[source] io::Error),
+    /// The vhost-user loop failed.
+    #[error(transparent)]
+    Vhost(#[from] VhostError),
+}
+
+/// Runs `colo-blk serve` until SIGINT/SIGTERM (or another shutdown request).
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    // Before any other thread exists, so that every thread inherits the mask.
+    let shutdown = Arc::new(Shutdown::new().map_err(DaemonError::Signals)?);
+    signals::install(shutdown.clone()).map_err(DaemonError::Signals)?;
+
+    let disk = open_disk(&cfg)?;
+    let dev = build_stack(&cfg, disk)?;
+    let services = SideServices::start(&cfg, &dev, &shutdown)?;
+    let result = vhost::serve(dev, &serve_options(&cfg), &shutdown);
+    services.stop();
+    result.map_err(DaemonError::from)
+}
+
+fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
+    let opts = RawFileOptions {
+        read_only: cfg.read_only,
+        direct: cfg.direct,
+        create_size: cfg.size,
+    };
+    let disk = RawFile::open(&cfg.disk, &opts).map_err(|source| DaemonError::OpenDisk {
+        path: cfg.disk.clone(),
+        source,
+    })?;
+    let lbs = u64::from(cfg.logical_block_size);
+    if disk.size() % lbs != 0 {
+        log::warn!(
+            "{} is {} bytes, not a multiple of {lbs}: the last partial block is not served",
+            cfg.disk.display(),
+            disk.size()
+        );
+    }
+    Ok(Arc::new(disk))
+}
+
+/// The block stack the guest sees, per mode.
+fn build_stack(cfg: &Config, disk: Arc<RawFile>) -> Result<SharedDev, DaemonError> {
+    match &cfg.mode {
+        ModeConfig::Plain => Ok(plain_stack(disk)),
+        ModeConfig::Primary(p) => primary_stack(cfg, p, disk),
+        ModeConfig::Secondary(s) => secondary_stack(cfg, s, disk),
+    }
+}
+
+fn plain_stack(disk: Arc<RawFile>) -> SharedDev {
+    disk
+}
+
+fn primary_stack(
+    _cfg: &Config,
+    _primary: &PrimaryConfig,
+    _disk: Arc<RawFile>,
+) -> Result<SharedDev, DaemonError> {
+    Err(DaemonError::NotImplemented("--mode primary"))
+}
+
+fn secondary_stack(
+    _cfg: &Config,
+    _secondary: &SecondaryConfig,
+    _disk: Arc<RawFile>,
+) -> Result<SharedDev, DaemonError> {
+    Err(DaemonError::NotImplemented("--mode secondary"))
+}
+
+fn serve_options(cfg: &Config) -> ServeOptions {
+    ServeOptions {
+        socket: cfg.socket.clone(),
+        num_queues: cfg.num_queues,
+        queue_size: cfg.queue_size,
+        logical_block_size: cfg.logical_block_size,
+        serial: cfg.serial.clone(),
+    }
+}
+
+/// Services that run beside the vhost loop (control socket, NBD server).
+struct SideServices {}
+
+impl SideServices {
+    fn start(
+        cfg: &Config,
+        _dev: &SharedDev,
+        _shutdown: &Arc<Shutdown>,
+    ) -> Result<Self, DaemonError> {
+        if cfg.control.is_some() {
+            return Err(DaemonError::NotImplemented("--control"));
+        }
+        Ok(SideServices {})
+    }
+
+    fn stop(self) {}
+}
+
+mod signals {
+    //! SIGINT/SIGTERM become a [`Shutdown`] request, handled on a dedicated
+    //! thread with `sigwait` so that no async-signal-safety rules apply.
+
+    use super::Shutdown;
+    use std::io;
+    use std::sync::Arc;
+
+    pub(super) fn install(shutdown: Arc<Shutdown>) -> io::Result<()> {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            set
+        };
+        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        std::thread::Builder::new()
+            .name("colo-blk-signals".into())
+            .spawn(move || wait_loop(set, &shutdown))?;
+        Ok(())
+    }
+
+    fn wait_loop(set: libc::sigset_t, shutdown: &Shutdown) {
+        loop {
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out pointer.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                continue;
+            }
+            let name = if sig == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            if shutdown.is_requested() {
+                log::warn!("{name} again: exiting without waiting for in-flight requests");
+                std::process::exit(1);
+            }
+            log::info!("{name}: finishing in-flight requests, then exiting");
+            shutdown.request();
+        }
+    }
+}

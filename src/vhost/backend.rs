@@ -1,0 +1,138 @@
+//! The `VhostUserBackend` implementation: feature negotiation, config space, and
+//! one worker thread per queue.
+
+use super::worker;
+use crate::virtio_blk::{BlkDevice, GuestMem};
+use std::io;
+use std::sync::Arc;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// The backend of one vhost-user connection.
+pub(crate) struct BlkBackend {
+    device: Arc<BlkDevice>,
+    /// The same object the vhost-user handler updates on SET_MEM_TABLE /
+    /// ADD_MEM_REGION, so workers always see the current map.
+    mem: GuestMemoryAtomic<GuestMem>,
+    num_queues: usize,
+    queue_size: usize,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(
+        device: Arc<BlkDevice>,
+        mem: GuestMemoryAtomic<GuestMem>,
+        num_queues: usize,
+        queue_size: usize,
+    ) -> Self {
+        BlkBackend {
+            device,
+            mem,
+            num_queues,
+            queue_size,
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.device.geometry().features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.device.set_driver_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        self.device.reset();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The handler sets EVENT_IDX on each vring's queue, which is where the
+        // worker reads it.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The frontend asks for as much as its own struct holds; bytes past ours
+        // read as zero.
+        let space = self.device.config_space();
+        (offset..offset.saturating_add(size))
+            .map(|i| space.get(i as usize).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if self.device.write_config(offset, buf) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("config bytes {offset}+{} are read-only", buf.len()),
+            ))
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // `self.mem` is a clone of the atomic the handler just updated.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue: queues never wait for each other.
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the handler could not stop (and join) the
+        // workers when the connection ends.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Each worker owns exactly one vring, so its kick is event 0. An error
+        // returned here would stop the worker for good, so guest-caused problems
+        // are logged by the device model and never returned.
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => {
+                worker::serve_vring(vring, &self.mem, &self.device, thread_id);
+            }
+            None => log::warn!("queue worker {thread_id}: unexpected event {device_event}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,71 @@
+//! Asking a running `serve` loop to stop, from any thread.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use vhost_user_backend::ShutdownHandle;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+/// A stop request shared between the serve loop and whoever may ask for it (the
+/// signal thread, a control socket's `quit`, a test).
+///
+/// Stopping closes the current vhost-user connection; the loop then joins the
+/// queue workers (so every request they picked up completes), flushes the disk,
+/// and removes the socket.
+pub struct Shutdown {
+    requested: AtomicBool,
+    wake: EventFd,
+    /// The live connection, if any. Control path only: never touched by workers.
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Shutdown {
+    /// A handle nobody has triggered yet.
+    pub fn new() -> io::Result<Self> {
+        Ok(Shutdown {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// Asks the serve loop to stop. Idempotent; safe from any thread.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        // A full counter (EAGAIN) still leaves the fd readable.
+        let _ = self.wake.write(1);
+        if let Some(conn) = self.lock().as_ref() {
+            conn.shutdown();
+        }
+    }
+
+    /// True once [`request`](Self::request) was called.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Readable once a stop was requested.
+    pub(crate) fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// Records the live connection so that a stop request can close it. A request
+    /// that raced with the connection being set up is honoured here.
+    pub(crate) fn attach(&self, conn: Option<ShutdownHandle>) {
+        let mut slot = self.lock();
+        *slot = conn;
+        if self.is_requested() {
+            if let Some(conn) = slot.as_ref() {
+                conn.shutdown();
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        // A panic while holding this lock cannot leave the Option inconsistent.
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,415 @@
+//! The virtio-blk device model: turns one descriptor chain into block-stack calls
+//! and a status byte.
+
+use super::chain::{gather, scatter, slices, GuestMem, Layout, HEADER_LEN};
+use super::config::{
+    Geometry, CONFIG_SPACE_SIZE, ID_BYTES, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE,
+    WRITEBACK_OFFSET,
+};
+use super::error::ERROR_CLASSES;
+use super::ratelimit::LogLimiter;
+use super::RequestError;
+use crate::block::SharedDev;
+use std::sync::atomic::{AtomicBool, Ordering};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+/// A finished request: what goes into the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Head descriptor index of the chain.
+    pub head: u16,
+    /// Bytes written to the guest: data plus the status byte (0 when no status
+    /// could be written).
+    pub used_len: u32,
+}
+
+/// Per-worker buffers reused from one request to the next, so the hot path does
+/// not allocate. `'m` is the borrow of guest memory held for one pass over a queue.
+#[derive(Default)]
+pub struct Scratch<'m> {
+    layout: Layout,
+    slices: Vec<VolatileSlice<'m>>,
+}
+
+/// The device model shared by every queue worker of one connection. Everything
+/// mutable is atomic and written only on control paths (feature negotiation,
+/// config writes), so queues never contend on it.
+pub struct BlkDevice {
+    dev: SharedDev,
+    geometry: Geometry,
+    serial: [u8; ID_BYTES],
+    /// The `writeback` config field (driver-writable with CONFIG_WCE).
+    writeback: AtomicBool,
+    /// The driver negotiated FLUSH; without it the device must be write-through.
+    flush_negotiated: AtomicBool,
+    log: LogLimiter,
+}
+
+/// The request header fields colo-blk uses.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    kind: u32,
+    sector: u64,
+}
+
+/// One discard / write-zeroes segment.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    offset: u64,
+    len: u64,
+    unmap: bool,
+}
+
+impl BlkDevice {
+    /// A device serving `dev` as described by `geometry`; `serial` is answered
+    /// to GET_ID (truncated to 20 bytes, zero padded).
+    pub fn new(dev: SharedDev, geometry: Geometry, serial: &str) -> Self {
+        let mut id = [0u8; ID_BYTES];
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        BlkDevice {
+            dev,
+            geometry,
+            serial: id,
+            writeback: AtomicBool::new(true),
+            flush_negotiated: AtomicBool::new(true),
+            log: LogLimiter::new(ERROR_CLASSES),
+        }
+    }
+
+    /// What the guest is told about the disk.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The current configuration space.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        self.geometry
+            .config_space(self.writeback.load(Ordering::Relaxed))
+    }
+
+    /// Applies a driver write to the configuration space. Only the `writeback`
+    /// byte is writable, and only on a writable disk; returns false (and changes
+    /// nothing) for any other write.
+    pub fn write_config(&self, offset: u32, data: &[u8]) -> bool {
+        let Some(at) = (WRITEBACK_OFFSET as u64).checked_sub(u64::from(offset)) else {
+            return false;
+        };
+        match data.get(at as usize) {
+            Some(&wce) if !self.geometry.read_only => {
+                self.writeback.store(wce != 0, Ordering::Relaxed);
+                log::info!(
+                    "guest set the write cache to {}",
+                    if wce != 0 {
+                        "write-back"
+                    } else {
+                        "write-through"
+                    }
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records the features the driver accepted.
+    pub fn set_driver_features(&self, features: u64) {
+        self.flush_negotiated
+            .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
+    }
+
+    /// Back to the state of a freshly created device (VIRTIO reset).
+    pub fn reset(&self) {
+        self.writeback.store(true, Ordering::Relaxed);
+        self.flush_negotiated.store(true, Ordering::Relaxed);
+    }
+
+    fn write_through(&self) -> bool {
+        !(self.writeback.load(Ordering::Relaxed) && self.flush_negotiated.load(Ordering::Relaxed))
+    }
+
+    /// Serves one request: executes it, writes the status byte, and returns what
+    /// goes into the used ring. Never panics on guest input; every failure becomes
+    /// a status byte (or, with no writable status byte, a used length of 0) and a
+    /// rate-limited log line.
+    pub fn handle_chain<'m>(
+        &self,
+        mem: &'m GuestMem,
+        chain: DescriptorChain<&'m GuestMem>,
+        scratch: &mut Scratch<'m>,
+    ) -> Completion {
+        let head = chain.head_index();
+        // Header + data + status; anything longer is over seg_max anyway.
+        let cap = self.geometry.seg_max as usize + 3;
+        scratch.layout.collect(chain, cap);
+
+        let status_addr = match scratch.layout.status {
+            Some(a) if GuestMemoryBackend::check_range(mem, GuestAddress(a), 1) => a,
+            _ => {
+                self.report(head, &RequestError::NoStatus);
+                return Completion { head, used_len: 0 };
+            }
+        };
+
+        let (status, written) = match self.execute(mem, scratch) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(e) => {
+                self.report(head, &e);
+                (e.status(), 0)
+            }
+        };
+        if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+            // Checked above; only a concurrent memory-map change gets here.
+            self.report(head, &RequestError::NoStatus);
+            return Completion { head, used_len: 0 };
+        }
+        Completion {
+            head,
+            used_len: u32::try_from(written).unwrap_or(u32::MAX - 1) + 1,
+        }
+    }
+
+    pub(super) fn report(&self, head: u16, err: &RequestError) {
+        let Some(lost) = self.log.allow(err.class()) else {
+            return;
+        };
+        let more = if lost > 0 {
+            format!(" ({lost} similar messages suppressed)")
+        } else {
+            String::new()
+        };
+        match err {
+            RequestError::Block(e) => log::error!("request (head {head}): {e}{more}"),
+            e => log::warn!("bad request from guest (head {head}): {e}{more}"),
+        }
+    }
+
+    /// Runs the request; returns the data bytes written to the guest.
+    fn execute<'m>(
+        &self,
+        mem: &'m GuestMem,
+        scratch: &mut Scratch<'m>,
+    ) -> Result<u64, RequestError> {
+        let layout = &scratch.layout;
+        let mut raw = [0u8; HEADER_LEN as usize];
+        layout.read_prefix(mem, &mut raw).map_err(|e| match e {
+            RequestError::ShortHeader(_) => RequestError::ShortHeader(layout.readable_len()),
+            e => e,
+        })?;
+        let header = Header {
+            kind: u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            sector: u64::from_le_bytes([
+                raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+            ]),
+        };
+        if layout.mixed_direction {
+            return Err(RequestError::WrongDirection(type_name(header.kind)));
+        }
+        match header.kind {
+            VIRTIO_BLK_T_IN => self.read(mem, header, scratch),
+            VIRTIO_BLK_T_OUT => self.write(mem, header, scratch),
+            VIRTIO_BLK_T_FLUSH => {
+                self.dev.flush()?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                self.discard_or_zero(mem, header.kind, layout)
+            }
+            other => Err(RequestError::UnsupportedType(other)),
+        }
+    }
+
+    fn read<'m>(
+        &self,
+        mem: &'m GuestMem,
+        header: Header,
+        scratch: &mut Scratch<'m>,
+    ) -> Result<u64, RequestError> {
+        let layout = &scratch.layout;
+        if layout.readable_payload().next().is_some() {
+            return Err(RequestError::WrongDirection("read"));
+        }
+        self.check_segments(layout)?;
+        let len = layout.writable_payload().map(|(_, l)| l).sum();
+        let offset = self.check_data(header.sector, len, "read")?;
+        slices(mem, layout.writable_payload(), &mut scratch.slices)?;
+        self.dev.read_vectored(offset, &scratch.slices)?;
+        Ok(len)
+    }
+
+    fn write<'m>(
+        &self,
+        mem: &'m GuestMem,
+        header: Header,
+        scratch: &mut Scratch<'m>,
+    ) -> Result<u64, RequestError> {
+        let layout = &scratch.layout;
+        if layout.writable_payload().next().is_some() {
+            return Err(RequestError::WrongDirection("write"));
+        }
+        if self.geometry.read_only {
+            return Err(RequestError::ReadOnly("write"));
+        }
+        self.check_segments(layout)?;
+        let len = layout.readable_payload().map(|(_, l)| l).sum();
+        let offset = self.check_data(header.sector, len, "write")?;
+        slices(mem, layout.readable_payload(), &mut scratch.slices)?;
+        self.dev.write_vectored(offset, &scratch.slices)?;
+        if self.write_through() {
+            self.dev.flush()?;
+        }
+        Ok(0)
+    }
+
+    fn check_segments(&self, layout: &Layout) -> Result<(), RequestError> {
+        let data = if layout.overflow {
+            usize::MAX
+        } else {
+            layout.readable_payload().count() + layout.writable_payload().count()
+        };
+        if data > self.geometry.seg_max as usize {
+            return Err(RequestError::TooManySegments {
+                count: if layout.overflow {
+                    layout.segs.len()
+                } else {
+                    data
+                },
+                max: self.geometry.seg_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates a read/write data range; returns its byte offset.
+    fn check_data(&self, sector: u64, len: u64, op: &'static str) -> Result<u64, RequestError> {
+        if len == 0 {
+            return Err(RequestError::ZeroLength(op));
+        }
+        if len % SECTOR_SIZE != 0 {
+            return Err(RequestError::Unaligned(len));
+        }
+        self.check_range(sector, len)
+    }
+
+    fn check_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
+        let out = || RequestError::OutOfRange {
+            sector,
+            bytes: len,
+            capacity: self.geometry.capacity_sectors,
+        };
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.geometry.capacity_bytes() => Ok(offset),
+            _ => Err(out()),
+        }
+    }
+
+    fn get_id(&self, mem: &GuestMem, layout: &Layout) -> Result<u64, RequestError> {
+        if layout.overflow {
+            self.check_segments(layout)?;
+        }
+        if layout.writable_payload().next().is_none() {
+            return Err(RequestError::ZeroLength("get-id"));
+        }
+        Ok(scatter(mem, layout.writable_payload(), &self.serial)? as u64)
+    }
+
+    fn discard_or_zero(
+        &self,
+        mem: &GuestMem,
+        kind: u32,
+        layout: &Layout,
+    ) -> Result<u64, RequestError> {
+        let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
+        let op = if zeroes { "write-zeroes" } else { "discard" };
+        if layout.overflow {
+            return Err(RequestError::RangeLimit {
+                op,
+                detail: format!("more than {} descriptors", layout.segs.len()),
+            });
+        }
+        if layout.writable_payload().next().is_some() {
+            return Err(RequestError::WrongDirection(op));
+        }
+        if self.geometry.read_only {
+            return Err(RequestError::ReadOnly(op));
+        }
+        let len: u64 = layout.readable_payload().map(|(_, l)| l).sum();
+        if len == 0 || len % 16 != 0 {
+            return Err(RequestError::BadRangeList { op, len });
+        }
+        let count = len / 16;
+        if count > u64::from(MAX_RANGE_SEGMENTS) {
+            return Err(RequestError::RangeLimit {
+                op,
+                detail: format!("{count} segments, at most {MAX_RANGE_SEGMENTS}"),
+            });
+        }
+        let mut raw = [0u8; 16 * MAX_RANGE_SEGMENTS as usize];
+        let raw = &mut raw[..len as usize];
+        gather(mem, layout.readable_payload(), raw)?;
+
+        // Validate every segment before touching the disk, so a bad list has no
+        // partial effect.
+        let mut ranges = [Range {
+            offset: 0,
+            len: 0,
+            unmap: false,
+        }; MAX_RANGE_SEGMENTS as usize];
+        for (i, seg) in raw.chunks_exact(16).enumerate() {
+            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+            let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+            let allowed = if zeroes {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
+            if flags & !allowed != 0 {
+                return Err(RequestError::UnsupportedFlags { op, flags });
+            }
+            if sectors > MAX_RANGE_SECTORS {
+                return Err(RequestError::RangeLimit {
+                    op,
+                    detail: format!("{sectors} sectors, at most {MAX_RANGE_SECTORS}"),
+                });
+            }
+            let bytes = u64::from(sectors) * SECTOR_SIZE;
+            ranges[i] = Range {
+                offset: self.check_range(sector, bytes)?,
+                len: bytes,
+                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+            };
+        }
+        for r in ranges.iter().take(count as usize).filter(|r| r.len > 0) {
+            if zeroes {
+                self.dev.write_zeroes(r.offset, r.len, r.unmap)?;
+            } else {
+                self.dev.discard(r.offset, r.len)?;
+            }
+        }
+        if zeroes && self.write_through() {
+            self.dev.flush()?;
+        }
+        Ok(0)
+    }
+}
+
+fn type_name(kind: u32) -> &'static str {
+    match kind {
+        VIRTIO_BLK_T_IN => "read",
+        VIRTIO_BLK_T_OUT => "write",
+        VIRTIO_BLK_T_FLUSH => "flush",
+        VIRTIO_BLK_T_GET_ID => "get-id",
+        VIRTIO_BLK_T_DISCARD => "discard",
+        VIRTIO_BLK_T_WRITE_ZEROES => "write-zeroes",
+        _ => "unknown",
+    }
+}
