@@ -21,7 +21,7 @@ enum Command {
     /// Without --mode this is a plain backend. The socket stays open across
     /// frontend disconnects; SIGINT/SIGTERM finish in-flight requests, flush,
     /// remove the socket and exit 0. Bad arguments exit with code 2.
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Run the demonstration (not implemented yet).
     Demo,
 }
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let cfg = match config::Config::try_from(args) {
+            let cfg = match config::Config::try_from(*args) {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("error: {e}");

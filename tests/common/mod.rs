@@ -420,10 +420,11 @@ impl Queue {
         // SAFETY: do_io initialised the first `n` completions.
         let c = unsafe { done[0].assume_init_read() };
         if c.ret < 0 {
-            // SAFETY: a failed completion carries libblkio's static message or null.
             let message = if c.error_msg.is_null() {
                 String::new()
             } else {
+                // SAFETY: a failed completion carries a pointer to one of
+                // libblkio's static NUL-terminated messages.
                 unsafe { std::ffi::CStr::from_ptr(c.error_msg) }
                     .to_string_lossy()
                     .into_owned()
