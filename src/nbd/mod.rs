@@ -1,1 +1,20 @@
 //! NBD: the server a secondary exposes to its primary, and the primary's client.
+//!
+//! Our own implementation of the NBD protocol (fixed newstyle negotiation,
+//! structured replies, `base:allocation` block status), interoperable with
+//! QEMU's NBD client and server.
+//!
+//! * [`wire`]: the message formats, pure encode/decode.
+//! * [`Server`]: serves a [`SharedDev`](crate::block::SharedDev) on
+//!   `unix:PATH` or `tcp:HOST:PORT`.
+//! * [`uri`]: listen addresses and QEMU-style NBD URIs.
+
+mod error;
+mod server;
+mod stream;
+pub mod uri;
+pub mod wire;
+
+pub use error::NbdError;
+pub use server::{Server, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
+pub use uri::{NbdAddr, NbdUri};

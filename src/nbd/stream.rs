@@ -1,0 +1,239 @@
+//! Sockets: a connected stream (Unix or TCP) and a listener, with gathered
+//! sends that go straight from the caller's buffers to the socket.
+
+use super::uri::NbdAddr;
+use super::NbdError;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+use vm_memory::VolatileSlice;
+
+/// At most this many iovecs per sendmsg (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// A connected NBD socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// Connects to `addr`; TCP gets `TCP_NODELAY` (NBD is request/response).
+    pub(crate) fn connect(addr: &NbdAddr) -> io::Result<Stream> {
+        match addr {
+            NbdAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path)?)),
+            NbdAddr::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: blocked readers and writers on every clone
+    /// of this socket return at once.
+    pub(crate) fn shutdown(&self) {
+        // Failure means the socket is already disconnected, which is the goal.
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The peer, for log lines.
+    pub(crate) fn peer(&self) -> String {
+        match self {
+            Stream::Unix(_) => "unix peer".to_string(),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "tcp peer".to_string(), |a| a.to_string()),
+        }
+    }
+
+    /// Sends every byte of `parts`, in order, in as few syscalls as possible.
+    pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut iovs: Vec<libc::iovec> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        send_iovecs(self.as_raw_fd(), &mut iovs)
+    }
+
+    /// Sends `head` then the bytes of `bufs` (guest memory), without copying.
+    pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        let mut iovs = Vec::with_capacity(1 + bufs.len());
+        iovs.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        iovs.extend(bufs.iter().filter(|b| b.len() > 0).map(|b| libc::iovec {
+            iov_base: b.ptr_guard().as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
+        send_iovecs(self.as_raw_fd(), &mut iovs)
+    }
+}
+
+/// sendmsg loop over partial sends and EINTR. MSG_NOSIGNAL: a vanished peer
+/// is an error for this connection, never a SIGPIPE for the process.
+fn send_iovecs(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
+    let mut first = 0;
+    while first < iovs.len() {
+        let end = (first + IOV_MAX).min(iovs.len());
+        let batch = &mut iovs[first..end];
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = batch.as_mut_ptr();
+        msg.msg_iovlen = batch.len() as _;
+        // SAFETY: every iovec points into a buffer the caller lent us for the
+        // duration of this call, with its true length; sendmsg only reads them.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        while first < iovs.len() && n >= iovs[first].iov_len {
+            n -= iovs[first].iov_len;
+            first += 1;
+        }
+        if n > 0 {
+            let iov = &mut iovs[first];
+            // SAFETY: n < iov_len, so the advanced pointer stays in the buffer.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n).cast() };
+            iov.iov_len -= n;
+        }
+    }
+    Ok(())
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket. A Unix listener removes its socket file when dropped.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale Unix socket file (nobody listening) is replaced;
+    /// any other existing file is an error.
+    pub(crate) fn bind(addr: &NbdAddr) -> Result<Listener, NbdError> {
+        match addr {
+            NbdAddr::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() && UnixStream::connect(path).is_err() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+            NbdAddr::Tcp { host, port } => {
+                let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
+                Ok(Listener::Tcp(TcpListener::bind(&addrs[..])?))
+            }
+        }
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub(crate) fn local_addr(&self) -> io::Result<NbdAddr> {
+        Ok(match self {
+            Listener::Unix(_, path) => NbdAddr::Unix(path.clone()),
+            Listener::Tcp(l) => {
+                let a = l.local_addr()?;
+                NbdAddr::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                }
+            }
+        })
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            // Already gone is fine: nobody else may reuse the path meanwhile.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
