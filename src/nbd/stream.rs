@@ -21,6 +21,7 @@ pub(crate) enum Stream {
     Tcp(TcpStream),
 }
 
+#[allow(dead_code)] // connect and send_volatile serve the client (next step)
 impl Stream {
     /// Connects to `addr`; TCP gets `TCP_NODELAY` (NBD is request/response).
     pub(crate) fn connect(addr: &NbdAddr) -> io::Result<Stream> {
@@ -88,7 +89,7 @@ impl Stream {
             iov_base: head.as_ptr() as *mut libc::c_void,
             iov_len: head.len(),
         });
-        iovs.extend(bufs.iter().filter(|b| b.len() > 0).map(|b| libc::iovec {
+        iovs.extend(bufs.iter().filter(|b| !b.is_empty()).map(|b| libc::iovec {
             iov_base: b.ptr_guard().as_ptr() as *mut libc::c_void,
             iov_len: b.len(),
         }));

@@ -140,9 +140,13 @@ impl NbdUri {
             });
         }
         if let Some(rest) = s.strip_prefix("nbd:") {
-            return parse_legacy(rest).ok_or_else(|| bad("expected nbd:unix:PATH[:exportname=NAME] or nbd:HOST:PORT[:exportname=NAME]"));
+            return parse_legacy(rest).ok_or_else(|| {
+                bad("expected nbd:unix:PATH[:exportname=NAME] or nbd:HOST:PORT[:exportname=NAME]")
+            });
         }
-        Err(bad("expected nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME"))
+        Err(bad(
+            "expected nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME",
+        ))
     }
 }
 
@@ -195,7 +199,9 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
         return Some((host.to_string(), port));
     }
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => Some((host.to_string(), Some(port.parse().ok()?))),
+        Some((host, port)) if !host.contains(':') => {
+            Some((host.to_string(), Some(port.parse().ok()?)))
+        }
         Some(_) => None,
         None => Some((s.to_string(), None)),
     }
@@ -282,14 +288,26 @@ mod tests {
     #[test]
     fn qemu_uri_forms_parse() {
         let cases = [
-            ("nbd+unix:///parent0?socket=/run/s.sock", unix("/run/s.sock", "parent0")),
+            (
+                "nbd+unix:///parent0?socket=/run/s.sock",
+                unix("/run/s.sock", "parent0"),
+            ),
             ("nbd+unix:///?socket=rel.sock", unix("rel.sock", "")),
-            ("nbd://127.0.0.1:10810/parent0", tcp("127.0.0.1", 10810, "parent0")),
-            ("nbd+tcp://localhost/disk", tcp("localhost", DEFAULT_PORT, "disk")),
+            (
+                "nbd://127.0.0.1:10810/parent0",
+                tcp("127.0.0.1", 10810, "parent0"),
+            ),
+            (
+                "nbd+tcp://localhost/disk",
+                tcp("localhost", DEFAULT_PORT, "disk"),
+            ),
             ("nbd://example.com", tcp("example.com", DEFAULT_PORT, "")),
             ("nbd://[::1]:999/a%20b", tcp("::1", 999, "a b")),
             ("nbd://h//disk", tcp("h", DEFAULT_PORT, "/disk")),
-            ("nbd:unix:/tmp/x.sock:exportname=parent0", unix("/tmp/x.sock", "parent0")),
+            (
+                "nbd:unix:/tmp/x.sock:exportname=parent0",
+                unix("/tmp/x.sock", "parent0"),
+            ),
             ("nbd:localhost:10809", tcp("localhost", 10809, "")),
             ("nbd:10.0.0.1:7:exportname=e", tcp("10.0.0.1", 7, "e")),
         ];

@@ -91,7 +91,11 @@ struct ConnEntry {
 
 impl Server {
     /// Binds `listen` (`unix:PATH` or `tcp:HOST:PORT`) and starts serving `dev`.
-    pub fn start(listen: &NbdAddr, dev: SharedDev, opts: ServerOptions) -> Result<Server, NbdError> {
+    pub fn start(
+        listen: &NbdAddr,
+        dev: SharedDev,
+        opts: ServerOptions,
+    ) -> Result<Server, NbdError> {
         if opts.workers_per_connection == 0 || opts.max_in_flight_bytes < u64::from(MAX_PAYLOAD) {
             return Err(NbdError::Protocol(
                 "server options: need at least one worker and 32 MiB in-flight budget".into(),

@@ -3,7 +3,7 @@
 //! workers that run them against the device and send the replies.
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
-use super::pool::{BufPool, Budget};
+use super::pool::{Budget, BufPool};
 use super::{lock, Inner, MAX_PAYLOAD};
 use crate::block::{BlockError, ExtentKind};
 use crate::nbd::stream::Stream;
@@ -313,14 +313,19 @@ impl Conn<'_> {
                     .map_err(Refusal::from)
                     .map(|()| self.send_ok(&req))
             }
-            Command::Flush => dev.flush().map_err(Refusal::from).map(|()| self.send_ok(&req)),
+            Command::Flush => dev
+                .flush()
+                .map_err(Refusal::from)
+                .map(|()| self.send_ok(&req)),
             Command::Trim => {
                 let r = if req.len == 0 {
                     Ok(())
                 } else {
                     dev.discard(req.offset, req.len.into())
                 };
-                then_flush(r).map_err(Refusal::from).map(|()| self.send_ok(&req))
+                then_flush(r)
+                    .map_err(Refusal::from)
+                    .map(|()| self.send_ok(&req))
             }
             Command::WriteZeroes if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
                 // A node cannot tell in advance whether its write-zeroes beats a
@@ -335,7 +340,9 @@ impl Conn<'_> {
                 } else {
                     dev.write_zeroes(req.offset, req.len.into(), unmap)
                 };
-                then_flush(r).map_err(Refusal::from).map(|()| self.send_ok(&req))
+                then_flush(r)
+                    .map_err(Refusal::from)
+                    .map(|()| self.send_ok(&req))
             }
             // The device has no cache to warm; the range was validated.
             Command::Cache => {
@@ -419,8 +426,12 @@ impl Conn<'_> {
         } else {
             // The data is already read: no error can follow, so this one chunk
             // is also the last.
-            let head =
-                ChunkHeader::offset_data(req.cookie, REPLY_FLAG_DONE, req.offset, data.len() as u32);
+            let head = ChunkHeader::offset_data(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                req.offset,
+                data.len() as u32,
+            );
             self.send(&[&head, data]);
         }
     }

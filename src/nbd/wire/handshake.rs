@@ -2,7 +2,7 @@
 
 use super::cursor::{check_string, put_string32, Cursor};
 use super::{
-    WireError, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, IHAVEOPT, MAX_STRING,
+    WireError, IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, MAX_STRING,
     NBD_MAGIC, OPTION_REPLY_MAGIC,
 };
 

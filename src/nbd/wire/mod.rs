@@ -20,8 +20,7 @@ pub use handshake::{
     OptionHeader, OptionReplyHeader, ServerEntry,
 };
 pub use transmission::{
-    BlockStatusChunk, ChunkHeader, Command, ErrorChunk, OffsetHole, ReplyKind, Request,
-    SimpleReply,
+    BlockStatusChunk, ChunkHeader, Command, ErrorChunk, OffsetHole, ReplyKind, Request, SimpleReply,
 };
 
 use thiserror::Error;

@@ -1,0 +1,144 @@
+//! Shared helpers of the NBD integration tests: an in-process server on a raw
+//! image, running QEMU's tools, and a child-process guard.
+#![allow(dead_code)]
+
+use colo_blk::block::{BlockDev, RawFile, RawFileOptions, SharedDev};
+use colo_blk::nbd::{NbdAddr, Server, ServerOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::Arc;
+
+/// A server on a fresh sparse raw image in a temporary directory.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub server: Option<Server>,
+}
+
+impl Served {
+    /// Serves a new sparse image of `size` bytes on a Unix socket.
+    pub fn raw(size: u64) -> Served {
+        Served::with(size, ServerOptions::default(), |d| d)
+    }
+
+    /// Serves a new image, letting the test wrap the device.
+    pub fn with(
+        size: u64,
+        opts: ServerOptions,
+        wrap: impl FnOnce(SharedDev) -> SharedDev,
+    ) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        let socket = dir.path().join("nbd.sock");
+        let dev = RawFile::open(
+            &image,
+            &RawFileOptions {
+                create_size: Some(size),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dev: SharedDev = wrap(Arc::new(dev));
+        let server = Server::start(&NbdAddr::Unix(socket.clone()), dev, opts).unwrap();
+        Served {
+            dir,
+            image,
+            socket,
+            server: Some(server),
+        }
+    }
+
+    /// QEMU's URI for the export.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///parent0?socket={}", self.socket.display())
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.image).unwrap()
+    }
+}
+
+/// Runs a QEMU tool and returns its output.
+pub fn run(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"))
+}
+
+/// Runs a QEMU tool and fails the test (with its output) unless it succeeds.
+pub fn run_ok(tool: &str, args: &[&str]) -> String {
+    let out = run(tool, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
+    text
+}
+
+/// `qemu-io` on an NBD URI with the given commands; returns the output text.
+/// Pattern checks (`read -P`) print "Pattern verification failed" on mismatch,
+/// which this treats as a failure too.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let text = run_ok("qemu-io", &args);
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmds:?} reported a failure:\n{text}"
+    );
+    text
+}
+
+/// Kills and reaps a child process on drop, on every path out of a test.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `path` exists (a daemon's socket), or panics after ~10 s.
+pub fn wait_for_path(path: &Path, child: &mut ChildGuard) {
+    for _ in 0..1000 {
+        if path.exists() {
+            return;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("daemon exited early: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+/// Deterministic bytes for pattern tests.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+/// A device that only reports a fixed size; used by wrappers.
+pub fn size_of(dev: &dyn BlockDev) -> u64 {
+    dev.size()
+}
