@@ -433,7 +433,7 @@ mod tests {
         };
         assert_eq!(Greeting::decode(&g.encode()), Ok(g));
         let mut old = g.encode();
-        old[8..16].copy_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+        old[8..16].copy_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
         assert!(matches!(
             Greeting::decode(&old),
             Err(WireError::BadMagic { .. })
