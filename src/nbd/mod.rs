@@ -7,14 +7,18 @@
 //! * [`wire`]: the message formats, pure encode/decode.
 //! * [`Server`]: serves a [`SharedDev`](crate::block::SharedDev) on
 //!   `unix:PATH` or `tcp:HOST:PORT`.
+//! * [`Client`]: an NBD export as a [`BlockDev`](crate::block::BlockDev),
+//!   pipelined, for the primary's forwarding path.
 //! * [`uri`]: listen addresses and QEMU-style NBD URIs.
 
+mod client;
 mod error;
 mod server;
 mod stream;
 pub mod uri;
 pub mod wire;
 
+pub use client::{Client, ClientOptions, ExportInfo};
 pub use error::NbdError;
 pub use server::{Server, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
 pub use uri::{NbdAddr, NbdUri};

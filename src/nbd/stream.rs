@@ -21,7 +21,6 @@ pub(crate) enum Stream {
     Tcp(TcpStream),
 }
 
-#[allow(dead_code)] // connect and send_volatile serve the client (next step)
 impl Stream {
     /// Connects to `addr`; TCP gets `TCP_NODELAY` (NBD is request/response).
     pub(crate) fn connect(addr: &NbdAddr) -> io::Result<Stream> {

@@ -1,0 +1,445 @@
+//! One live client connection: callers send requests under a send lock and
+//! wait; one reader thread matches replies to requests by cookie and wakes the
+//! caller. A broken connection fails every pending and every later request.
+
+use super::handshake::ExportInfo;
+use crate::nbd::stream::Stream;
+use crate::nbd::wire::transmission::{
+    decode_offset_data_len, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_FLAG_ERROR, REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+};
+use crate::nbd::wire::*;
+use crate::nbd::NbdError;
+use std::collections::HashMap;
+use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use vm_memory::VolatileSlice;
+
+/// Error chunks and block status payloads larger than this break the connection.
+const MAX_META_PAYLOAD: u32 = 1 << 20;
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone)]
+pub(super) enum Failure {
+    /// The server answered with an NBD error.
+    Nbd {
+        /// NBD error value.
+        errno: u32,
+        /// The server's message (structured replies only).
+        message: String,
+    },
+    /// The connection is gone; the text says why.
+    Broken(String),
+}
+
+/// A successful reply.
+#[derive(Debug, Default)]
+pub(super) struct Reply {
+    /// READ data.
+    pub data: Vec<u8>,
+    /// BLOCK_STATUS: the first extent of our context, `(length, flags)`.
+    pub extent: Option<(u32, u32)>,
+}
+
+type Outcome = Result<Reply, Failure>;
+
+/// Where a caller waits for its reply.
+pub(super) struct Ticket {
+    slot: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+impl Ticket {
+    fn new() -> Arc<Ticket> {
+        Arc::new(Ticket {
+            slot: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn complete(&self, outcome: Outcome) {
+        *lock(&self.slot) = Some(outcome);
+        self.cv.notify_one();
+    }
+
+    /// Blocks until the reply (or the connection's failure) arrives.
+    pub(super) fn wait(&self) -> Outcome {
+        let mut slot = lock(&self.slot);
+        loop {
+            if let Some(o) = slot.take() {
+                return o;
+            }
+            slot = self.cv.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Pending {
+    cmd: Command,
+    offset: u64,
+    len: u32,
+    data: Vec<u8>,
+    covered: u64,
+    extent: Option<(u32, u32)>,
+    error: Option<(u32, String)>,
+    ticket: Arc<Ticket>,
+}
+
+struct State {
+    pending: HashMap<u64, Pending>,
+    /// Requests sent and not completed (includes one the reader holds).
+    in_flight: usize,
+    next_cookie: u64,
+    broken: Option<String>,
+}
+
+struct Shared {
+    stream: Stream,
+    send_lock: Mutex<()>,
+    state: Mutex<State>,
+    window: Condvar,
+    max_in_flight: usize,
+    info: ExportInfo,
+    closing: AtomicBool,
+    peer: String,
+}
+
+/// A negotiated connection with its reply reader.
+pub(super) struct Conn {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Conn {
+    /// Starts the reply reader on a negotiated stream.
+    pub(super) fn start(
+        stream: Stream,
+        info: ExportInfo,
+        max_in_flight: usize,
+        peer: String,
+    ) -> Result<Conn, NbdError> {
+        let rd = stream.try_clone()?;
+        let shared = Arc::new(Shared {
+            stream,
+            send_lock: Mutex::new(()),
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                in_flight: 0,
+                next_cookie: 1,
+                broken: None,
+            }),
+            window: Condvar::new(),
+            max_in_flight: max_in_flight.max(1),
+            info,
+            closing: AtomicBool::new(false),
+            peer,
+        });
+        let reader = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("nbd-client-rx".into())
+                .spawn(move || shared.read_replies(rd))?
+        };
+        Ok(Conn {
+            shared,
+            reader: Some(reader),
+        })
+    }
+
+    /// What was negotiated.
+    pub(super) fn info(&self) -> &ExportInfo {
+        &self.shared.info
+    }
+
+    /// Why the connection is unusable, if it is.
+    pub(super) fn broken(&self) -> Option<String> {
+        lock(&self.shared.state).broken.clone()
+    }
+
+    /// Sends one request (with `payload` for a WRITE) and returns where to wait
+    /// for its reply. Blocks while the in-flight window is full.
+    pub(super) fn send(
+        &self,
+        cmd: Command,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[VolatileSlice<'_>],
+    ) -> Result<Arc<Ticket>, Failure> {
+        let sh = &*self.shared;
+        let ticket = Ticket::new();
+        let data = if cmd == Command::Read {
+            vec![0u8; len as usize]
+        } else {
+            Vec::new()
+        };
+        let cookie = {
+            let mut st = lock(&sh.state);
+            loop {
+                if let Some(why) = &st.broken {
+                    return Err(Failure::Broken(why.clone()));
+                }
+                if st.in_flight < sh.max_in_flight {
+                    break;
+                }
+                st = sh.window.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            let cookie = st.next_cookie;
+            st.next_cookie = st.next_cookie.wrapping_add(1);
+            st.in_flight += 1;
+            st.pending.insert(
+                cookie,
+                Pending {
+                    cmd,
+                    offset,
+                    len,
+                    data,
+                    covered: 0,
+                    extent: None,
+                    error: None,
+                    ticket: ticket.clone(),
+                },
+            );
+            cookie
+        };
+        let header = Request {
+            flags,
+            kind: cmd.to_u16(),
+            cookie,
+            offset,
+            len,
+        }
+        .encode();
+        let sent = {
+            let _g = lock(&sh.send_lock);
+            sh.stream.send_volatile(&header, payload)
+        };
+        if let Err(e) = sent {
+            // Fails this request too: it is in the pending table.
+            sh.fail(format!("cannot send {}: {e}", cmd.name()));
+        }
+        Ok(ticket)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let sh = &*self.shared;
+        sh.closing.store(true, Ordering::SeqCst);
+        let idle = {
+            let st = lock(&sh.state);
+            st.broken.is_none() && st.in_flight == 0
+        };
+        if idle {
+            // A polite goodbye; the server may already be gone.
+            let disc = Request {
+                flags: 0,
+                kind: Command::Disc.to_u16(),
+                cookie: 0,
+                offset: 0,
+                len: 0,
+            };
+            let _g = lock(&sh.send_lock);
+            let _ = sh.stream.send_all(&[&disc.encode()]);
+        }
+        sh.fail("connection closed by the client".into());
+        if let Some(t) = self.reader.take() {
+            if t.join().is_err() {
+                log::error!("nbd client {}: reply reader panicked", sh.peer);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Marks the connection broken, fails every pending request, wakes every
+    /// waiter and shuts the socket so the reader stops.
+    fn fail(&self, why: String) {
+        let drained: Vec<Pending> = {
+            let mut st = lock(&self.state);
+            if st.broken.is_none() {
+                if !self.closing.load(Ordering::SeqCst) {
+                    log::warn!("nbd client {}: connection lost: {why}", self.peer);
+                }
+                st.broken = Some(why);
+            }
+            st.in_flight = st.in_flight.saturating_sub(st.pending.len());
+            st.pending.drain().map(|(_, p)| p).collect()
+        };
+        self.window.notify_all();
+        self.stream.shutdown();
+        let why = lock(&self.state).broken.clone().unwrap_or_default();
+        for p in drained {
+            p.ticket.complete(Err(Failure::Broken(why.clone())));
+        }
+    }
+
+    fn read_replies(&self, stream: Stream) {
+        let mut rd = BufReader::with_capacity(256 << 10, stream);
+        let mut holding: Option<Pending> = None;
+        let err = loop {
+            if let Err(e) = self.read_one(&mut rd, &mut holding) {
+                break e;
+            }
+        };
+        // The request being received when the stream broke fails with the rest.
+        if let Some(p) = holding.take() {
+            let mut st = lock(&self.state);
+            st.in_flight = st.in_flight.saturating_sub(1);
+            drop(st);
+            self.window.notify_one();
+            p.ticket
+                .complete(Err(Failure::Broken(format!("connection lost: {err}"))));
+        }
+        self.fail(err.to_string());
+    }
+
+    /// Takes the pending request `cookie` out of the table while its reply is
+    /// read, so the socket is never read with the table locked.
+    fn take(&self, cookie: u64) -> Result<Pending, NbdError> {
+        lock(&self.state)
+            .pending
+            .remove(&cookie)
+            .ok_or_else(|| NbdError::Protocol(format!("reply for unknown cookie {cookie}")))
+    }
+
+    fn finish(&self, p: Pending, outcome: Outcome) {
+        {
+            let mut st = lock(&self.state);
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+        self.window.notify_one();
+        p.ticket.complete(outcome);
+    }
+
+    fn read_one(&self, rd: &mut impl Read, holding: &mut Option<Pending>) -> Result<(), NbdError> {
+        let mut magic = [0u8; 4];
+        rd.read_exact(&mut magic)?;
+        let kind = ReplyKind::from_magic(u32::from_be_bytes(magic))?;
+        let mut header = [0u8; ChunkHeader::LEN];
+        header[..4].copy_from_slice(&magic);
+        rd.read_exact(&mut header[4..kind.header_len()])?;
+        match kind {
+            ReplyKind::Simple => {
+                let r = SimpleReply::decode(&header[..SimpleReply::LEN])?;
+                let mut p = self.take(r.cookie)?;
+                if r.error == 0 && p.cmd == Command::Read {
+                    if let Err(e) = rd.read_exact(&mut p.data) {
+                        *holding = Some(p);
+                        return Err(e.into());
+                    }
+                }
+                let outcome = if r.error != 0 {
+                    Err(Failure::Nbd {
+                        errno: r.error,
+                        message: String::new(),
+                    })
+                } else {
+                    Ok(Reply {
+                        data: std::mem::take(&mut p.data),
+                        extent: None,
+                    })
+                };
+                self.finish(p, outcome);
+            }
+            ReplyKind::Structured => {
+                let h = ChunkHeader::decode(&header)?;
+                let mut p = self.take(h.cookie)?;
+                if let Err(e) = self.read_chunk(rd, &h, &mut p) {
+                    *holding = Some(p);
+                    return Err(e);
+                }
+                if h.flags & REPLY_FLAG_DONE == 0 {
+                    lock(&self.state).pending.insert(h.cookie, p);
+                    return Ok(());
+                }
+                let outcome = match p.error.take() {
+                    Some((errno, message)) => Err(Failure::Nbd { errno, message }),
+                    None if p.cmd == Command::Read && p.covered != u64::from(p.len) => {
+                        Err(Failure::Nbd {
+                            errno: EIO,
+                            message: "server sent an incomplete read".into(),
+                        })
+                    }
+                    None => Ok(Reply {
+                        data: std::mem::take(&mut p.data),
+                        extent: p.extent,
+                    }),
+                };
+                self.finish(p, outcome);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunk(
+        &self,
+        rd: &mut impl Read,
+        h: &ChunkHeader,
+        p: &mut Pending,
+    ) -> Result<(), NbdError> {
+        let end = p.offset + u64::from(p.len);
+        let in_request =
+            |off: u64, len: u64| off >= p.offset && off.checked_add(len).is_some_and(|e| e <= end);
+        match h.kind {
+            REPLY_TYPE_NONE if h.len == 0 => Ok(()),
+            REPLY_TYPE_OFFSET_DATA if p.cmd == Command::Read => {
+                let n = decode_offset_data_len(h.len)?;
+                let mut off = [0u8; 8];
+                rd.read_exact(&mut off)?;
+                let off = u64::from_be_bytes(off);
+                if !in_request(off, n.into()) {
+                    return Err(NbdError::Protocol(format!(
+                        "data chunk {off}+{n} outside the request"
+                    )));
+                }
+                let at = (off - p.offset) as usize;
+                rd.read_exact(&mut p.data[at..at + n as usize])?;
+                p.covered += u64::from(n);
+                Ok(())
+            }
+            REPLY_TYPE_OFFSET_HOLE if p.cmd == Command::Read && h.len == OffsetHole::LEN as u32 => {
+                let mut raw = [0u8; OffsetHole::LEN];
+                rd.read_exact(&mut raw)?;
+                let hole = OffsetHole::decode(&raw)?;
+                if !in_request(hole.offset, hole.len.into()) {
+                    return Err(NbdError::Protocol("hole chunk outside the request".into()));
+                }
+                let at = (hole.offset - p.offset) as usize;
+                p.data[at..at + hole.len as usize].fill(0);
+                p.covered += u64::from(hole.len);
+                Ok(())
+            }
+            REPLY_TYPE_BLOCK_STATUS
+                if p.cmd == Command::BlockStatus && h.len <= MAX_META_PAYLOAD =>
+            {
+                let mut raw = vec![0u8; h.len as usize];
+                rd.read_exact(&mut raw)?;
+                let chunk = BlockStatusChunk::decode(&raw)?;
+                if Some(chunk.context) == self.info.base_allocation {
+                    p.extent = chunk.extents.first().copied();
+                }
+                Ok(())
+            }
+            k if k & REPLY_TYPE_FLAG_ERROR != 0 && h.len <= MAX_META_PAYLOAD => {
+                let mut raw = vec![0u8; h.len as usize];
+                rd.read_exact(&mut raw)?;
+                let e = ErrorChunk::decode(k, &raw)?;
+                let errno = if e.error == 0 { EIO } else { e.error };
+                p.error.get_or_insert((errno, e.message));
+                Ok(())
+            }
+            k => Err(NbdError::Protocol(format!(
+                "unexpected chunk type {k} ({} bytes) for {}",
+                h.len,
+                p.cmd.name()
+            ))),
+        }
+    }
+}
