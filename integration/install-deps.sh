@@ -10,3 +10,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
 fi
+
+# The control-socket test drives colo-blk with the stock QMP client library.
+python3 -c 'import qemu.qmp' 2>/dev/null || pip install --quiet --root-user-action=ignore qemu.qmp
