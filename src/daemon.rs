@@ -7,6 +7,8 @@
 
 use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
 use colo_blk::block::{BlockDev, RawFile, RawFileOptions, SharedDev};
+use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
+use colo_blk::replication::{EventSink, Replication};
 use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
@@ -28,6 +30,9 @@ pub enum DaemonError {
     /// A requested feature is not built yet.
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// Signal handling could not be set up.
     #[error("signal handling: {0}")]
     Signals(#[source] io::Error),
@@ -42,12 +47,22 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let shutdown = Arc::new(Shutdown::new().map_err(DaemonError::Signals)?);
     signals::install(shutdown.clone()).map_err(DaemonError::Signals)?;
 
+    let hub = EventHub::new();
     let disk = open_disk(&cfg)?;
-    let dev = build_stack(&cfg, disk)?;
-    let services = SideServices::start(&cfg, &dev, &shutdown)?;
-    let result = vhost::serve(dev, &serve_options(&cfg), &shutdown);
+    let stack = build_stack(&cfg, disk, hub.sink())?;
+    let services = SideServices::start(&cfg, &stack, &shutdown, hub)?;
+    let result = vhost::serve(stack.guest.clone(), &serve_options(&cfg), &shutdown);
     services.stop();
     result.map_err(DaemonError::from)
+}
+
+/// What a mode builds: the node the guest is served, and what side services
+/// need to reach.
+struct Stack {
+    /// Served to the guest over vhost-user.
+    guest: SharedDev,
+    /// The replication node, driven through the control socket.
+    replication: Option<Arc<dyn Replication>>,
 }
 
 fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
@@ -72,23 +87,27 @@ fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
 }
 
 /// The block stack the guest sees, per mode.
-fn build_stack(cfg: &Config, disk: Arc<RawFile>) -> Result<SharedDev, DaemonError> {
+fn build_stack(cfg: &Config, disk: Arc<RawFile>, events: EventSink) -> Result<Stack, DaemonError> {
     match &cfg.mode {
         ModeConfig::Plain => Ok(plain_stack(disk)),
-        ModeConfig::Primary(p) => primary_stack(cfg, p, disk),
-        ModeConfig::Secondary(s) => secondary_stack(cfg, s, disk),
+        ModeConfig::Primary(p) => primary_stack(cfg, p, disk, events),
+        ModeConfig::Secondary(s) => secondary_stack(cfg, s, disk, events),
     }
 }
 
-fn plain_stack(disk: Arc<RawFile>) -> SharedDev {
-    disk
+fn plain_stack(disk: Arc<RawFile>) -> Stack {
+    Stack {
+        guest: disk,
+        replication: None,
+    }
 }
 
 fn primary_stack(
     _cfg: &Config,
     _primary: &PrimaryConfig,
     _disk: Arc<RawFile>,
-) -> Result<SharedDev, DaemonError> {
+    _events: EventSink,
+) -> Result<Stack, DaemonError> {
     Err(DaemonError::NotImplemented("--mode primary"))
 }
 
@@ -96,7 +115,8 @@ fn secondary_stack(
     _cfg: &Config,
     _secondary: &SecondaryConfig,
     _disk: Arc<RawFile>,
-) -> Result<SharedDev, DaemonError> {
+    _events: EventSink,
+) -> Result<Stack, DaemonError> {
     Err(DaemonError::NotImplemented("--mode secondary"))
 }
 
@@ -111,21 +131,36 @@ fn serve_options(cfg: &Config) -> ServeOptions {
 }
 
 /// Services that run beside the vhost loop (control socket, NBD server).
-struct SideServices {}
+/// Dropping one stops it and removes its socket.
+struct SideServices {
+    control: Option<ControlServer>,
+}
 
 impl SideServices {
     fn start(
         cfg: &Config,
-        _dev: &SharedDev,
-        _shutdown: &Arc<Shutdown>,
+        stack: &Stack,
+        shutdown: &Arc<Shutdown>,
+        hub: Arc<EventHub>,
     ) -> Result<Self, DaemonError> {
-        if cfg.control.is_some() {
-            return Err(DaemonError::NotImplemented("--control"));
-        }
-        Ok(SideServices {})
+        let control = match &cfg.control {
+            None => None,
+            Some(path) => {
+                let shutdown = Arc::clone(shutdown);
+                let ctx = ControlContext {
+                    replication: stack.replication.clone(),
+                    hub,
+                    on_quit: Arc::new(move || shutdown.request()),
+                };
+                Some(ControlServer::spawn(path, ctx)?)
+            }
+        };
+        Ok(SideServices { control })
     }
 
-    fn stop(self) {}
+    fn stop(self) {
+        drop(self.control);
+    }
 }
 
 mod signals {

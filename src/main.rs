@@ -22,6 +22,11 @@ enum Command {
     /// frontend disconnects; SIGINT/SIGTERM finish in-flight requests, flush,
     /// remove the socket and exit 0. Bad arguments exit with code 2.
     Serve(Box<config::ServeArgs>),
+    /// Send one command to a running daemon's control socket (QMP).
+    ///
+    /// Exit status: 0 on success, 1 when the daemon answers with an error or
+    /// cannot be reached, 2 for a bad command line.
+    Ctl(colo_blk::control::ctl::CtlArgs),
     /// Run the demonstration (not implemented yet).
     Demo,
 }
@@ -52,6 +57,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ctl(args) => match colo_blk::control::ctl::run(&args) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo => {
             eprintln!("not yet implemented");
             ExitCode::FAILURE
