@@ -6,6 +6,8 @@
 
 pub mod block;
 pub mod control;
+pub mod demo;
+pub mod frontend;
 pub mod nbd;
 pub mod replication;
 pub mod vhost;
