@@ -15,3 +15,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 log "cargo test (unit + integration, real binary through libblkio)"
 cargo test --release --all-targets 2>&1 | tee target/cargo-test.log
+
+log "guest tests (Linux guests on colo-blk under QEMU TCG: integration/guest)"
+cargo build --release --quiet --bin colo-blk
+python3 integration/guest/run.py

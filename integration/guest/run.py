@@ -1,0 +1,572 @@
+#!/usr/bin/env python3
+"""Boots Linux guests on colo-blk under QEMU (TCG) and checks what they see.
+
+Each case prepares a disk image on the host, starts the backend (colo-blk serve, or
+qemu-storage-daemon with --backend qsd to tell backend bugs from recipe bugs),
+boots the guest built by build.sh with the case named on the kernel command line,
+collects the guest's verdict lines from the serial console, then checks the image
+on the host after the VM is gone. Every process is started by this script and
+killed by pid on every exit path.
+
+Prints one line per check and closes with `N passed, N failed`; exits non-zero when
+anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MIB = 1 << 20
+DISK_SIZE = 64 * MIB
+FS_SIZE = 48 * MIB
+GUEST_MEM = "512M"
+QUEUES = 2
+
+GUEST_LINE = re.compile(r"GUEST-(START|CHECK|INFO|WAIT|DONE)\s*(.*)")
+
+
+class RunnerError(Exception):
+    """A host-side step of a case failed; the case reports it as a failed check."""
+
+
+# --- processes ------------------------------------------------------------------
+
+
+class Processes:
+    """Every child this runner started, so that each one is killed by its pid."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen] = []
+        # Children die with the runner even if it is SIGKILLed, where util-linux's
+        # setpriv can arrange it (it execs, so the pid stays the child's).
+        self.prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+    def spawn(self, argv: list[str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(self.prefix + argv, **kw)
+        self.children.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 10.0) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.children):
+            self.stop(proc)
+        self.children.clear()
+
+
+PROCS = Processes()
+
+
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --- backends -------------------------------------------------------------------
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunnerError(f"{what} exited with {proc.returncode} before listening")
+        if path.is_socket():
+            return
+        time.sleep(0.05)
+    raise RunnerError(f"{what} did not create {path} within {timeout:.0f}s")
+
+
+@dataclass
+class Backend:
+    """One vhost-user-blk backend process serving one image on one socket."""
+
+    kind: str  # "colo-blk" or "qsd"
+    binary: str
+    run_dir: Path
+    socket: Path
+    disk: Path
+    readonly: bool = False
+    serial: str = ""
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    def argv(self) -> list[str]:
+        if self.kind == "qsd":
+            ro = ",read-only=on" if self.readonly else ""
+            return [
+                "qemu-storage-daemon",
+                "--blockdev",
+                f"driver=file,filename={self.disk},node-name=d,discard=unmap{ro}",
+                "--export",
+                "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
+                f"addr.path={self.socket},writable={'off' if self.readonly else 'on'},"
+                f"num-queues={QUEUES}",
+            ]
+        argv = [self.binary, "serve", "--socket", str(self.socket), "--disk", str(self.disk),
+                "--num-queues", str(QUEUES)]
+        if self.serial:
+            argv += ["--serial", self.serial]
+        if self.readonly:
+            argv.append("--readonly")
+        return argv + self.extra
+
+    def start(self) -> None:
+        # A killed backend leaves its socket behind; remove it so that waiting for
+        # the socket waits for the new process (qsd would also refuse to bind).
+        if self.socket.exists():
+            self.socket.unlink()
+        self.starts += 1
+        log = open(self.run_dir / f"{self.socket.stem}-{self.kind}-{self.starts}.log", "wb")
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        self.proc = PROCS.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        wait_for_socket(self.socket, self.proc, f"{self.kind} backend")
+
+    def kill(self) -> None:
+        """Dies without warning, as a crashed backend would."""
+        if self.proc is not None:
+            PROCS.stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> int | None:
+        """Orderly shutdown; returns the exit status."""
+        if self.proc is None:
+            return None
+        PROCS.stop(self.proc, signal.SIGTERM)
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 15) -> str:
+        logs = sorted(self.run_dir.glob(f"{self.socket.stem}-{self.kind}-*.log"))
+        if not logs:
+            return ""
+        text = logs[-1].read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+# --- the guest ------------------------------------------------------------------
+
+
+def qemu_argv(kernel: Path, initrd: Path, socket: Path, append: str) -> list[str]:
+    """The QEMU command line of every test guest (README shows it)."""
+    return [
+        "qemu-system-x86_64",
+        "-M", "q35", "-accel", "tcg", "-smp", str(QUEUES), "-m", GUEST_MEM,
+        "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEM},share=on",
+        "-machine", "memory-backend=mem",
+        "-chardev", f"socket,id=c,path={socket},reconnect-ms=500",
+        "-device", f"vhost-user-blk-pci,chardev=c,num-queues={QUEUES}",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", f"console=ttyS0 panic=-1 quiet {append}",
+        "-nographic", "-no-reboot", "-nic", "none",
+    ]
+
+
+@dataclass
+class GuestResult:
+    """What one boot of the guest reported."""
+
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+    done: bool = False
+    exited: bool = False
+    error: str = ""
+
+
+def boot_guest(ctx: "Context", name: str, socket: Path, args: dict[str, str],
+               on_wait: dict[str, Callable[[], None]] | None = None) -> GuestResult:
+    """Boots the guest on SOCKET with guest.KEY=VALUE ARGS; runs host actions for
+    GUEST-WAIT tokens; returns when the VM has powered off or the deadline hit."""
+    append = " ".join(f"guest.{k}={v}" for k, v in args.items())
+    argv = qemu_argv(ctx.kernel, ctx.initrd, socket, append)
+    console_path = ctx.run_dir / f"{name}.console.log"
+    if ctx.verbose:
+        print("  $ " + " ".join(argv), flush=True)
+    result = GuestResult()
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = PROCS.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+
+    def pump() -> None:
+        with open(console_path, "wb") as console:
+            assert proc.stdout is not None
+            for raw in iter(proc.stdout.readline, b""):
+                console.write(raw)
+                console.flush()
+                lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + ctx.timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                result.error = f"no verdict within {ctx.timeout:.0f}s"
+                break
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            m = GUEST_LINE.search(line)
+            if not m:
+                continue
+            kind, rest = m.group(1), m.group(2).strip()
+            print(f"  guest| GUEST-{kind} {rest}", flush=True)
+            if kind == "CHECK":
+                verdict, _, what = rest.partition(" ")
+                check, _, detail = what.partition(": ")
+                result.checks.append((check, verdict == "ok", detail))
+            elif kind == "INFO":
+                key, _, value = rest.partition("=")
+                result.info[key] = value
+            elif kind == "WAIT":
+                action = (on_wait or {}).get(rest)
+                if action is None:
+                    result.error = f"guest waits for unknown host action {rest!r}"
+                    break
+                action()
+                assert proc.stdin is not None
+                proc.stdin.write(f"{rest}\n".encode())
+                proc.stdin.flush()
+            elif kind == "DONE":
+                result.done = True
+        if result.done:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                result.exited = True
+            except subprocess.TimeoutExpired:
+                result.error = "VM did not power off"
+    finally:
+        PROCS.stop(proc)
+        reader.join(timeout=5)
+    return result
+
+
+# --- host-side image checks -----------------------------------------------------
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, timeout=120, **kw)
+
+
+def mkfs(img: Path, size: int, source_dir: Path | None = None) -> None:
+    argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "guest"]
+    if source_dir is not None:
+        argv += ["-d", str(source_dir)]
+    res = run(argv + [str(img), f"{size // 1024}k"])
+    if res.returncode != 0:
+        raise RunnerError(f"mke2fs: {res.stderr.decode(errors='replace')}")
+
+
+def fsck_clean(img: Path) -> tuple[bool, str]:
+    res = run(["e2fsck", "-f", "-n", str(img)])
+    out = (res.stdout + res.stderr).decode(errors="replace").strip()
+    return res.returncode == 0, out.splitlines()[-1] if out else ""
+
+
+def fs_read(img: Path, path: str) -> bytes | None:
+    """A file's bytes, read from the image by debugfs (no mount, no kernel)."""
+    res = run(["debugfs", "-R", f"cat {path}", str(img)])
+    if res.returncode != 0 or b"File not found" in res.stderr:
+        return None
+    return res.stdout
+
+
+def md5_range(img: Path, offset: int, length: int) -> str:
+    import hashlib
+
+    with open(img, "rb") as f:
+        f.seek(offset)
+        return hashlib.md5(f.read(length)).hexdigest()
+
+
+def md5_bytes(data: bytes | None) -> str | None:
+    import hashlib
+
+    return None if data is None else hashlib.md5(data).hexdigest()
+
+
+def allocated_bytes(img: Path, start: int, end: int) -> int:
+    """Bytes of [start, end) the host file system holds as data (SEEK_DATA/HOLE)."""
+    total = 0
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data after pos
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += min(hole, end) - data
+            pos = hole
+    finally:
+        os.close(fd)
+    return total
+
+
+# --- cases ----------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every case needs: paths, options, and the report it adds to."""
+
+    backend: str
+    colo_blk: str
+    kernel: Path
+    initrd: Path
+    run_dir: Path
+    timeout: float
+    verbose: bool
+    passed: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, case: str, name: str, ok: bool, detail: str = "") -> bool:
+        if ok:
+            self.passed += 1
+            print(f"PASS {case}/{name}", flush=True)
+        else:
+            self.failed += 1
+            self.failures.append(f"{case}/{name}")
+            print(f"FAIL {case}/{name}: {detail}", flush=True)
+        return ok
+
+    def backend_for(self, name: str, disk: Path, **kw) -> Backend:
+        return Backend(kind=self.backend, binary=self.colo_blk, run_dir=self.run_dir,
+                       socket=self.run_dir / f"{name}.sock", disk=disk, **kw)
+
+    def guest_args(self, case: str, backend: Backend, **extra: str) -> dict[str, str]:
+        args = {"case": case, "size": str(DISK_SIZE), "queues": str(QUEUES),
+                "ro": "1" if backend.readonly else "0"}
+        if backend.kind == "colo-blk" and backend.serial:
+            args["serial"] = backend.serial  # qsd's vhost-user-blk export has no serial
+        args.update(extra)
+        return args
+
+    def report_guest(self, case: str, res: GuestResult) -> None:
+        for name, ok, detail in res.checks:
+            self.check(case, f"guest:{name}", ok, detail)
+        self.check(case, "guest-finished", res.done and res.exited and not res.error,
+                   res.error or ("no GUEST-DONE" if not res.done else ""))
+        if not (res.done and res.exited and not res.error):
+            self.dump(case)
+
+    def dump(self, case: str) -> None:
+        for log in sorted(self.run_dir.glob(f"{case}*.log")):
+            text = log.read_text(errors="replace").splitlines()[-25:]
+            print(f"---- {log.name} (last {len(text)} lines)")
+            print("\n".join(text))
+        print("----", flush=True)
+
+
+def new_image(ctx: Context, name: str) -> Path:
+    img = ctx.run_dir / f"{name}.img"
+    with open(img, "wb") as f:
+        f.truncate(DISK_SIZE)
+    return img
+
+
+def case_disk(ctx: Context) -> None:
+    """File system, raw I/O, discard and write-zeroes through the guest's kernel."""
+    case = "disk"
+    img = new_image(ctx, case)
+    mkfs(img, FS_SIZE)
+    fs_before = allocated_bytes(img, 0, FS_SIZE)
+    backend = ctx.backend_for(case, img, serial="colo-guest-disk")
+    backend.start()
+    res = boot_guest(ctx, case, backend.socket, ctx.guest_args(case, backend))
+    ctx.report_guest(case, res)
+    status = backend.stop()
+    ctx.check(case, "backend-clean-exit", status == 0, f"exit status {status}")
+
+    clean, why = fsck_clean(img)
+    ctx.check(case, "host:fsck-clean", clean, why)
+    hello = fs_read(img, "/hello.txt")
+    ctx.check(case, "host:file-content", hello == b"hello from the guest\n", repr(hello))
+    got = md5_bytes(fs_read(img, "/dir/data.bin"))
+    ctx.check(case, "host:file-data", got is not None and got == res.info.get("data_md5"),
+              f"host {got}, guest {res.info.get('data_md5')}")
+    ctx.check(case, "host:trash-gone", fs_read(img, "/trash") is None, "deleted file still there")
+    got = md5_range(img, 52 * MIB, 4 * MIB)
+    ctx.check(case, "host:raw-data", got == res.info.get("raw_md5"),
+              f"host {got}, guest {res.info.get('raw_md5')}")
+    held = allocated_bytes(img, 56 * MIB, 60 * MIB)
+    ctx.check(case, "host:discard-punched-hole", held == 0, f"{held} bytes still allocated")
+    got = md5_range(img, 60 * MIB, 4 * MIB)
+    ctx.check(case, "host:write-zeroes-zeroed", got == md5_bytes(bytes(4 * MIB)), got)
+    # 24 MiB of trash was written, synced, deleted and trimmed; without the trim
+    # reaching the image the file system would hold at least that much more.
+    grown = allocated_bytes(img, 0, FS_SIZE) - fs_before
+    ctx.check(case, "host:fstrim-released-blocks", grown < 12 * MIB,
+              f"file system area grew by {grown / MIB:.1f} MiB")
+
+
+def case_readonly(ctx: Context) -> None:
+    """A --readonly disk: the guest sees the flag, reads, and cannot write."""
+    case = "readonly"
+    token = f"made-by-the-host-{os.getpid()}"
+    src = ctx.run_dir / "readonly-src"
+    src.mkdir()
+    (src / "host.txt").write_text(token + "\n")
+    img = new_image(ctx, case)
+    mkfs(img, FS_SIZE, src)
+    before = md5_range(img, 0, DISK_SIZE)
+    backend = ctx.backend_for(case, img, readonly=True, serial="colo-guest-ro")
+    backend.start()
+    res = boot_guest(ctx, case, backend.socket, ctx.guest_args(case, backend, expect=token))
+    ctx.report_guest(case, res)
+    status = backend.stop()
+    ctx.check(case, "backend-clean-exit", status == 0, f"exit status {status}")
+    ctx.check(case, "host:image-unchanged", md5_range(img, 0, DISK_SIZE) == before,
+              "the read-only image was modified")
+
+
+def case_reconnect(ctx: Context) -> None:
+    """The backend is killed and restarted under an idle guest; the guest goes on."""
+    case = "reconnect"
+    img = new_image(ctx, case)
+    mkfs(img, FS_SIZE)
+    backend = ctx.backend_for(case, img, serial="colo-guest-rc")
+    backend.start()
+    restarted: list[bool] = []
+
+    def restart() -> None:
+        backend.kill()
+        try:
+            backend.start()
+            restarted.append(True)
+        except RunnerError as e:
+            ctx.check(case, "backend-restart", False, str(e))
+
+    res = boot_guest(ctx, case, backend.socket, ctx.guest_args(case, backend),
+                     on_wait={"reconnect": restart})
+    ctx.check(case, "backend-restarted", restarted == [True], "the guest never idled")
+    ctx.report_guest(case, res)
+    status = backend.stop()
+    ctx.check(case, "backend-clean-exit", status == 0, f"exit status {status}")
+    clean, why = fsck_clean(img)
+    ctx.check(case, "host:fsck-clean", clean, why)
+    for path, want in (("/before.txt", b"written before the restart\n"),
+                       ("/after.txt", b"written after the restart\n")):
+        got = fs_read(img, path)
+        ctx.check(case, f"host:{path.strip('/')}", got == want, repr(got))
+    for off in (56, 60):
+        got = md5_range(img, off * MIB, 2 * MIB)
+        ctx.check(case, f"host:raw-data-{off}M", got == res.info.get("raw_md5"),
+                  f"host {got}, guest {res.info.get('raw_md5')}")
+
+
+CASES: dict[str, Callable[[Context], None]] = {
+    "disk": case_disk,
+    "readonly": case_readonly,
+    "reconnect": case_reconnect,
+}
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def default_colo_blk() -> str:
+    target = os.environ.get("CARGO_TARGET_DIR", str(REPO / "target"))
+    return str(Path(target) / "release" / "colo-blk")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["colo-blk", "qsd"], default="colo-blk",
+                    help="serve the disk with colo-blk (default) or qemu-storage-daemon")
+    ap.add_argument("--colo-blk", default=default_colo_blk(),
+                    help="colo-blk binary (default: $CARGO_TARGET_DIR/release/colo-blk)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds one guest boot may take to report its verdict")
+    ap.add_argument("--build-dir", default=os.environ.get("GUEST_BUILD_DIR",
+                                                          str(REPO / "build" / "guest")))
+    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print command lines")
+    opts = ap.parse_args()
+
+    names = [n for n in opts.cases.split(",") if n]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s): {', '.join(unknown)}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    env = dict(os.environ, GUEST_BUILD_DIR=opts.build_dir)
+    subprocess.run([str(HERE / "build.sh")], check=True, env=env)
+    build = Path(opts.build_dir)
+    if opts.backend == "colo-blk" and not os.access(opts.colo_blk, os.X_OK):
+        print(f"colo-blk binary not found at {opts.colo_blk} (cargo build --release)")
+        print("0 passed, 1 failed")
+        return 1
+
+    run_dir = Path(tempfile.mkdtemp(prefix="colo-blk-guest-"))
+    ctx = Context(backend=opts.backend, colo_blk=opts.colo_blk, kernel=build / "vmlinuz",
+                  initrd=build / "initramfs.cpio.gz", run_dir=run_dir,
+                  timeout=opts.timeout, verbose=opts.verbose)
+    print(f"guest tests: backend {opts.backend}, cases {', '.join(names)}, logs in {run_dir}",
+          flush=True)
+    try:
+        for name in names:
+            started = time.monotonic()
+            print(f"== case {name}", flush=True)
+            try:
+                CASES[name](ctx)
+            except RunnerError as e:
+                ctx.check(name, "host-setup", False, str(e))
+                ctx.dump(name)
+            finally:
+                PROCS.stop_all()
+            print(f"== case {name}: {time.monotonic() - started:.1f}s", flush=True)
+    except KeyboardInterrupt as e:
+        ctx.check("runner", "interrupted", False, str(e) or "interrupted")
+    finally:
+        PROCS.stop_all()
+    if ctx.failed == 0 and not opts.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif ctx.failures:
+        print(f"failed: {', '.join(ctx.failures)}; logs kept in {run_dir}")
+    print(f"{ctx.passed} passed, {ctx.failed} failed", flush=True)
+    return 0 if ctx.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
