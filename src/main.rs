@@ -1,5 +1,6 @@
 //! `colo-blk`: command line entry point. Parses, validates, and hands over.
 
+mod bench;
 mod config;
 mod daemon;
 
@@ -27,6 +28,9 @@ enum Command {
     /// Exit status: 0 on success, 1 when the daemon answers with an error or
     /// cannot be reached, 2 for a bad command line.
     Ctl(colo_blk::control::ctl::CtlArgs),
+    /// Benchmark any vhost-user-blk socket through libblkio: 4k random
+    /// read/write at QD1 and QD32, 1 MiB sequential read/write at QD8.
+    Bench(bench::BenchArgs),
     /// Run a whole COLO pair on this machine and check it (no arguments).
     ///
     /// Starts a primary and a secondary `serve` process linked over NBD in a
@@ -66,6 +70,17 @@ fn main() -> ExitCode {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(args) => match bench::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(bench::BenchError::Usage(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_USAGE)
             }
             Err(e) => {
                 eprintln!("error: {e}");

@@ -9,6 +9,7 @@ mod device;
 mod error;
 mod queue;
 mod ratelimit;
+mod split;
 
 pub use chain::GuestMem;
 pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
