@@ -34,7 +34,7 @@ fn four_queues_write_and_verify_their_own_regions_concurrently() {
                 let base = qi as u64 * REGION;
                 for round in 0..24u64 {
                     let len = 4096usize << (round % 8); // 4 KiB .. 512 KiB
-                    let offset = base + (round * 256 << 10) % (REGION - len as u64);
+                    let offset = base + ((round * 256) << 10) % (REGION - len as u64);
                     let data = pattern(qi as u64 * 1000 + round, len);
                     q.write(offset, &data)
                         .unwrap_or_else(|e| panic!("queue {qi} write {round}: {e:?}"));
@@ -56,7 +56,7 @@ fn four_queues_write_and_verify_their_own_regions_concurrently() {
         let mut model = vec![0u8; REGION as usize];
         for round in 0..24u64 {
             let len = 4096usize << (round % 8);
-            let offset = (round * 256 << 10) % (REGION - len as u64);
+            let offset = ((round * 256) << 10) % (REGION - len as u64);
             model[offset as usize..offset as usize + len]
                 .copy_from_slice(&pattern(qi as u64 * 1000 + round, len));
         }

@@ -210,13 +210,15 @@ mod tests {
 
         let mut c = vec![0u8; 700_000];
         let mut d = vec![0u8; data.len() - 700_000];
-        let bufs = [
-            VolatileSlice::from(&mut c[..]),
-            VolatileSlice::from(&mut d[..]),
-        ];
-        transfer(&dev, false, 8192, &bufs).unwrap();
+        {
+            let bufs = [
+                VolatileSlice::from(&mut c[..]),
+                VolatileSlice::from(&mut d[..]),
+            ];
+            transfer(&dev, false, 8192, &bufs).unwrap();
+            // Errors from either half are reported.
+            assert!(transfer(&dev, false, (4 << 20) - 4096, &bufs).is_err());
+        }
         assert!(c[..] == data[..700_000] && d[..] == data[700_000..]);
-        // Errors from either half are reported.
-        assert!(transfer(&dev, false, (4 << 20) - 4096, &bufs).is_err());
     }
 }
