@@ -294,7 +294,7 @@ def mkfs(img: Path, size: int, source_dir: Path | None = None) -> None:
 
 def fsck_clean(img: Path) -> tuple[bool, str]:
     res = run(["e2fsck", "-f", "-n", str(img)])
-    out = (res.stdout + res.stderr).decode(errors="replace").strip()
+    out = (res.stderr + res.stdout).decode(errors="replace").strip()
     return res.returncode == 0, out.splitlines()[-1] if out else ""
 
 

@@ -10,9 +10,9 @@ while [ "$k" -le "$ARG_rounds" ]; do
   echo "checkpoint $k" >"/mnt/ckpt-$k.txt"
   dd if=/dev/urandom of="/mnt/data-$k.bin" bs=64k count=8 2>/dev/null
   info "md5_$k" "$(md5sum <"/mnt/data-$k.bin" | cut -d' ' -f1)"
-  check "freeze-$k" fsfreeze -f /mnt || return
+  check "freeze-$k" fsfreeze --freeze /mnt || return
   wait_host "checkpoint-$k" || return
-  check "thaw-$k" fsfreeze -u /mnt || return
+  check "thaw-$k" fsfreeze --unfreeze /mnt || return
   k=$((k + 1))
 done
 # After the last checkpoint: new files and a deletion that failover must undo.
