@@ -190,7 +190,11 @@ impl Overlay {
         } else {
             end / self.granule
         };
-        (first < last).then_some((first, last - first))
+        if first < last {
+            Some((first, last - first))
+        } else {
+            None
+        }
     }
 
     /// Writes `bufs` at `offset`. Parts of unallocated granules the request does not
