@@ -183,8 +183,6 @@ pub trait Replication: Send + Sync {
     fn status(&self) -> Status;
 }
 
-mod cluster_lock;
-mod dirty;
 mod gate;
 pub mod primary;
 mod secondary;

@@ -14,13 +14,12 @@
 //!   copy is forwarded itself, and the copy of its cluster (taken under the
 //!   cluster lock) reads the local disk after it: no convergence loop is needed.
 
-use super::cluster_lock::ClusterLocks;
-use super::dirty::DirtyBitmap;
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
 use crate::block::{
-    BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, Result as BlockResult, SharedDev,
+    Bitmap, BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RangeLocks,
+    Result as BlockResult, SharedDev, DEFAULT_STRIPES,
 };
 use log::{info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,8 +59,9 @@ pub struct Primary {
     local: SharedDev,
     connect: Connector,
     cluster_shift: u32,
-    locks: ClusterLocks,
-    dirty: DirtyBitmap,
+    locks: RangeLocks,
+    /// One bit per cluster changed while not forwarding.
+    dirty: Bitmap,
     link: RwLock<Link>,
     /// False once a forwarded I/O failed; writes then mark clusters dirty.
     healthy: AtomicBool,
@@ -93,8 +93,8 @@ impl Primary {
             local,
             connect,
             cluster_shift: cluster_size.trailing_zeros(),
-            locks: ClusterLocks::default(),
-            dirty: DirtyBitmap::new(clusters),
+            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            dirty: Bitmap::new(clusters),
             link: RwLock::new(Link::default()),
             healthy: AtomicBool::new(false),
             baseline: AtomicBool::new(false),
@@ -169,17 +169,17 @@ impl Primary {
         let (first, last) = self.clusters(offset, len);
         match self.forwarding(&link) {
             Some(remote) => {
-                let _g = self.locks.lock(first, last);
+                let _g = self.locks.exclusive(offset, len.max(1));
                 op(self.local.as_ref(), Side::Local)?;
                 if let Err(e) = op(remote.as_ref(), Side::Remote) {
                     self.forward_failed(what, &e);
-                    self.dirty.set_range(first, last);
+                    self.dirty.set_range(first, last - first + 1);
                 }
             }
             None => {
                 op(self.local.as_ref(), Side::Local)?;
                 if self.baseline.load(Ordering::Acquire) {
-                    self.dirty.set_range(first, last);
+                    self.dirty.set_range(first, last - first + 1);
                 }
             }
         }
@@ -256,10 +256,8 @@ impl Primary {
         }
         let first = self.dirty.next_set(*pos)?;
         let max = (RESYNC_WINDOW >> self.cluster_shift).max(1);
-        let mut last = first;
-        while last + 1 < first + max && self.dirty.get(last + 1) {
-            last += 1;
-        }
+        let (_, run) = self.dirty.run(first, max);
+        let last = first + run.max(1) - 1;
         *pos = last + 1;
         let off = first << self.cluster_shift;
         let end = ((last + 1) << self.cluster_shift).min(size);
@@ -277,15 +275,13 @@ impl Primary {
                 return;
             };
             let (first, last) = self.clusters(off, len);
-            let _g = self.locks.lock(first, last);
+            let _g = self.locks.exclusive(off, len);
             if !full {
-                for c in first..=last {
-                    self.dirty.test_and_clear(c);
-                }
+                self.dirty.clear_range(first, last - first + 1);
             }
             if let Err(e) = self.copy_window(remote.as_ref(), off, len, &mut buf) {
                 if !full {
-                    self.dirty.set_range(first, last);
+                    self.dirty.set_range(first, last - first + 1);
                 }
                 self.forward_failed("resync", &e);
                 return;
@@ -385,7 +381,7 @@ impl Primary {
             self.healthy.store(true, Ordering::Release);
             if sync != SyncMode::Dirty {
                 // Full copies everything; none declares the disks equal.
-                self.dirty.clear();
+                self.dirty.clear_all();
                 self.baseline
                     .store(sync == SyncMode::None, Ordering::Release);
             }
