@@ -116,7 +116,7 @@ impl Chain {
                 &part[..]
             };
             match self.overlays.get(src) {
-                Some(ov) => ov.read_vectored(pos, bufs_for_run)?,
+                Some(ov) => ov.read_allocated(pos, bufs_for_run)?,
                 None => self.base.read_vectored(pos, bufs_for_run)?,
             }
             pos += run;

@@ -268,6 +268,13 @@ impl Overlay {
         Ok(())
     }
 
+    /// Reads a range the caller knows is allocated (from [`Overlay::allocation`])
+    /// straight from the store, without looking at the bitmap again.
+    pub fn read_allocated(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
+        check_range(offset, iov_len(bufs), self.size)?;
+        self.store.read_vectored(offset, bufs)
+    }
+
     /// Makes `offset..offset + len` read as zeroes here, hiding the layers below
     /// (partial granules are completed from `below`).
     pub fn zero_over(&self, offset: u64, len: u64, below: Below<'_>) -> Result<()> {

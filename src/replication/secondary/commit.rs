@@ -9,7 +9,7 @@
 //! and a cluster the pass has left behind is never dirtied again.
 
 use super::{Secondary, Stage};
-use crate::block::{BlockDev, Result};
+use crate::block::Result;
 use crate::replication::{Event, Progress};
 use std::sync::Arc;
 use vm_memory::VolatileSlice;
@@ -124,7 +124,7 @@ impl Secondary {
             if let Some(layer) = layers.get(src) {
                 buf.resize(run as usize, 0);
                 let slice = [VolatileSlice::from(buf.as_mut_slice())];
-                layer.read_vectored(pos, &slice)?;
+                layer.read_allocated(pos, &slice)?;
                 self.disk.write_vectored(pos, &slice)?;
             }
             pos += run;
