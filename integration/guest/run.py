@@ -15,6 +15,8 @@ anything failed.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import queue
 import re
@@ -307,16 +309,12 @@ def fs_read(img: Path, path: str) -> bytes | None:
 
 
 def md5_range(img: Path, offset: int, length: int) -> str:
-    import hashlib
-
     with open(img, "rb") as f:
         f.seek(offset)
         return hashlib.md5(f.read(length)).hexdigest()
 
 
 def md5_bytes(data: bytes | None) -> str | None:
-    import hashlib
-
     return None if data is None else hashlib.md5(data).hexdigest()
 
 
@@ -506,8 +504,6 @@ def ctl(ctx: Context, control: Path, *args: str) -> dict:
     res = run([ctx.colo_blk, "ctl", "--control", str(control), "--json", *args])
     if res.returncode != 0:
         raise RunnerError(f"ctl {' '.join(args)}: {res.stderr.decode(errors='replace').strip()}")
-    import json
-
     try:
         return json.loads(res.stdout or b"{}")
     except ValueError as e:
@@ -650,7 +646,7 @@ def main() -> int:
                     help="colo-blk binary (default: $CARGO_TARGET_DIR/release/colo-blk)")
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated subset of: {', '.join(CASES)}")
-    ap.add_argument("--timeout", type=float, default=300.0,
+    ap.add_argument("--timeout", type=float, default=180.0,
                     help="seconds one guest boot may take to report its verdict")
     ap.add_argument("--build-dir", default=os.environ.get("GUEST_BUILD_DIR",
                                                           str(REPO / "build" / "guest")))
