@@ -202,80 +202,112 @@ class GuestResult:
     error: str = ""
 
 
-def boot_guest(ctx: "Context", name: str, socket: Path, args: dict[str, str],
-               on_wait: dict[str, Callable[[], str | None]] | None = None) -> GuestResult:
-    """Boots the guest on SOCKET with guest.KEY=VALUE ARGS; runs host actions for
-    GUEST-WAIT tokens (an action returning "stop" kills the VM there); returns when
-    the VM has powered off or been stopped, or the deadline hit."""
-    append = " ".join(f"guest.{k}={v}" for k, v in args.items())
-    argv = qemu_argv(ctx.kernel, ctx.initrd, socket, append)
-    console_path = ctx.run_dir / f"{name}.console.log"
-    if ctx.verbose:
-        print("  $ " + " ".join(argv), flush=True)
-    result = GuestResult()
-    lines: queue.Queue[str | None] = queue.Queue()
-    proc = PROCS.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
+class Guest:
+    """One running test VM: its console is parsed into a GuestResult; GUEST-WAIT
+    lines are handed to the caller, which answers them with send()."""
 
-    def pump() -> None:
+    def __init__(self, ctx: "Context", name: str, socket: Path, args: dict[str, str]):
+        self.name = name
+        self.label = name.split("-")[-1] if "-" in name else "guest"
+        self.result = GuestResult()
+        self.deadline = time.monotonic() + ctx.timeout
+        self.timeout = ctx.timeout
+        append = " ".join(f"guest.{k}={v}" for k, v in args.items())
+        argv = qemu_argv(ctx.kernel, ctx.initrd, socket, append)
+        if ctx.verbose:
+            print("  $ " + " ".join(argv), flush=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = PROCS.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(
+            target=self._pump, args=(ctx.run_dir / f"{name}.console.log",), daemon=True)
+        self.reader.start()
+
+    def _pump(self, console_path: Path) -> None:
         with open(console_path, "wb") as console:
-            assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
+            assert self.proc.stdout is not None
+            for raw in iter(self.proc.stdout.readline, b""):
                 console.write(raw)
                 console.flush()
-                lines.put(raw.decode(errors="replace").rstrip("\r\n"))
-        lines.put(None)
+                self.lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+        self.lines.put(None)
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + ctx.timeout
-    try:
+    def wait(self) -> str | None:
+        """The next GUEST-WAIT token; None once the console closed or the deadline
+        passed (then result.error says so)."""
+        res = self.result
         while True:
-            left = deadline - time.monotonic()
+            left = self.deadline - time.monotonic()
             if left <= 0:
-                result.error = f"no verdict within {ctx.timeout:.0f}s"
-                break
+                res.error = f"no verdict within {self.timeout:.0f}s"
+                return None
             try:
-                line = lines.get(timeout=left)
+                line = self.lines.get(timeout=left)
             except queue.Empty:
                 continue
             if line is None:
-                break
+                return None
             m = GUEST_LINE.search(line)
             if not m:
                 continue
             kind, rest = m.group(1), m.group(2).strip()
-            print(f"  guest| GUEST-{kind} {rest}", flush=True)
+            print(f"  {self.label}| GUEST-{kind} {rest}", flush=True)
             if kind == "CHECK":
                 verdict, _, what = rest.partition(" ")
                 check, _, detail = what.partition(": ")
-                result.checks.append((check, verdict == "ok", detail))
+                res.checks.append((check, verdict == "ok", detail))
             elif kind == "INFO":
                 key, _, value = rest.partition("=")
-                result.info[key] = value
+                res.info[key] = value
             elif kind == "WAIT":
-                action = (on_wait or {}).get(rest)
-                if action is None:
-                    result.error = f"guest waits for unknown host action {rest!r}"
-                    break
-                if action() == "stop":
-                    result.stopped = True
-                    break
-                assert proc.stdin is not None
-                proc.stdin.write(f"{rest}\n".encode())
-                proc.stdin.flush()
+                return rest
             elif kind == "DONE":
-                result.done = True
-        if result.done:
+                res.done = True
+
+    def send(self, text: str) -> None:
+        """Types a line on the guest's serial console."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{text}\n".encode())
+        self.proc.stdin.flush()
+
+    def finish(self) -> GuestResult:
+        """Waits for the VM to power off after GUEST-DONE, then reaps it."""
+        res = self.result
+        if res.done and not res.error:
             try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                result.exited = True
+                self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+                res.exited = True
             except subprocess.TimeoutExpired:
-                result.error = "VM did not power off"
+                res.error = "VM did not power off"
+        self.stop()
+        return res
+
+    def stop(self) -> None:
+        """Kills the VM (if still running) by its pid."""
+        PROCS.stop(self.proc)
+        self.reader.join(timeout=5)
+
+
+def boot_guest(ctx: "Context", name: str, socket: Path, args: dict[str, str],
+               on_wait: dict[str, Callable[[], str | None]] | None = None) -> GuestResult:
+    """Boots the guest on SOCKET with guest.KEY=VALUE ARGS; runs host actions for
+    GUEST-WAIT tokens and types the token back (an action returning "stop" kills
+    the VM there instead); returns when the VM has powered off or been stopped, or
+    the deadline hit."""
+    guest = Guest(ctx, name, socket, args)
+    try:
+        while (token := guest.wait()) is not None:
+            action = (on_wait or {}).get(token)
+            if action is None:
+                guest.result.error = f"guest waits for unknown host action {token!r}"
+                break
+            if action() == "stop":
+                guest.result.stopped = True
+                break
+            guest.send(token)
+        return guest.finish()
     finally:
-        PROCS.stop(proc)
-        reader.join(timeout=5)
-    return result
+        guest.stop()
 
 
 # --- host-side image checks -----------------------------------------------------
@@ -384,9 +416,10 @@ class Context:
         self.skipped += 1
         print(f"SKIP {case}: {why}", flush=True)
 
-    def report_guest(self, case: str, res: GuestResult, finished: str = "guest-finished") -> None:
+    def report_guest(self, case: str, res: GuestResult, finished: str = "guest-finished",
+                     prefix: str = "guest") -> None:
         for name, ok, detail in res.checks:
-            self.check(case, f"guest:{name}", ok, detail)
+            self.check(case, f"{prefix}:{name}", ok, detail)
         if res.stopped and not res.error:
             return  # the host ended this VM on purpose; its checks are above
         ok = res.done and res.exited and not res.error
@@ -568,15 +601,35 @@ def case_colo(ctx: Context) -> None:
                 is not None and s["resync"].get("done") == s["resync"]["total"])
     ctx.check(case, "replication-started", True)
 
+    # The secondary VM runs beside the primary one and reads its whole disk when
+    # told to; it sits at a "command" prompt between reads.
+    sec_guest = Guest(ctx, "colo-secondary", secondary.socket,
+                      ctx.guest_args("colo_secondary", secondary))
+    if sec_guest.wait() != "command":
+        ctx.report_guest(case, sec_guest.finish(), "secondary-guest-ready", "secondary")
+        return
+
+    def secondary_view(label: str) -> str:
+        sec_guest.send(f"read-{label}")
+        if sec_guest.wait() != "command":
+            return f"no answer ({sec_guest.result.error or 'guest stopped'})"
+        return sec_guest.result.info.get(label, "no md5 reported")
+
     last_checkpoint = d / "colo-checkpoint.img"
+    checkpoint_md5 = ""
 
     def checkpoint(k: int) -> Callable[[], None]:
         def take() -> None:
+            nonlocal checkpoint_md5
             ctl(ctx, pri_ctl, "checkpoint")
             ctl(ctx, sec_ctl, "checkpoint")
             same, why = same_bytes(pri_img, sec_img)
             ctx.check(case, f"host:checkpoint-{k}-disks-equal", same, why)
             shutil.copyfile(pri_img, last_checkpoint)
+            checkpoint_md5 = md5_range(last_checkpoint, 0, DISK_SIZE)
+            view = secondary_view(f"checkpoint-{k}")
+            ctx.check(case, f"secondary-guest-sees-checkpoint-{k}", view == checkpoint_md5,
+                      f"guest read {view}, checkpoint is {checkpoint_md5}")
         return take
 
     def crash() -> str:
@@ -589,7 +642,7 @@ def case_colo(ctx: Context) -> None:
     res = boot_guest(ctx, "colo-primary", primary.socket,
                      ctx.guest_args("colo_primary", primary, rounds=str(COLO_ROUNDS)),
                      on_wait=actions)
-    ctx.report_guest(case, res)
+    ctx.report_guest(case, res, prefix="primary")
     if not res.stopped:
         ctx.check(case, "primary-crashed-as-planned", False, res.error or "guest ended early")
         ctx.dump(case)
@@ -598,11 +651,20 @@ def case_colo(ctx: Context) -> None:
     same, _ = same_bytes(sec_img, last_checkpoint)
     ctx.check(case, "host:uncheckpointed-writes-reached-secondary", not same,
               "the secondary disk still equals the last checkpoint: nothing to roll back")
+    view = secondary_view("after-crash")
+    ctx.check(case, "secondary-guest-never-sees-uncheckpointed-writes",
+              view == checkpoint_md5, f"guest read {view}, checkpoint is {checkpoint_md5}")
 
     ctl(ctx, sec_ctl, "stop", "--failover")
     st = wait_status(ctx, sec_ctl, "end of failover",
                      lambda s: s.get("stage") in ("done", "failover-failed"))
     ctx.check(case, "failover-done", st.get("stage") == "done", str(st))
+    view = secondary_view("after-failover")
+    ctx.check(case, "secondary-guest-view-kept-through-failover", view == checkpoint_md5,
+              f"guest read {view}, checkpoint is {checkpoint_md5}")
+    sec_guest.send("stop")
+    sec_guest.wait()
+    ctx.report_guest(case, sec_guest.finish(), "secondary-guest-finished", "secondary")
     same, why = same_bytes(sec_img, last_checkpoint)
     ctx.check(case, "host:secondary-disk-equals-last-checkpoint", same, why)
     clean, why = fsck_clean(sec_img)
@@ -612,7 +674,7 @@ def case_colo(ctx: Context) -> None:
     for k in range(1, COLO_ROUNDS + 1):
         args[f"md5_{k}"] = res.info.get(f"md5_{k}", "missing")
     res = boot_guest(ctx, "colo-verify", secondary.socket, args)
-    ctx.report_guest(case, res, "verify-guest-finished")
+    ctx.report_guest(case, res, "verify-guest-finished", "verify")
     status = secondary.stop()
     ctx.check(case, "secondary-clean-exit", status == 0, f"exit status {status}")
     clean, why = fsck_clean(sec_img)
