@@ -93,12 +93,24 @@ def on_signal(signum, _frame):
 # --- backends -------------------------------------------------------------------
 
 
-def wait_for_socket(path: Path, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+def socket_inode(path: Path) -> tuple[int, int] | None:
+    """Identifies the socket file at PATH (inode numbers alone get reused)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_ctime_ns) if path.is_socket() else None
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, what: str, timeout: float = 20.0,
+                    stale: tuple[int, int] | None = None) -> None:
+    """Waits until PROC listens on PATH: a socket there that is not the STALE inode."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RunnerError(f"{what} exited with {proc.returncode} before listening")
-        if path.is_socket():
+        ino = socket_inode(path)
+        if ino is not None and ino != stale:
             return
         time.sleep(0.05)
     raise RunnerError(f"{what} did not create {path} within {timeout:.0f}s")
@@ -140,9 +152,10 @@ class Backend:
         return argv + self.extra
 
     def start(self) -> None:
-        # A killed backend leaves its socket behind; remove it so that waiting for
-        # the socket waits for the new process (qsd would also refuse to bind).
-        if self.socket.exists():
+        # A killed backend leaves its socket behind. colo-blk replaces a stale
+        # socket (so the restart below is the path a user takes); qsd refuses it.
+        stale = socket_inode(self.socket)
+        if self.kind == "qsd" and self.socket.exists():
             self.socket.unlink()
         self.starts += 1
         log = open(self.run_dir / f"{self.socket.stem}-{self.kind}-{self.starts}.log", "wb")
@@ -150,7 +163,7 @@ class Backend:
         self.proc = PROCS.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
         log.close()
-        wait_for_socket(self.socket, self.proc, f"{self.kind} backend")
+        wait_for_socket(self.socket, self.proc, f"{self.kind} backend", stale=stale)
 
     def kill(self) -> None:
         """Dies without warning, as a crashed backend would."""
