@@ -5,9 +5,11 @@
 //! vhost layer serves. Side services (the QMP control socket, the secondary's
 //! NBD server) live as long as the vhost loop and stop after it.
 
-use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
-use colo_blk::block::{BlockDev, RawFile, RawFileOptions, SharedDev};
+use crate::config::{Config, ModeConfig, NbdTarget, PrimaryConfig, SecondaryConfig};
+use colo_blk::block::{BlockDev, BlockError, RawFile, RawFileOptions, SharedDev};
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
+use colo_blk::nbd;
+use colo_blk::replication::{Connector, Primary, PrimaryControl};
 use colo_blk::replication::{EventSink, Replication};
 use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
@@ -102,13 +104,43 @@ fn plain_stack(disk: Arc<RawFile>) -> Stack {
     }
 }
 
+/// The primary: the guest is served the local disk through the forwarding node.
+/// The secondary is reached only at `replication-start` (it may not be up yet
+/// when the primary VM boots), and again at every later start.
 fn primary_stack(
-    _cfg: &Config,
-    _primary: &PrimaryConfig,
-    _disk: Arc<RawFile>,
-    _events: EventSink,
+    cfg: &Config,
+    primary: &PrimaryConfig,
+    disk: Arc<RawFile>,
+    events: EventSink,
 ) -> Result<Stack, DaemonError> {
-    Err(DaemonError::NotImplemented("--mode primary"))
+    let uri = nbd_uri(&primary.secondary);
+    log::info!("primary: will forward writes to {uri}");
+    let connect: Connector = Box::new(move || {
+        let client = nbd::Client::connect_to(&uri, nbd::ClientOptions::default())
+            .map_err(|e| BlockError::io("connect", 0, io::Error::other(format!("{uri}: {e}"))))?;
+        Ok(Arc::new(client) as SharedDev)
+    });
+    let node = Primary::new(disk, connect, cfg.cluster_size, events);
+    Ok(Stack {
+        guest: node.clone(),
+        replication: Some(Arc::new(PrimaryControl(node))),
+    })
+}
+
+fn nbd_uri(target: &NbdTarget) -> nbd::NbdUri {
+    match target {
+        NbdTarget::Unix { path, export } => nbd::NbdUri {
+            addr: nbd::NbdAddr::Unix(path.clone()),
+            export: export.clone(),
+        },
+        NbdTarget::Tcp { host, port, export } => nbd::NbdUri {
+            addr: nbd::NbdAddr::Tcp {
+                host: host.clone(),
+                port: *port,
+            },
+            export: export.clone(),
+        },
+    }
 }
 
 fn secondary_stack(

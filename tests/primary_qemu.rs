@@ -1,0 +1,141 @@
+//! `colo-blk serve --mode primary` replicating into QEMU's own NBD server
+//! (qemu-storage-daemon), driven through libblkio and `colo-blk ctl`: the
+//! primary interoperates with a QEMU secondary's NBD export.
+
+mod common;
+mod nbd_util;
+
+use common::{sparse_image, Client, Daemon, BIN};
+use nbd_util::{pattern, wait_for_path, ChildGuard};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const SIZE: u64 = 32 << 20;
+
+fn qsd_nbd(image: &Path, socket: &Path) -> ChildGuard {
+    let mut child = ChildGuard(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={}",
+                image.display()
+            ))
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+            .arg("--export")
+            .arg("type=nbd,id=exp,node-name=disk,name=parent0,writable=on")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon"),
+    );
+    wait_for_path(socket, &mut child);
+    child
+}
+
+fn ctl(control: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run colo-blk ctl")
+}
+
+fn ctl_ok(control: &Path, args: &[&str]) -> String {
+    let out = ctl(control, args);
+    assert!(out.status.success(), "ctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_files_equal(a: &Path, b: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn primary_resyncs_forwards_and_survives_losing_a_qemu_secondary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pimg, simg) = (dir.path().join("p.img"), dir.path().join("s.img"));
+    sparse_image(&pimg, SIZE);
+    sparse_image(&simg, SIZE);
+    let nbd = dir.path().join("nbd.sock");
+    let control = dir.path().join("ctl.sock");
+    let mut secondary = qsd_nbd(&simg, &nbd);
+    let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
+    let daemon = Daemon::serve(
+        dir.path(),
+        &pimg,
+        &[
+            "--mode",
+            "primary",
+            "--secondary",
+            &uri,
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut guest = Client::connect(daemon.socket()).unwrap();
+
+    // Data before start reaches the secondary through the full resync.
+    guest.write(0, &pattern(1 << 20, 1)).unwrap();
+    guest.write(20 << 20, &pattern(64 << 10, 2)).unwrap();
+    assert!(ctl_ok(&control, &["status"]).contains("stage: none"));
+    ctl_ok(&control, &["start"]);
+    ctl_ok(&control, &["checkpoint"]); // waits for the resync
+    let status = ctl_ok(&control, &["--json", "status"]);
+    assert!(status.contains("\"stage\":\"running\""), "{status}");
+    assert_files_equal(&pimg, &simg);
+
+    // Writes while running are forwarded before they are acknowledged.
+    for i in 0..50u64 {
+        let off = (i * 7919 * 4096) % (SIZE - 65536);
+        guest.write(off, &pattern(8192, 100 + i)).unwrap();
+    }
+    guest.write_zeroes(0, 65536, false).unwrap();
+    guest.discard(1 << 20, 65536).unwrap();
+    ctl_ok(&control, &["checkpoint"]);
+    assert_files_equal(&pimg, &simg);
+    assert_eq!(ctl(&control, &["get-error"]).status.code(), Some(0));
+
+    // The secondary dies: the guest's writes keep succeeding, the loss is
+    // recorded, and the checkpoint barrier reports it.
+    let _ = secondary.0.kill();
+    let _ = secondary.0.wait();
+    for i in 0..20u64 {
+        guest.write(i * 65536, &pattern(4096, 500 + i)).unwrap();
+    }
+    let got = guest.read(0, 4096).unwrap();
+    assert_eq!(got, pattern(4096, 500));
+    let out = ctl(&control, &["get-error"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forwarding"),
+        "{out:?}"
+    );
+    assert_eq!(ctl(&control, &["checkpoint"]).status.code(), Some(1));
+    let status = ctl_ok(&control, &["status"]);
+    assert!(status.contains("dirty clusters: 20"), "{status}");
+
+    // A restarted secondary catches up with only the dirty clusters.
+    ctl_ok(&control, &["stop"]);
+    let _secondary = qsd_nbd(&simg, &nbd);
+    ctl_ok(&control, &["start", "--sync", "dirty"]);
+    ctl_ok(&control, &["checkpoint"]);
+    assert_files_equal(&pimg, &simg);
+    let status = ctl_ok(&control, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["resync"]["total"], 20 * 65536, "{v}");
+    assert_eq!(v["dirty-clusters"], 0);
+    drop(guest);
+}
