@@ -62,3 +62,96 @@ pub(crate) fn serve_vring(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::RawFile;
+    use crate::virtio_blk::Geometry;
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::Arc;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const SIZE: u16 = 16;
+
+    /// Appends flush requests `first..first + n` (two descriptors each).
+    fn add_flushes(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, first: u16, n: u16) {
+        let mut descs = Vec::new();
+        for i in first..first + n {
+            let hdr = 0x10_0000 + u64::from(i) * 0x100;
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            let next = (2 * i + 1) % SIZE;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                next,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr + 0x80,
+                1,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )));
+        }
+        vq.add_desc_chains(&descs, 2 * first).unwrap();
+    }
+
+    #[test]
+    fn a_pass_notifies_once_per_batch_and_rearms_event_idx() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
+        let device = BlkDevice::new(disk, Geometry::new(1 << 20, 512, SIZE, 1, false), "");
+
+        let atomic = GuestMemoryAtomic::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+        );
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+        vring.set_call(Some(dup));
+
+        // Spec layout: used_event follows the avail ring, avail_event the used ring.
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
+        let avail_event = vq.used_addr().unchecked_add(4 + 8 * u64::from(SIZE));
+        let used_idx = vq.used_addr().unchecked_add(2);
+        let read16 = |a| mem.read_obj::<u16>(a).unwrap();
+
+        // The driver wants an interrupt as soon as the first request completes.
+        mem.write_obj(0u16, used_event).unwrap();
+        add_flushes(mem, &vq, 0, 3);
+        serve_vring(&vring, &atomic, &device, 0);
+        assert_eq!(read16(used_idx), 3);
+        assert_eq!(call.read().unwrap(), 1, "one interrupt for the whole batch");
+        assert_eq!(read16(avail_event), 3, "re-armed: the next request kicks");
+
+        // The driver asks for an interrupt only after 10 completions.
+        mem.write_obj(10u16, used_event).unwrap();
+        add_flushes(mem, &vq, 3, 1);
+        serve_vring(&vring, &atomic, &device, 0);
+        assert_eq!(read16(used_idx), 4);
+        assert!(call.read().is_err(), "no interrupt before used_event");
+        assert_eq!(read16(avail_event), 4);
+    }
+}
