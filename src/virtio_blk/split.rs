@@ -1,22 +1,38 @@
-//! Large transfers are split between the queue worker and one helper thread.
+//! Large transfers are split between the queue worker and helper threads.
 //!
 //! A single thread copying between the page cache and guest memory tops out at
 //! one core's memory bandwidth; a 1 MiB request takes long enough that handing
-//! half of it to a second thread pays for the hand-off many times over. Small
+//! parts of it to other threads pays for the hand-off many times over. Small
 //! requests never take this path, so 4 KiB latency is unaffected.
 //!
-//! Each queue worker thread gets its own helper (created on first use, stopped
+//! Each queue worker thread gets its own helpers (created on first use, stopped
 //! when the worker thread exits), so queues share no lock here either.
 
 use crate::block::{iov_len, BlockError, SharedDev};
 use std::cell::RefCell;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::OnceLock;
 use vm_memory::VolatileSlice;
 
-/// Requests at least this long are split in two.
-pub const SPLIT_MIN: u64 = 256 << 10;
+/// Smallest part a transfer is split into: requests shorter than two parts
+/// are not split.
+pub const PART_MIN: u64 = 128 << 10;
 
-/// Split points are multiples of this, so halves of an aligned request stay
+/// Most parts per transfer (the worker does one, helpers the rest).
+const MAX_PARTS: usize = 4;
+
+/// Parts per transfer on this machine: one per CPU, at most [`MAX_PARTS`].
+/// More threads than CPUs only add hand-offs to the same memory copies.
+fn max_parts() -> usize {
+    static PARTS: OnceLock<usize> = OnceLock::new();
+    *PARTS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_PARTS)
+    })
+}
+
+/// Split points are multiples of this, so parts of an aligned request stay
 /// aligned (O_DIRECT).
 const SPLIT_ALIGN: u64 = 4096;
 
@@ -27,38 +43,74 @@ pub fn transfer(
     offset: u64,
     bufs: &[VolatileSlice<'_>],
 ) -> Result<(), BlockError> {
+    transfer_in_parts(dev, write, offset, bufs, max_parts())
+}
+
+fn transfer_in_parts(
+    dev: &SharedDev,
+    write: bool,
+    offset: u64,
+    bufs: &[VolatileSlice<'_>],
+    max_parts: usize,
+) -> Result<(), BlockError> {
     let len = iov_len(bufs);
-    if len < SPLIT_MIN {
+    let parts = usize::try_from(len / PART_MIN)
+        .unwrap_or(MAX_PARTS)
+        .min(max_parts);
+    if parts < 2 {
         return direct(&**dev, write, offset, bufs);
     }
-    let half = len / 2 / SPLIT_ALIGN * SPLIT_ALIGN;
-    let (head, tail) = split_at(bufs, half);
-    HELPER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Helper::spawn();
+    let part = len / parts as u64 / SPLIT_ALIGN * SPLIT_ALIGN;
+    HELPERS.with(|cell| {
+        let mut helpers = cell.borrow_mut();
+        while helpers.len() < parts - 1 {
+            match Helper::spawn() {
+                Some(h) => helpers.push(h),
+                None => break,
+            }
         }
-        let Some(helper) = slot.as_ref() else {
-            return direct(&**dev, write, offset, bufs);
-        };
-        let job = Job {
-            dev: dev.clone(),
-            write,
-            offset: offset + half,
-            iovs: tail
-                .iter()
-                .map(|s| (s.ptr_guard_mut().as_ptr() as usize, s.len()))
-                .collect(),
-        };
-        if helper.jobs.send(job).is_err() {
-            return direct(&**dev, write, offset, bufs);
+        // The worker keeps the first part; each helper takes one of the rest.
+        let mut rest = bufs.to_vec();
+        let mut first = Vec::new();
+        let mut pending = Vec::with_capacity(parts - 1);
+        for i in 0..parts.min(helpers.len() + 1) {
+            let last = i + 1 == parts.min(helpers.len() + 1);
+            let (mine, tail) = if last {
+                (rest, Vec::new())
+            } else {
+                split_at(&rest, part)
+            };
+            rest = tail;
+            if i == 0 {
+                first = mine;
+                continue;
+            }
+            let helper = &helpers[i - 1];
+            let job = Job {
+                dev: dev.clone(),
+                write,
+                offset: offset + part * i as u64,
+                iovs: mine
+                    .iter()
+                    .map(|s| (s.ptr_guard_mut().as_ptr() as usize, s.len()))
+                    .collect(),
+            };
+            if helper.jobs.send(job).is_err() {
+                // The helper is gone: do its part here instead.
+                let done = direct(&**dev, write, offset + part * i as u64, &mine);
+                pending.push(Pending::Done(done));
+                continue;
+            }
+            // From here the helper may be touching this part's memory: it is
+            // waited for on every path, unwinding included, before the borrow
+            // of `bufs` can end.
+            pending.push(Pending::Running(&helper.done));
         }
-        // From here the helper may be touching `tail`'s memory: wait for it
-        // on every path, unwinding included, before the borrow can end.
-        let pending = Pending(&helper.done);
-        let first = direct(&**dev, write, offset, &head);
-        let second = pending.wait();
-        first.and(second)
+        let mut result = direct(&**dev, write, offset, &first);
+        for p in pending {
+            result = result.and(p.wait());
+        }
+        result
     })
 }
 
@@ -105,7 +157,7 @@ fn split_at<'a>(
 }
 
 thread_local! {
-    static HELPER: RefCell<Option<Helper>> = const { RefCell::new(None) };
+    static HELPERS: RefCell<Vec<Helper>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One helper thread; dropping it (worker thread exit) ends the helper.
@@ -154,26 +206,38 @@ impl Helper {
     }
 }
 
-/// The reply to a job in flight; waits for it even when dropped unread.
-struct Pending<'a>(&'a Receiver<Result<(), BlockError>>);
+/// A part's outcome: known, or still with a helper.
+enum Pending<'a> {
+    Done(Result<(), BlockError>),
+    Running(&'a Receiver<Result<(), BlockError>>),
+}
 
 impl Pending<'_> {
-    fn wait(self) -> Result<(), BlockError> {
-        let r = self.0.recv().unwrap_or_else(|_| {
-            Err(BlockError::io(
-                "split transfer",
-                0,
-                std::io::Error::other("I/O helper thread died"),
-            ))
-        });
+    fn wait(mut self) -> Result<(), BlockError> {
+        let result = match &mut self {
+            Pending::Done(r) => std::mem::replace(r, Ok(())),
+            Pending::Running(rx) => rx.recv().unwrap_or_else(|_| {
+                Err(BlockError::io(
+                    "split transfer",
+                    0,
+                    std::io::Error::other("I/O helper thread died"),
+                ))
+            }),
+        };
+        // The reply is consumed: nothing is left for Drop to wait for (and
+        // `self` owns no resources, only a reference).
         std::mem::forget(self);
-        r
+        result
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let _ = self.0.recv();
+        // Reached with Running only when unwinding: the helper must be done
+        // with the guest buffers before they can go away.
+        if let Pending::Running(rx) = self {
+            let _ = rx.recv();
+        }
     }
 }
 
@@ -196,29 +260,36 @@ mod tests {
         .unwrap();
         let dev: SharedDev = Arc::new(raw);
         let data: Vec<u8> = (0..(1 << 20) + 512).map(|i| (i * 7 % 253) as u8).collect();
-        // Uneven buffers so the split point falls inside one of them.
-        let mut a = data[..300_000].to_vec();
-        let mut b = data[300_000..].to_vec();
-        let bufs = [
-            VolatileSlice::from(&mut a[..]),
-            VolatileSlice::from(&mut b[..]),
-        ];
-        transfer(&dev, true, 8192, &bufs).unwrap();
-        let mut back = vec![0u8; data.len()];
-        dev.read_at(8192, &mut back).unwrap();
-        assert!(back == data);
-
-        let mut c = vec![0u8; 700_000];
-        let mut d = vec![0u8; data.len() - 700_000];
-        {
+        let zeros = vec![0u8; data.len()];
+        for parts in 1..=4 {
+            // Uneven buffers so split points fall inside them.
+            dev.write_at(8192, &zeros).unwrap();
+            let mut a = data[..300_000].to_vec();
+            let mut b = data[300_000..].to_vec();
             let bufs = [
-                VolatileSlice::from(&mut c[..]),
-                VolatileSlice::from(&mut d[..]),
+                VolatileSlice::from(&mut a[..]),
+                VolatileSlice::from(&mut b[..]),
             ];
-            transfer(&dev, false, 8192, &bufs).unwrap();
-            // Errors from either half are reported.
-            assert!(transfer(&dev, false, (4 << 20) - 4096, &bufs).is_err());
+            transfer_in_parts(&dev, true, 8192, &bufs, parts).unwrap();
+            let mut back = vec![0u8; data.len()];
+            dev.read_at(8192, &mut back).unwrap();
+            assert!(back == data, "write in {parts} parts");
+
+            let mut c = vec![0u8; 700_000];
+            let mut d = vec![0u8; data.len() - 700_000];
+            {
+                let bufs = [
+                    VolatileSlice::from(&mut c[..]),
+                    VolatileSlice::from(&mut d[..]),
+                ];
+                transfer_in_parts(&dev, false, 8192, &bufs, parts).unwrap();
+                // A part past the end fails the whole transfer.
+                assert!(transfer_in_parts(&dev, false, (4 << 20) - 4096, &bufs, parts).is_err());
+            }
+            assert!(
+                c[..] == data[..700_000] && d[..] == data[700_000..],
+                "read in {parts} parts"
+            );
         }
-        assert!(c[..] == data[..700_000] && d[..] == data[700_000..]);
     }
 }
