@@ -1,121 +1,88 @@
-//! Large transfers are split between the queue worker and helper threads.
+//! Large transfers are cut into chunks that the queue worker and its helper
+//! threads copy in parallel.
 //!
 //! A single thread copying between the page cache and guest memory tops out at
-//! one core's memory bandwidth; a 1 MiB request takes long enough that handing
-//! parts of it to other threads pays for the hand-off many times over. Small
-//! requests never take this path, so 4 KiB latency is unaffected.
+//! one core's memory bandwidth; a 1 MiB request takes long enough that sharing
+//! it with other threads pays for the hand-off many times over. Chunks are
+//! pulled from a shared counter rather than assigned, so a helper that is not
+//! scheduled in time costs nothing: the worker copies the chunks it would have
+//! taken. Small requests never take this path, so 4 KiB latency is unaffected.
 //!
 //! Each queue worker thread gets its own helpers (created on first use, stopped
 //! when the worker thread exits), so queues share no lock here either.
 
-use crate::block::{iov_len, BlockError, SharedDev};
+use crate::block::{iov_len, BlockDev, BlockError, SharedDev};
 use std::cell::RefCell;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use vm_memory::VolatileSlice;
 
-/// Smallest part a transfer is split into: requests shorter than two parts
-/// are not split.
-pub const PART_MIN: u64 = 128 << 10;
+/// Chunk size; requests shorter than two chunks are not split.
+pub const CHUNK: u64 = 128 << 10;
 
-/// Most parts per transfer (the worker does one, helpers the rest).
-const MAX_PARTS: usize = 4;
+/// Most helper threads per queue worker.
+const MAX_HELPERS: usize = 3;
 
-/// Parts per transfer on this machine: one per CPU, at most [`MAX_PARTS`].
-/// More threads than CPUs only add hand-offs to the same memory copies.
-fn max_parts() -> usize {
-    static PARTS: OnceLock<usize> = OnceLock::new();
-    *PARTS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, MAX_PARTS)
-    })
-}
-
-/// Split points are multiples of this, so parts of an aligned request stay
-/// aligned (O_DIRECT).
-const SPLIT_ALIGN: u64 = 4096;
-
-/// Reads or writes `bufs` at `offset`, splitting large transfers.
+/// Reads or writes `bufs` at `offset`, sharing large transfers with helpers.
 pub fn transfer(
     dev: &SharedDev,
     write: bool,
     offset: u64,
     bufs: &[VolatileSlice<'_>],
 ) -> Result<(), BlockError> {
-    transfer_in_parts(dev, write, offset, bufs, max_parts())
+    transfer_with(dev, write, offset, bufs, helper_count())
 }
 
-fn transfer_in_parts(
+/// Helpers per worker on this machine: one per additional CPU, at most
+/// [`MAX_HELPERS`]. More threads than CPUs would only add hand-offs.
+fn helper_count() -> usize {
+    static HELPERS: OnceLock<usize> = OnceLock::new();
+    *HELPERS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .saturating_sub(1)
+            .min(MAX_HELPERS)
+    })
+}
+
+fn transfer_with(
     dev: &SharedDev,
     write: bool,
     offset: u64,
     bufs: &[VolatileSlice<'_>],
-    max_parts: usize,
+    helpers: usize,
 ) -> Result<(), BlockError> {
     let len = iov_len(bufs);
-    let parts = usize::try_from(len / PART_MIN)
-        .unwrap_or(MAX_PARTS)
-        .min(max_parts);
-    if parts < 2 {
+    if helpers == 0 || len < 2 * CHUNK {
         return direct(&**dev, write, offset, bufs);
     }
-    let part = len / parts as u64 / SPLIT_ALIGN * SPLIT_ALIGN;
+    let job = Arc::new(Job::new(dev.clone(), write, offset, bufs));
     HELPERS.with(|cell| {
-        let mut helpers = cell.borrow_mut();
-        while helpers.len() < parts - 1 {
-            match Helper::spawn() {
-                Some(h) => helpers.push(h),
+        let mut pool = cell.borrow_mut();
+        while pool.len() < helpers {
+            match spawn_helper() {
+                Some(h) => pool.push(h),
                 None => break,
             }
         }
-        // The worker keeps the first part; each helper takes one of the rest.
-        let mut rest = bufs.to_vec();
-        let mut first = Vec::new();
-        let mut pending = Vec::with_capacity(parts - 1);
-        for i in 0..parts.min(helpers.len() + 1) {
-            let last = i + 1 == parts.min(helpers.len() + 1);
-            let (mine, tail) = if last {
-                (rest, Vec::new())
-            } else {
-                split_at(&rest, part)
-            };
-            rest = tail;
-            if i == 0 {
-                first = mine;
-                continue;
-            }
-            let helper = &helpers[i - 1];
-            let job = Job {
-                dev: dev.clone(),
-                write,
-                offset: offset + part * i as u64,
-                iovs: mine
-                    .iter()
-                    .map(|s| (s.ptr_guard_mut().as_ptr() as usize, s.len()))
-                    .collect(),
-            };
-            if helper.jobs.send(job).is_err() {
-                // The helper is gone: do its part here instead.
-                let done = direct(&**dev, write, offset + part * i as u64, &mine);
-                pending.push(Pending::Done(done));
-                continue;
-            }
-            // From here the helper may be touching this part's memory: it is
-            // waited for on every path, unwinding included, before the borrow
-            // of `bufs` can end.
-            pending.push(Pending::Running(&helper.done));
+        // Wake at most one helper per chunk beyond the worker's own.
+        for h in pool.iter().take(job.chunks.len() - 1) {
+            let _ = h.send(job.clone());
         }
-        let mut result = direct(&**dev, write, offset, &first);
-        for p in pending {
-            result = result.and(p.wait());
-        }
-        result
-    })
+    });
+    // Whatever happens below, every chunk a helper started must be finished
+    // before the guest buffers can go away: `wait` blocks until then, and the
+    // guard repeats the wait if we unwind.
+    let guard = WaitOnDrop(&job);
+    job.work();
+    let result = job.wait();
+    std::mem::forget(guard);
+    result
 }
 
 fn direct(
-    dev: &dyn crate::block::BlockDev,
+    dev: &dyn BlockDev,
     write: bool,
     offset: u64,
     bufs: &[VolatileSlice<'_>],
@@ -127,116 +94,134 @@ fn direct(
     }
 }
 
-/// Splits a buffer list after `at` bytes.
-fn split_at<'a>(
-    bufs: &[VolatileSlice<'a>],
-    at: u64,
-) -> (Vec<VolatileSlice<'a>>, Vec<VolatileSlice<'a>>) {
-    let mut head = Vec::with_capacity(bufs.len());
-    let mut tail = Vec::with_capacity(bufs.len());
-    let mut left = at as usize;
-    for s in bufs {
-        if left >= s.len() {
-            left -= s.len();
-            head.push(*s);
-        } else if left == 0 {
-            tail.push(*s);
-        } else {
-            // In bounds: 0 < left < s.len().
-            match s.split_at(left) {
-                Ok((a, b)) => {
-                    head.push(a);
-                    tail.push(b);
-                }
-                Err(_) => tail.push(*s),
-            }
-            left = 0;
-        }
-    }
-    (head, tail)
-}
-
-thread_local! {
-    static HELPERS: RefCell<Vec<Helper>> = const { RefCell::new(Vec::new()) };
-}
-
-/// One helper thread; dropping it (worker thread exit) ends the helper.
-struct Helper {
-    jobs: Sender<Job>,
-    done: Receiver<Result<(), BlockError>>,
-}
-
+/// One transfer, cut into chunks.
 struct Job {
     dev: SharedDev,
     write: bool,
-    offset: u64,
-    /// (address, length) of guest buffers, valid until the reply is received.
-    iovs: Vec<(usize, usize)>,
+    /// (device offset, guest buffers as (address, length)) per chunk. The
+    /// addresses stay valid until every started chunk is finished (see
+    /// `transfer_with`).
+    chunks: Vec<(u64, Vec<(usize, usize)>)>,
+    next: AtomicUsize,
+    finished: Mutex<Finished>,
+    all_done: Condvar,
 }
 
-impl Helper {
-    fn spawn() -> Option<Helper> {
-        let (jobs, inbox) = channel::<Job>();
-        let (outbox, done) = channel();
-        let spawned = std::thread::Builder::new()
-            .name("colo-blk-io".into())
-            .spawn(move || {
-                for job in inbox {
-                    let bufs: Vec<VolatileSlice<'_>> = job
-                        .iovs
-                        .iter()
-                        // SAFETY: the submitting worker lent these buffers and
-                        // blocks (`Pending`) until this job's reply is received,
-                        // so they stay valid and mapped while we use them.
-                        .map(|&(addr, len)| unsafe { VolatileSlice::new(addr as *mut u8, len) })
-                        .collect();
-                    let result = direct(&*job.dev, job.write, job.offset, &bufs);
-                    if outbox.send(result).is_err() {
-                        break;
-                    }
+#[derive(Default)]
+struct Finished {
+    count: usize,
+    error: Option<BlockError>,
+}
+
+impl Job {
+    fn new(dev: SharedDev, write: bool, offset: u64, bufs: &[VolatileSlice<'_>]) -> Job {
+        let mut chunks = Vec::new();
+        let mut current: Vec<(usize, usize)> = Vec::new();
+        let mut room = CHUNK as usize;
+        let mut at = offset;
+        let mut start = offset;
+        for s in bufs {
+            let base = s.ptr_guard_mut().as_ptr() as usize;
+            let mut done = 0;
+            while done < s.len() {
+                let n = (s.len() - done).min(room);
+                current.push((base + done, n));
+                done += n;
+                room -= n;
+                at += n as u64;
+                if room == 0 {
+                    chunks.push((start, std::mem::take(&mut current)));
+                    room = CHUNK as usize;
+                    start = at;
                 }
-            });
-        match spawned {
-            Ok(_) => Some(Helper { jobs, done }),
-            Err(e) => {
-                log::warn!("cannot start an I/O helper thread, large requests stay serial: {e}");
-                None
+            }
+        }
+        if !current.is_empty() {
+            chunks.push((start, current));
+        }
+        Job {
+            dev,
+            write,
+            chunks,
+            next: AtomicUsize::new(0),
+            finished: Mutex::new(Finished::default()),
+            all_done: Condvar::new(),
+        }
+    }
+
+    /// Copies chunks until none is left to take.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some((offset, iovs)) = self.chunks.get(i) else {
+                return;
+            };
+            let bufs: Vec<VolatileSlice<'_>> = iovs
+                .iter()
+                // SAFETY: the submitting worker lent these buffers and does not
+                // return before every taken chunk is finished (`wait`), so they
+                // are valid and mapped for the duration of this copy.
+                .map(|&(addr, len)| unsafe { VolatileSlice::new(addr as *mut u8, len) })
+                .collect();
+            let result = direct(&*self.dev, self.write, *offset, &bufs);
+            let mut f = self.lock();
+            f.count += 1;
+            if let Err(e) = result {
+                f.error.get_or_insert(e);
+            }
+            if f.count == self.chunks.len() {
+                self.all_done.notify_all();
             }
         }
     }
-}
 
-/// A part's outcome: known, or still with a helper.
-enum Pending<'a> {
-    Done(Result<(), BlockError>),
-    Running(&'a Receiver<Result<(), BlockError>>),
-}
+    /// Blocks until every chunk is finished; the first error, if any.
+    fn wait(&self) -> Result<(), BlockError> {
+        let mut f = self.lock();
+        while f.count < self.chunks.len() {
+            f = self
+                .all_done
+                .wait(f)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        f.error.take().map_or(Ok(()), Err)
+    }
 
-impl Pending<'_> {
-    fn wait(mut self) -> Result<(), BlockError> {
-        let result = match &mut self {
-            Pending::Done(r) => std::mem::replace(r, Ok(())),
-            Pending::Running(rx) => rx.recv().unwrap_or_else(|_| {
-                Err(BlockError::io(
-                    "split transfer",
-                    0,
-                    std::io::Error::other("I/O helper thread died"),
-                ))
-            }),
-        };
-        // The reply is consumed: nothing is left for Drop to wait for (and
-        // `self` owns no resources, only a reference).
-        std::mem::forget(self);
-        result
+    fn lock(&self) -> std::sync::MutexGuard<'_, Finished> {
+        self.finished.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl Drop for Pending<'_> {
+/// Waits for the job's chunks if the worker unwinds before waiting itself.
+struct WaitOnDrop<'a>(&'a Job);
+
+impl Drop for WaitOnDrop<'_> {
     fn drop(&mut self) {
-        // Reached with Running only when unwinding: the helper must be done
-        // with the guest buffers before they can go away.
-        if let Pending::Running(rx) = self {
-            let _ = rx.recv();
+        // Take what is left so that the count can reach the total, then wait.
+        self.0.work();
+        let _ = self.0.wait();
+    }
+}
+
+thread_local! {
+    static HELPERS: RefCell<Vec<Sender<Arc<Job>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Starts a helper; it exits when its worker thread (the sender's owner) ends.
+fn spawn_helper() -> Option<Sender<Arc<Job>>> {
+    let (tx, rx) = channel::<Arc<Job>>();
+    let spawned = std::thread::Builder::new()
+        .name("colo-blk-io".into())
+        .spawn(move || {
+            for job in rx {
+                job.work();
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::warn!("cannot start an I/O helper thread, large requests stay serial: {e}");
+            None
         }
     }
 }
@@ -245,10 +230,9 @@ impl Drop for Pending<'_> {
 mod tests {
     use super::*;
     use crate::block::{BlockDevExt, RawFile, RawFileOptions};
-    use std::sync::Arc;
 
     #[test]
-    fn split_transfers_move_every_byte_to_the_right_place() {
+    fn chunked_transfers_move_every_byte_to_the_right_place() {
         let dir = tempfile::tempdir().unwrap();
         let raw = RawFile::open(
             &dir.path().join("img"),
@@ -261,8 +245,8 @@ mod tests {
         let dev: SharedDev = Arc::new(raw);
         let data: Vec<u8> = (0..(1 << 20) + 512).map(|i| (i * 7 % 253) as u8).collect();
         let zeros = vec![0u8; data.len()];
-        for parts in 1..=4 {
-            // Uneven buffers so split points fall inside them.
+        for helpers in 0..=3 {
+            // Uneven buffers so chunk boundaries fall inside them.
             dev.write_at(8192, &zeros).unwrap();
             let mut a = data[..300_000].to_vec();
             let mut b = data[300_000..].to_vec();
@@ -270,10 +254,10 @@ mod tests {
                 VolatileSlice::from(&mut a[..]),
                 VolatileSlice::from(&mut b[..]),
             ];
-            transfer_in_parts(&dev, true, 8192, &bufs, parts).unwrap();
+            transfer_with(&dev, true, 8192, &bufs, helpers).unwrap();
             let mut back = vec![0u8; data.len()];
             dev.read_at(8192, &mut back).unwrap();
-            assert!(back == data, "write in {parts} parts");
+            assert!(back == data, "write with {helpers} helpers");
 
             let mut c = vec![0u8; 700_000];
             let mut d = vec![0u8; data.len() - 700_000];
@@ -282,14 +266,44 @@ mod tests {
                     VolatileSlice::from(&mut c[..]),
                     VolatileSlice::from(&mut d[..]),
                 ];
-                transfer_in_parts(&dev, false, 8192, &bufs, parts).unwrap();
-                // A part past the end fails the whole transfer.
-                assert!(transfer_in_parts(&dev, false, (4 << 20) - 4096, &bufs, parts).is_err());
+                transfer_with(&dev, false, 8192, &bufs, helpers).unwrap();
+                // A chunk past the end fails the whole transfer.
+                assert!(transfer_with(&dev, false, (4 << 20) - 4096, &bufs, helpers).is_err());
             }
             assert!(
                 c[..] == data[..700_000] && d[..] == data[700_000..],
-                "read in {parts} parts"
+                "read with {helpers} helpers"
             );
         }
+    }
+
+    #[test]
+    fn chunks_cover_the_buffers_exactly() {
+        let mut a = vec![0u8; 200_000];
+        let mut b = vec![0u8; 100_000];
+        let bufs = [
+            VolatileSlice::from(&mut a[..]),
+            VolatileSlice::from(&mut b[..]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let raw = RawFile::open(
+            &dir.path().join("img"),
+            &RawFileOptions {
+                create_size: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let job = Job::new(Arc::new(raw), false, 4096, &bufs);
+        let sizes: Vec<usize> = job
+            .chunks
+            .iter()
+            .map(|(_, iovs)| iovs.iter().map(|&(_, l)| l).sum())
+            .collect();
+        assert_eq!(sizes, vec![131_072, 131_072, 37_856]);
+        let offsets: Vec<u64> = job.chunks.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![4096, 4096 + 131_072, 4096 + 262_144]);
+        // The second chunk spans the end of `a` and the start of `b`.
+        assert_eq!(job.chunks[1].1.len(), 2);
     }
 }
