@@ -241,7 +241,7 @@ impl BlkDevice {
         let len = layout.writable_payload().map(|(_, l)| l).sum();
         let offset = self.check_data(header.sector, len, "read")?;
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
-        split::transfer(&self.dev, false, offset, &scratch.slices)?;
+        split::read(&self.dev, offset, &scratch.slices)?;
         Ok(len)
     }
 
@@ -262,7 +262,7 @@ impl BlkDevice {
         let len = layout.readable_payload().map(|(_, l)| l).sum();
         let offset = self.check_data(header.sector, len, "write")?;
         slices(mem, layout.readable_payload(), &mut scratch.slices)?;
-        split::transfer(&self.dev, true, offset, &scratch.slices)?;
+        self.dev.write_vectored(offset, &scratch.slices)?;
         if self.write_through() {
             self.dev.flush()?;
         }
