@@ -203,6 +203,15 @@ fn checkpoint_makes_primary_writes_visible_and_drops_guest_writes() {
     // own writes since the last checkpoint are gone with it.
     expect(&*s.guest, 0, 4096, 0x11);
     assert!(s.node.active().is_empty() && s.node.hidden().is_empty());
+    // The overlays' space is released (in the background, after the checkpoint).
+    s.node.wait_released();
+    for name in ["s_active_disk", "s_hidden_disk"] {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(s._dir.path().join(name))
+            .unwrap()
+            .blocks();
+        assert!(blocks * 512 < 1 << 20, "{name} still holds {blocks} blocks");
+    }
     // Copy-before-write starts over: the next primary write is hidden again.
     fill(&s.primary, HALF, 65536, 0x66);
     expect(&*s.guest, HALF, 65536, 0x22);

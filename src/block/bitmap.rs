@@ -49,6 +49,11 @@ impl Bitmap {
         }
     }
 
+    /// Number of bits.
+    pub(crate) fn len_bits(&self) -> u64 {
+        self.bits
+    }
+
     /// Number of set bits.
     pub(crate) fn count(&self) -> u64 {
         self.ones.load(Ordering::Acquire)

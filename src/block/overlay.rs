@@ -13,6 +13,13 @@
 //!   bitmap words that have bits set and releases the space, by punching a hole per
 //!   allocated run or, for a file with many runs, by truncating it and setting its
 //!   length back (two syscalls whose kernel cost is the pages freed).
+//! * [`Overlay::make_empty_deferred`] does the bitmap part only (microseconds) and
+//!   marks the old runs *pending release*; [`Overlay::release_pending`], run on any
+//!   thread while I/O goes on, punches them chunk by chunk. A write that lands on a
+//!   pending granule first claims it under the chunk's lock, so a punch can never
+//!   run after (and destroy) new data. Freeing pages is the expensive part of
+//!   emptying (the kernel's work, proportional to the bytes); this keeps it out of
+//!   the window in which the checkpoint holds guest I/O.
 //!
 //! The bitmap lives in memory only: **an overlay's contents do not survive the
 //! process**. Opening an overlay file discards what it held. That is by design: a
@@ -34,6 +41,13 @@ pub const DEFAULT_GRANULE: u64 = 4096;
 
 /// Locks for read-modify-write of partial granules, picked by granule number.
 const RMW_STRIPES: usize = 64;
+
+/// Granules per release chunk (1 MiB at 4 KiB): the unit of background release
+/// and of its locking.
+const RELEASE_CHUNK: u64 = 256;
+
+/// Locks for background release, picked by chunk number.
+const RELEASE_STRIPES: usize = 64;
 
 /// Above this many allocated runs, a file overlay is emptied by truncation rather
 /// than one hole punch per run.
@@ -63,6 +77,9 @@ pub struct Overlay {
     granule: u64,
     bitmap: Bitmap,
     rmw: Box<[Mutex<()>]>,
+    /// Granules emptied but whose space is not released yet.
+    pending: Bitmap,
+    release_locks: Box<[Mutex<()>]>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -134,6 +151,8 @@ impl Overlay {
             granule,
             bitmap: Bitmap::new(size.div_ceil(granule)),
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            pending: Bitmap::new(size.div_ceil(granule)),
+            release_locks: (0..RELEASE_STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
 
@@ -226,9 +245,10 @@ impl Overlay {
         }
         if lo < hi {
             let part = iov_window(bufs, lo - offset, hi - lo)?;
-            self.store.write_vectored(lo, &part)?;
             let g0 = lo / self.granule;
             let g1 = (hi - 1) / self.granule;
+            self.claim(g0, g1 - g0 + 1);
+            self.store.write_vectored(lo, &part)?;
             self.bitmap.set_range(g0, g1 - g0 + 1);
         }
         Ok(())
@@ -262,6 +282,7 @@ impl Overlay {
             part_lo - offset,
             &mut buf[at..at + (part_hi - part_lo) as usize],
         )?;
+        self.claim(g, 1);
         self.store
             .write_vectored(gs, &[VolatileSlice::from(buf.as_mut_slice())])?;
         self.bitmap.set_range(g, 1);
@@ -291,6 +312,7 @@ impl Overlay {
         if mid_hi < end {
             self.write_zero_bytes(mid_hi, end - mid_hi, below)?;
         }
+        self.claim(g0, n);
         self.store.write_zeroes(mid_lo, mid_hi - mid_lo, true)?;
         self.bitmap.set_range(g0, n);
         Ok(())
@@ -327,33 +349,102 @@ impl Overlay {
         }
     }
 
-    /// Empties the overlay (checkpoint). The caller must keep writers away for the
-    /// duration (the replication node quiesces I/O first).
-    pub fn make_empty(&self) -> Result<Emptied> {
-        let mut runs = Vec::new();
-        let words = self.bitmap.for_each_run(|g, n| runs.push((g, n)));
-        let cleared = self.bitmap.clear_all();
-        let mut stats = Emptied {
-            runs: runs.len() as u64,
-            bytes: 0,
-            words_visited: words + cleared,
-            truncated: false,
-        };
-        for &(g, n) in &runs {
-            stats.bytes += self.granule_end(g + n - 1) - g * self.granule;
+    /// Takes granules `g0..g0 + n` out of the pending-release set before a write
+    /// to them: under the chunk's lock, so that a release in progress either has
+    /// punched them already or will not touch them.
+    fn claim(&self, g0: u64, n: u64) {
+        if self.pending.count() == 0 || self.pending.run(g0, n) == (false, n) {
+            return;
         }
+        let end = g0 + n;
+        let mut c = g0 / RELEASE_CHUNK;
+        while c * RELEASE_CHUNK < end {
+            let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
+            let lo = g0.max(c * RELEASE_CHUNK);
+            let hi = end.min((c + 1) * RELEASE_CHUNK);
+            self.pending.clear_range(lo, hi - lo);
+            c += 1;
+        }
+    }
+
+    /// Bytes emptied whose space is not released yet.
+    pub fn pending_release_bytes(&self) -> u64 {
+        (self.pending.count() * self.granule).min(self.size)
+    }
+
+    /// Empties the bitmap only (the checkpoint's critical part): afterwards the
+    /// overlay is empty, and the old runs are pending release
+    /// ([`Overlay::release_pending`]). The caller must keep writers away for the
+    /// duration.
+    pub fn make_empty_deferred(&self) -> Emptied {
+        let mut stats = Emptied::default();
+        let words = self.bitmap.for_each_run(|g, n| {
+            self.pending.set_range(g, n);
+            stats.runs += 1;
+            stats.bytes += self.granule_end(g + n - 1) - g * self.granule;
+        });
+        stats.words_visited = words + self.bitmap.clear_all();
+        stats
+    }
+
+    /// Releases the space of everything pending release, one chunk at a time,
+    /// while I/O may go on. Returns the bytes released.
+    pub fn release_pending(&self) -> u64 {
+        let granules = self.pending.len_bits();
+        let mut released = 0;
+        let mut from = 0;
+        loop {
+            // Wrap around once: a checkpoint may have added runs behind us.
+            let next = self
+                .pending
+                .next_set(from)
+                .or_else(|| (from > 0).then(|| self.pending.next_set(0)).flatten());
+            let Some(g) = next else {
+                break;
+            };
+            let c = g / RELEASE_CHUNK;
+            let hi = ((c + 1) * RELEASE_CHUNK).min(granules);
+            {
+                let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
+                let mut pos = g;
+                while pos < hi {
+                    let (set, n) = self.pending.run(pos, hi - pos);
+                    if set {
+                        let lo = pos * self.granule;
+                        let len = self.granule_end(pos + n - 1) - lo;
+                        self.release(lo, len);
+                        // Only now: a writer that sees the bit clear skips the
+                        // lock, so the punch must be over by then.
+                        self.pending.clear_range(pos, n);
+                        released += len;
+                    }
+                    pos += n;
+                }
+            }
+            from = hi;
+            if from >= granules {
+                from = 0;
+            }
+        }
+        released
+    }
+
+    /// Empties the overlay and releases its space now (see the module
+    /// documentation). The caller must keep writers away for the duration.
+    pub fn make_empty(&self) -> Result<Emptied> {
+        let mut stats = self.make_empty_deferred();
+        let mut runs = 0;
+        self.pending.for_each_run(|_, _| runs += 1);
         match &self.file {
-            Some(file) if runs.len() > PUNCH_LIMIT => {
+            Some(file) if runs > PUNCH_LIMIT => {
                 file.set_len(0)
                     .and_then(|()| file.set_len(self.size))
                     .map_err(|e| BlockError::io("truncate", 0, e))?;
+                self.pending.clear_all();
                 stats.truncated = true;
             }
             _ => {
-                for &(g, n) in &runs {
-                    let lo = g * self.granule;
-                    self.release(lo, self.granule_end(g + n - 1) - lo);
-                }
+                self.release_pending();
             }
         }
         Ok(stats)
@@ -573,6 +664,136 @@ mod tests {
         let mut out = vec![1u8; 4096];
         ov.read_at(1 << 20, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn deferred_empty_releases_later_and_never_punches_rewritten_granules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let ov = Arc::new(Overlay::create(&path, 64 << 20).unwrap());
+        ov.write_at(0, &vec![7u8; 32 << 20]).unwrap();
+        let st = ov.make_empty_deferred();
+        assert_eq!((st.runs, st.bytes), (1, 32 << 20));
+        assert!(ov.is_empty());
+        assert_eq!(ov.pending_release_bytes(), 32 << 20);
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 >= 32 << 20);
+        // Writers re-allocate pending granules while a release runs.
+        let releaser = {
+            let ov = ov.clone();
+            std::thread::spawn(move || ov.release_pending())
+        };
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let ov = ov.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        let off = ((i * 2 + t) * 40_960) % (32 << 20) / 4096 * 4096;
+                        ov.write_at(off, &[t as u8 + 1; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        releaser.join().unwrap();
+        ov.release_pending();
+        assert_eq!(ov.pending_release_bytes(), 0);
+        for t in 0..2u64 {
+            for i in 0..200u64 {
+                let off = ((i * 2 + t) * 40_960) % (32 << 20) / 4096 * 4096;
+                let mut b = vec![0u8; 4096];
+                ov.read_at(off, &mut b).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == t as u8 + 1),
+                    "granule at {off} punched"
+                );
+            }
+        }
+        let kept = ov.allocated_bytes();
+        let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            blocks <= kept + (64 << 10),
+            "{blocks} bytes held for {kept} allocated"
+        );
+    }
+
+    #[test]
+    fn background_release_never_punches_granules_written_after_the_checkpoint() {
+        // Writers (whole-granule and partial, read-modify-write) race a release
+        // of the previous checkpoint's runs; every granule written since the
+        // last checkpoint must read back exactly.
+        const SIZE: u64 = 4 << 20;
+        let granules = SIZE / DEFAULT_GRANULE;
+        let (_s, ov) = mem_overlay(SIZE);
+        let ov = Arc::new(ov);
+        let pause = Arc::new(std::sync::RwLock::new(()));
+        let model: Arc<Vec<Mutex<Option<Vec<u8>>>>> =
+            Arc::new((0..granules).map(|_| Mutex::new(None)).collect());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (ov, pause, model, stop) =
+                    (ov.clone(), pause.clone(), model.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut x = 0x1234_5678u64 + t;
+                    let mut v = 0u8;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        v = v.wrapping_add(1).max(1);
+                        let g = x % granules;
+                        let _running = pause.read().unwrap();
+                        let mut m = model[g as usize].lock().unwrap();
+                        if x % 3 == 0 {
+                            let mut half = vec![v; 2048];
+                            let below = fill_below(v);
+                            ov.write_over(
+                                g * 4096 + 1024,
+                                &[VolatileSlice::from(half.as_mut_slice())],
+                                &below,
+                            )
+                            .unwrap();
+                            match m.as_mut() {
+                                Some(old) => old[1024..3072].fill(v),
+                                None => *m = Some(vec![v; 4096]),
+                            }
+                        } else {
+                            ov.write_at(g * 4096, &[v; 4096]).unwrap();
+                            *m = Some(vec![v; 4096]);
+                        }
+                        drop(m);
+                        let h = (x >> 20) % granules;
+                        if let Some(want) = model[h as usize].lock().unwrap().as_ref() {
+                            let mut got = vec![0u8; 4096];
+                            ov.read_at(h * 4096, &mut got).unwrap();
+                            assert!(got == *want, "granule {h} lost its data");
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut releasers = Vec::new();
+        for _ in 0..150 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            let _paused = pause.write().unwrap();
+            ov.make_empty_deferred();
+            for m in model.iter() {
+                *m.lock().unwrap() = None;
+            }
+            let ov = ov.clone();
+            releasers.push(std::thread::spawn(move || ov.release_pending()));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in writers {
+            w.join().unwrap();
+        }
+        for r in releasers {
+            r.join().unwrap();
+        }
+        ov.release_pending();
+        assert_eq!(ov.pending_release_bytes(), 0);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
 use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -83,6 +83,8 @@ pub struct Secondary {
     control: Mutex<()>,
     error: Mutex<Option<String>>,
     commit: Mutex<CommitState>,
+    /// A background thread is releasing emptied overlay space.
+    releasing: AtomicBool,
     events: EventSink,
 }
 
@@ -131,6 +133,7 @@ impl Secondary {
             control: Mutex::new(()),
             error: Mutex::new(None),
             commit: Mutex::new(CommitState::default()),
+            releasing: AtomicBool::new(false),
             events,
         }))
     }
@@ -212,14 +215,12 @@ impl Secondary {
     }
 
     /// Empties both overlays and forgets which clusters were copied. The gate
-    /// must be closed.
-    fn empty_overlays(&self) -> Result<(), ReplicationError> {
+    /// must be closed. Only bitmaps change here; the space is released by
+    /// [`Secondary::release_in_background`] once the gate is open again.
+    fn empty_overlays(&self) {
         let started = std::time::Instant::now();
-        let io_err = |what: &str, e: crate::block::BlockError| {
-            ReplicationError::Io(format!("emptying the {what} disk: {e}"))
-        };
-        let a = self.active.make_empty().map_err(|e| io_err("active", e))?;
-        let h = self.hidden.make_empty().map_err(|e| io_err("hidden", e))?;
+        let a = self.active.make_empty_deferred();
+        let h = self.hidden.make_empty_deferred();
         self.copied.clear_all();
         log::debug!(
             "replication (secondary): checkpoint emptied {} + {} bytes in {:?}",
@@ -227,7 +228,54 @@ impl Secondary {
             h.bytes,
             started.elapsed()
         );
-        Ok(())
+    }
+
+    /// Releases the space of emptied overlay runs on a background thread (one at
+    /// a time; it loops until nothing is pending).
+    fn release_in_background(&self) {
+        let pending =
+            || self.active.pending_release_bytes() + self.hidden.pending_release_bytes() > 0;
+        if !pending() || self.releasing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            self.releasing.store(false, Ordering::Release);
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("colo-release".into())
+            .spawn(move || loop {
+                let t = std::time::Instant::now();
+                let bytes = me.active.release_pending() + me.hidden.release_pending();
+                log::debug!(
+                    "replication (secondary): released {bytes} bytes in {:?}",
+                    t.elapsed()
+                );
+                me.releasing.store(false, Ordering::Release);
+                let more =
+                    me.active.pending_release_bytes() + me.hidden.pending_release_bytes() > 0;
+                if !more || me.releasing.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("replication (secondary): no release thread ({e}); releasing inline");
+            self.active.release_pending();
+            self.hidden.release_pending();
+            self.releasing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Waits until the space of emptied overlay runs is released (tests, benches).
+    pub fn wait_released(&self) {
+        while self.releasing.load(Ordering::Acquire)
+            || self.active.pending_release_bytes() + self.hidden.pending_release_bytes() > 0
+        {
+            if !self.releasing.load(Ordering::Acquire) {
+                self.release_in_background();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
@@ -253,14 +301,15 @@ impl Replication for Secondary {
         if !self.chain.sizes_match() {
             return Err(ReplicationError::LengthMismatch);
         }
-        let emptied = {
+        {
             let _closed = self.gate.close();
             self.set_stage(Stage::Running);
             *locked(&self.error) = None;
-            self.empty_overlays()
-        };
+            self.empty_overlays();
+        }
+        self.release_in_background();
         self.announce(Stage::Running);
-        emptied
+        Ok(())
     }
 
     fn checkpoint(&self) -> Result<(), ReplicationError> {
@@ -273,8 +322,12 @@ impl Replication for Secondary {
                     .into(),
             )),
             Stage::Running => {
-                let _closed = self.gate.close();
-                self.empty_overlays()
+                {
+                    let _closed = self.gate.close();
+                    self.empty_overlays();
+                }
+                self.release_in_background();
+                Ok(())
             }
         }
     }
@@ -289,11 +342,10 @@ impl Replication for Secondary {
         if !failover {
             {
                 let _closed = self.gate.close();
-                // On error the stage stays running, so the overlays' data is kept
-                // and the stop can be retried.
-                self.empty_overlays()?;
+                self.empty_overlays();
                 self.set_stage(Stage::Done);
             }
+            self.release_in_background();
             self.announce(Stage::Done);
             return Ok(());
         }

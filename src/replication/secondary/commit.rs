@@ -101,12 +101,11 @@ impl Secondary {
                 pos = start + len;
             }
             self.disk.flush()?;
-            self.active.make_empty()?;
-            self.hidden.make_empty()?;
-            self.copied.clear_all();
+            self.empty_overlays();
             *super::locked(&self.error) = None;
             self.set_stage(Stage::Done);
         }
+        self.release_in_background();
         self.progress(total.max(done), total.max(done));
         self.announce(Stage::Done);
         Ok(())
