@@ -1,6 +1,7 @@
 //! The `VhostUserBackend` implementation: feature negotiation, config space, and
 //! one worker thread per queue.
 
+use super::offload::ReadPool;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
@@ -16,6 +17,8 @@ use vmm_sys_util::event::{
 /// The backend of one vhost-user connection.
 pub(crate) struct BlkBackend {
     device: Arc<BlkDevice>,
+    /// One per queue, indexed like the queues (and the worker threads).
+    pools: Vec<ReadPool>,
     /// The same object the vhost-user handler updates on SET_MEM_TABLE /
     /// ADD_MEM_REGION, so workers always see the current map.
     mem: GuestMemoryAtomic<GuestMem>,
@@ -29,13 +32,28 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMem>,
         num_queues: usize,
         queue_size: usize,
-    ) -> Self {
-        BlkBackend {
+    ) -> io::Result<Self> {
+        let pools = (0..num_queues)
+            .map(|q| ReadPool::new(device.clone(), q))
+            .collect::<io::Result<_>>()?;
+        Ok(BlkBackend {
             device,
+            pools,
             mem,
             num_queues,
             queue_size,
-        }
+        })
+    }
+
+    /// The epoll event id of a queue's read-completion eventfd: ids up to
+    /// `num_queues` are vhost-user-backend's own.
+    pub(crate) fn completion_event(&self) -> u64 {
+        self.num_queues as u64 + 1
+    }
+
+    /// The read pool of queue `q`.
+    pub(crate) fn pool(&self, q: usize) -> Option<&ReadPool> {
+        self.pools.get(q)
     }
 }
 
@@ -100,6 +118,15 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the ring position reported must include every read
+        // handed to the pool.
+        if let Some(pool) = self.pools.get(queue_index as usize) {
+            pool.wait_idle();
+        }
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker thread per queue: queues never wait for each other.
         (0..self.num_queues).map(|q| 1u64 << q).collect()
@@ -124,14 +151,22 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        // Each worker owns exactly one vring, so its kick is event 0. An error
-        // returned here would stop the worker for good, so guest-caused problems
-        // are logged by the device model and never returned.
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => {
-                worker::serve_vring(vring, &self.mem, &self.device, thread_id);
+        // Each worker owns exactly one vring, so its kick is event 0, and its
+        // pool's completions arrive as `completion_event`. An error returned
+        // here would stop the worker for good, so guest-caused problems are
+        // logged by the device model and never returned.
+        let (Some(vring), pool) = (vrings.first(), self.pools.get(thread_id)) else {
+            log::warn!("queue worker {thread_id}: no vring");
+            return Ok(());
+        };
+        if u64::from(device_event) == self.completion_event() {
+            if let Some(pool) = pool {
+                worker::complete_deferred(vring, &self.mem, pool, thread_id);
             }
-            None => log::warn!("queue worker {thread_id}: unexpected event {device_event}"),
+        } else if device_event == 0 {
+            worker::serve_vring(vring, &self.mem, &self.device, pool, thread_id);
+        } else {
+            log::warn!("queue worker {thread_id}: unexpected event {device_event}");
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! replication filter for COLO. It knows nothing of modes.
 
 mod backend;
+mod offload;
 mod shutdown;
 mod worker;
 
@@ -23,6 +24,7 @@ use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
 
 /// How the disk is presented to the frontend.
 #[derive(Debug, Clone)]
@@ -110,14 +112,29 @@ fn accept_loop(
     while wait_for_frontend(listener, shutdown)? {
         let device = Arc::new(BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial));
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let backend = Arc::new(BlkBackend::new(
-            device,
-            mem.clone(),
-            usize::from(opts.num_queues),
-            usize::from(opts.queue_size),
-        ));
-        let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend, mem)
+        let backend = Arc::new(
+            BlkBackend::new(
+                device,
+                mem.clone(),
+                usize::from(opts.num_queues),
+                usize::from(opts.queue_size),
+            )
+            .map_err(|e| VhostError::Daemon(e.to_string()))?,
+        );
+        let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend.clone(), mem)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        // Each queue worker also watches its read pool's completions.
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(pool) = backend.pool(q) {
+                handler
+                    .register_listener(
+                        pool.notify_fd().as_raw_fd(),
+                        EventSet::IN,
+                        backend.completion_event(),
+                    )
+                    .map_err(|e| VhostError::Daemon(format!("queue {q} completions: {e}")))?;
+            }
+        }
         daemon
             .start(listener)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
@@ -125,9 +142,11 @@ fn accept_loop(
         shutdown.attach(daemon.shutdown_handle());
         let ended = daemon.wait();
         shutdown.attach(None);
-        // Dropping the daemon stops and joins the queue workers: every request
-        // they picked up has completed once this returns.
+        // Dropping the daemon stops and joins the queue workers, dropping the
+        // backend then joins the read pools: every request picked up has
+        // completed once this returns.
         drop(daemon);
+        drop(backend);
         match ended {
             Ok(())
             | Err(DaemonError::HandleRequest(

@@ -1,7 +1,8 @@
 //! A queue worker's reaction to a kick: drain the ring, notify once, and re-arm
 //! notifications without losing a request that raced with re-arming.
 
-use crate::virtio_blk::{BlkDevice, GuestMem, Scratch};
+use super::offload::ReadPool;
+use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Scratch};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -22,6 +23,7 @@ pub(crate) fn serve_vring(
     vring: &VringRwLock,
     mem: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
+    pool: Option<&ReadPool>,
     queue_index: usize,
 ) {
     let mut state = vring.get_mut();
@@ -29,6 +31,7 @@ pub(crate) fn serve_vring(
         return;
     }
     let guard = mem.memory();
+    let mut offload = pool.map(|p| p.offload(&guard));
     let mem: &GuestMem = &guard;
     let mut scratch = Scratch::default();
     let mut idle_passes = 0;
@@ -37,7 +40,14 @@ pub(crate) fn serve_vring(
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("queue {queue_index}: cannot disable notifications: {e}");
         }
-        let done = device.process_queue(queue, mem, &mut scratch);
+        let done = device.process_queue(
+            queue,
+            mem,
+            &mut scratch,
+            offload
+                .as_mut()
+                .map(|o| o as &mut dyn crate::virtio_blk::ReadOffload),
+        );
         idle_passes = if done == 0 { idle_passes + 1 } else { 0 };
         if done > 0 {
             match queue.needs_notification(mem) {
@@ -61,6 +71,41 @@ pub(crate) fn serve_vring(
             }
         }
     }
+}
+
+/// Puts the reads the pool finished into the used ring and notifies the
+/// driver once for all of them.
+pub(crate) fn complete_deferred(
+    vring: &VringRwLock,
+    mem: &GuestMemoryAtomic<GuestMem>,
+    pool: &ReadPool,
+    queue_index: usize,
+) {
+    let mut done: Vec<Completion> = Vec::new();
+    pool.drain(&mut done);
+    if done.is_empty() {
+        return;
+    }
+    let mut state = vring.get_mut();
+    let guard = mem.memory();
+    let mem: &GuestMem = &guard;
+    let queue = state.get_queue_mut();
+    for c in &done {
+        if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
+            log::warn!("queue {queue_index}: cannot complete a read: {e}");
+        }
+    }
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) => {
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("queue {queue_index}: cannot notify the driver: {e}");
+            }
+        }
+        Err(e) => log::warn!("queue {queue_index}: used_event unreadable: {e}"),
+    }
+    drop(state);
+    pool.retire(done.len());
 }
 
 #[cfg(test)]
@@ -141,7 +186,7 @@ mod tests {
         // The driver wants an interrupt as soon as the first request completes.
         mem.write_obj(0u16, used_event).unwrap();
         add_flushes(mem, &vq, 0, 3);
-        serve_vring(&vring, &atomic, &device, 0);
+        serve_vring(&vring, &atomic, &device, None, 0);
         assert_eq!(read16(used_idx), 3);
         assert_eq!(call.read().unwrap(), 1, "one interrupt for the whole batch");
         assert_eq!(read16(avail_event), 3, "re-armed: the next request kicks");
@@ -149,9 +194,76 @@ mod tests {
         // The driver asks for an interrupt only after 10 completions.
         mem.write_obj(10u16, used_event).unwrap();
         add_flushes(mem, &vq, 3, 1);
-        serve_vring(&vring, &atomic, &device, 0);
+        serve_vring(&vring, &atomic, &device, None, 0);
         assert_eq!(read16(used_idx), 4);
         assert!(call.read().is_err(), "no interrupt before used_event");
         assert_eq!(read16(avail_event), 4);
+    }
+
+    #[test]
+    fn deferred_reads_complete_through_the_pool_and_the_worker() {
+        use super::super::offload::ReadPool;
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
+        let device = Arc::new(BlkDevice::new(
+            disk,
+            Geometry::new(1 << 20, 512, SIZE, 1, false),
+            "",
+        ));
+        let pool = ReadPool::new(device.clone(), 0).unwrap();
+
+        let atomic = GuestMemoryAtomic::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+        );
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        let (hdr, data, status, len) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64, 256u32 << 10);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        let d = |a, l, f: u32, n| RawDescriptor::from(SplitDescriptor::new(a, l, f as u16, n));
+        vq.add_desc_chains(
+            &[
+                d(hdr, 16, VRING_DESC_F_NEXT, 1),
+                d(data, len, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
+                d(status, 1, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        let used_idx = vq.used_addr().unchecked_add(2);
+
+        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        // The worker returns without waiting for the read; only the worker puts
+        // it in the used ring, once the pool says it is done.
+        assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
+        let mut pfd = libc::pollfd {
+            fd: pool.notify_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
+        complete_deferred(&vring, &atomic, &pool, 0);
+        assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 1);
+        let elem = vq.used().ring().ref_at(0).unwrap().load();
+        assert_eq!((elem.id(), elem.len()), (0, len + 1));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+        // Nothing is left in flight: GET_VRING_BASE would not block.
+        pool.wait_idle();
     }
 }

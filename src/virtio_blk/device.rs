@@ -8,10 +8,10 @@ use super::config::{
 };
 use super::error::ERROR_CLASSES;
 use super::ratelimit::LogLimiter;
-use super::split;
 use super::RequestError;
 use crate::block::SharedDev;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -28,6 +28,61 @@ pub struct Completion {
     /// Bytes written to the guest: data plus the status byte (0 when no status
     /// could be written).
     pub used_len: u32,
+}
+
+/// Reads at least this long may be handed to [`ReadOffload`]: long enough that
+/// the hand-off is a small part of their cost.
+pub const OFFLOAD_MIN: u64 = 128 << 10;
+
+/// Where a queue worker can send large reads to run on other threads, so that
+/// several of them proceed at once while the worker keeps serving its ring.
+pub trait ReadOffload {
+    /// The guest memory map the current chains were parsed against; a deferred
+    /// read holds it so that its buffers stay mapped until it completes.
+    fn memory(&self) -> Arc<GuestMem>;
+
+    /// Takes a validated read. The implementation must eventually
+    /// [`run`](DeferredRead::run) it and put the returned completion in the
+    /// used ring.
+    fn submit(&mut self, read: DeferredRead);
+}
+
+/// A validated read whose data transfer has not happened yet.
+pub struct DeferredRead {
+    head: u16,
+    offset: u64,
+    len: u64,
+    /// Device-writable data ranges (guest address, length).
+    ranges: Vec<(u64, u64)>,
+    status_addr: u64,
+    dev: SharedDev,
+    mem: Arc<GuestMem>,
+}
+
+impl DeferredRead {
+    /// Does the read, writes the status byte, and returns the used-ring entry.
+    /// `device` is the model that deferred it (for error reporting).
+    pub fn run(self, device: &BlkDevice) -> Completion {
+        let mut bufs = Vec::with_capacity(self.ranges.len());
+        let result = slices(&self.mem, self.ranges.iter().copied(), &mut bufs)
+            .and_then(|_| Ok(self.dev.read_vectored(self.offset, &bufs)?))
+            .map(|()| Exec::Done(self.len));
+        drop(bufs);
+        device
+            .finish(&self.mem, self.head, self.status_addr, result)
+            .unwrap_or(Completion {
+                head: self.head,
+                used_len: 0,
+            })
+    }
+}
+
+/// What executing a request led to.
+enum Exec {
+    /// Finished; this many data bytes were written to the guest.
+    Done(u64),
+    /// Handed to a [`ReadOffload`]; it completes later.
+    Deferred,
 }
 
 /// Per-worker buffers reused from one request to the next, so the hot path does
@@ -139,12 +194,16 @@ impl BlkDevice {
     /// goes into the used ring. Never panics on guest input; every failure becomes
     /// a status byte (or, with no writable status byte, a used length of 0) and a
     /// rate-limited log line.
+    ///
+    /// With `offload`, a large read may be handed over instead: then `None` is
+    /// returned and the offload completes it later.
     pub fn handle_chain<'m>(
         &self,
         mem: &'m GuestMem,
         chain: DescriptorChain<&'m GuestMem>,
         scratch: &mut Scratch<'m>,
-    ) -> Completion {
+        offload: Option<&mut dyn ReadOffload>,
+    ) -> Option<Completion> {
         let head = chain.head_index();
         // Header + data + status; anything longer is over seg_max anyway.
         let cap = self.geometry.seg_max as usize + 3;
@@ -154,26 +213,38 @@ impl BlkDevice {
             Some(a) if GuestMemoryBackend::check_range(mem, GuestAddress(a), 1) => a,
             _ => {
                 self.report(head, &RequestError::NoStatus);
-                return Completion { head, used_len: 0 };
+                return Some(Completion { head, used_len: 0 });
             }
         };
+        let result = self.execute(mem, scratch, head, status_addr, offload);
+        self.finish(mem, head, status_addr, result)
+    }
 
-        let (status, written) = match self.execute(mem, scratch) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+    /// Writes the status byte of a finished request (`None` when deferred).
+    fn finish(
+        &self,
+        mem: &GuestMem,
+        head: u16,
+        status_addr: u64,
+        result: Result<Exec, RequestError>,
+    ) -> Option<Completion> {
+        let (status, written) = match result {
+            Ok(Exec::Deferred) => return None,
+            Ok(Exec::Done(written)) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
                 self.report(head, &e);
                 (e.status(), 0)
             }
         };
         if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
-            // Checked above; only a concurrent memory-map change gets here.
+            // Checked before executing; only a memory-map change gets here.
             self.report(head, &RequestError::NoStatus);
-            return Completion { head, used_len: 0 };
+            return Some(Completion { head, used_len: 0 });
         }
-        Completion {
+        Some(Completion {
             head,
             used_len: u32::try_from(written).unwrap_or(u32::MAX - 1) + 1,
-        }
+        })
     }
 
     pub(super) fn report(&self, head: u16, err: &RequestError) {
@@ -191,12 +262,15 @@ impl BlkDevice {
         }
     }
 
-    /// Runs the request; returns the data bytes written to the guest.
+    /// Runs (or defers) the request.
     fn execute<'m>(
         &self,
         mem: &'m GuestMem,
         scratch: &mut Scratch<'m>,
-    ) -> Result<u64, RequestError> {
+        head: u16,
+        status_addr: u64,
+        offload: Option<&mut dyn ReadOffload>,
+    ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
         let mut raw = [0u8; HEADER_LEN as usize];
         layout.read_prefix(mem, &mut raw).map_err(|e| match e {
@@ -212,8 +286,10 @@ impl BlkDevice {
         if layout.mixed_direction {
             return Err(RequestError::WrongDirection(type_name(header.kind)));
         }
-        match header.kind {
-            VIRTIO_BLK_T_IN => self.read(mem, header, scratch),
+        let done = match header.kind {
+            VIRTIO_BLK_T_IN => {
+                return self.read(mem, header, scratch, head, status_addr, offload);
+            }
             VIRTIO_BLK_T_OUT => self.write(mem, header, scratch),
             VIRTIO_BLK_T_FLUSH => {
                 self.dev.flush()?;
@@ -224,7 +300,8 @@ impl BlkDevice {
                 self.discard_or_zero(mem, header.kind, layout)
             }
             other => Err(RequestError::UnsupportedType(other)),
-        }
+        };
+        done.map(Exec::Done)
     }
 
     fn read<'m>(
@@ -232,7 +309,10 @@ impl BlkDevice {
         mem: &'m GuestMem,
         header: Header,
         scratch: &mut Scratch<'m>,
-    ) -> Result<u64, RequestError> {
+        head: u16,
+        status_addr: u64,
+        offload: Option<&mut dyn ReadOffload>,
+    ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
         if layout.readable_payload().next().is_some() {
             return Err(RequestError::WrongDirection("read"));
@@ -240,9 +320,23 @@ impl BlkDevice {
         self.check_segments(layout)?;
         let len = layout.writable_payload().map(|(_, l)| l).sum();
         let offset = self.check_data(header.sector, len, "read")?;
+        // Resolving the buffers also validates them, before any hand-off.
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
-        split::read(&self.dev, offset, &scratch.slices)?;
-        Ok(len)
+        if let Some(offload) = offload.filter(|_| len >= OFFLOAD_MIN) {
+            scratch.slices.clear();
+            offload.submit(DeferredRead {
+                head,
+                offset,
+                len,
+                ranges: layout.writable_payload().collect(),
+                status_addr,
+                dev: self.dev.clone(),
+                mem: offload.memory(),
+            });
+            return Ok(Exec::Deferred);
+        }
+        self.dev.read_vectored(offset, &scratch.slices)?;
+        Ok(Exec::Done(len))
     }
 
     fn write<'m>(

@@ -9,11 +9,10 @@ mod device;
 mod error;
 mod queue;
 mod ratelimit;
-mod split;
 
 pub use chain::GuestMem;
 pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
-pub use device::{BlkDevice, Completion, Scratch};
+pub use device::{BlkDevice, Completion, DeferredRead, ReadOffload, Scratch, OFFLOAD_MIN};
 pub use error::RequestError;
 
 #[cfg(test)]

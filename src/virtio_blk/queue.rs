@@ -2,12 +2,14 @@
 //! ring. Notifying the driver is left to the caller, once per pass.
 
 use super::chain::GuestMem;
-use super::device::{BlkDevice, Scratch};
+use super::device::{BlkDevice, ReadOffload, Scratch};
 use super::RequestError;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 impl BlkDevice {
-    /// Serves every chain available on `queue`; returns how many were completed.
+    /// Serves every chain available on `queue`; returns how many were completed
+    /// (put in the used ring). Large reads may go to `offload` instead, which
+    /// completes them later.
     ///
     /// A broken ring (an available index too far ahead, a used ring outside guest
     /// memory) ends the pass with a rate-limited log line; the next kick retries.
@@ -16,6 +18,7 @@ impl BlkDevice {
         queue: &mut Queue,
         mem: &'m GuestMem,
         scratch: &mut Scratch<'m>,
+        mut offload: Option<&mut dyn ReadOffload>,
     ) -> usize {
         let mut done = 0;
         loop {
@@ -27,7 +30,10 @@ impl BlkDevice {
                 }
             };
             let Some(chain) = chain else { break };
-            let c = self.handle_chain(mem, chain, scratch);
+            let reborrowed = offload.as_mut().map(|o| &mut **o as &mut dyn ReadOffload);
+            let Some(c) = self.handle_chain(mem, chain, scratch, reborrowed) else {
+                continue;
+            };
             if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
                 self.report(c.head, &RequestError::Queue(e));
                 break;

@@ -23,7 +23,7 @@ const R: u32 = 0;
 
 struct Rig {
     _dir: tempfile::TempDir,
-    mem: GuestMem,
+    mem: Arc<GuestMem>,
     disk: Arc<RawFile>,
     dev: BlkDevice,
 }
@@ -63,7 +63,7 @@ impl Rig {
         };
         let geometry = Geometry::new(DISK, 512, queue_size, 1, read_only);
         let dev = BlkDevice::new(disk.clone(), geometry, "colo-serial-0123");
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
         Rig {
             _dir: dir,
             mem,
@@ -83,14 +83,26 @@ impl Rig {
     /// Submits one chain built from (addr, len, flags) triples; returns the
     /// completion and the status byte in guest memory.
     fn run(&self, descs: &[(u64, u32, u32)]) -> (Completion, u8) {
-        let vq = MockSplitQueue::new(&self.mem, 64);
+        let (c, st) = self.run_with(descs, None);
+        (c.expect("completed inline"), st)
+    }
+
+    /// Like `run`, with an offload that may take large reads.
+    fn run_with(
+        &self,
+        descs: &[(u64, u32, u32)],
+        offload: Option<&mut dyn ReadOffload>,
+    ) -> (Option<Completion>, u8) {
+        let vq = MockSplitQueue::new(&*self.mem, 64);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f as u16, 0)))
             .collect();
         let chain = vq.build_desc_chain(&raw).unwrap();
         let mut scratch = Scratch::default();
-        let c = self.dev.handle_chain(&self.mem, chain, &mut scratch);
+        let c = self
+            .dev
+            .handle_chain(&self.mem, chain, &mut scratch, offload);
         (c, self.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
     }
 
@@ -482,7 +494,7 @@ fn only_the_writeback_byte_of_the_config_space_is_writable() {
 #[test]
 fn a_pass_completes_every_available_chain_in_order() {
     let rig = Rig::new(false);
-    let vq = MockSplitQueue::new(&rig.mem, 16);
+    let vq = MockSplitQueue::new(&*rig.mem, 16);
     rig.header(VIRTIO_BLK_T_IN, 0);
     // Three chains: read (3 descriptors), flush (2), bad type (3).
     let d = |a: u64, l: u32, f: u32, next: u16| {
@@ -508,7 +520,10 @@ fn a_pass_completes_every_available_chain_in_order() {
     vq.add_desc_chains(&descs, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     let mut scratch = Scratch::default();
-    assert_eq!(rig.dev.process_queue(&mut q, &rig.mem, &mut scratch), 3);
+    assert_eq!(
+        rig.dev.process_queue(&mut q, &rig.mem, &mut scratch, None),
+        3
+    );
     assert_eq!(q.next_used(), 3);
     let used: Vec<(u32, u32)> = (0..3)
         .map(|i| {
@@ -523,15 +538,89 @@ fn a_pass_completes_every_available_chain_in_order() {
         (OK, OK, UNSUPP)
     );
     // Nothing more to do.
-    assert_eq!(rig.dev.process_queue(&mut q, &rig.mem, &mut scratch), 0);
+    assert_eq!(
+        rig.dev.process_queue(&mut q, &rig.mem, &mut scratch, None),
+        0
+    );
 }
 
 #[test]
 fn an_avail_index_far_ahead_of_the_ring_is_survived() {
     let rig = Rig::new(false);
-    let vq = MockSplitQueue::new(&rig.mem, 16);
+    let vq = MockSplitQueue::new(&*rig.mem, 16);
     vq.avail().idx().store(1000);
     let mut q: Queue = vq.create_queue().unwrap();
     let mut scratch = Scratch::default();
-    assert_eq!(rig.dev.process_queue(&mut q, &rig.mem, &mut scratch), 0);
+    assert_eq!(
+        rig.dev.process_queue(&mut q, &rig.mem, &mut scratch, None),
+        0
+    );
+}
+
+/// Collects deferred reads instead of running them.
+struct Collect {
+    mem: Arc<GuestMem>,
+    reads: Vec<DeferredRead>,
+}
+
+impl ReadOffload for Collect {
+    fn memory(&self) -> Arc<GuestMem> {
+        self.mem.clone()
+    }
+
+    fn submit(&mut self, read: DeferredRead) {
+        self.reads.push(read);
+    }
+}
+
+#[test]
+fn large_reads_are_deferred_and_complete_when_run() {
+    let rig = Rig::new(false);
+    let mut off = Collect {
+        mem: rig.mem.clone(),
+        reads: Vec::new(),
+    };
+    let len = OFFLOAD_MIN as u32 * 2;
+    rig.header(VIRTIO_BLK_T_IN, 16);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, len, W), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c, st), (None, UNTOUCHED), "handed over, not completed");
+    assert_eq!(off.reads.len(), 1);
+    let read = off.reads.pop().unwrap();
+    let c = read.run(&rig.dev);
+    assert_eq!(c.used_len, len + 1);
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    let mut back = vec![0u8; len as usize];
+    rig.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back == Rig::pattern(16 * 512, len as usize));
+
+    // Small reads, and large reads that fail validation, complete inline.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(4097), OK));
+    rig.header(VIRTIO_BLK_T_IN, DISK / 512 - 8);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, len, W), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(1), IOERR));
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (MEM_SIZE - 4096, len, W), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(1), IOERR));
+    // Large writes are never deferred.
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(1), OK));
+    assert!(off.reads.is_empty());
 }

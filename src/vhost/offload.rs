@@ -1,0 +1,178 @@
+//! Per-queue read pools: large reads run on a few threads beside the queue
+//! worker, so several proceed at once while the worker keeps serving its ring.
+//!
+//! The worker hands a validated read over ([`ReadOffload`]); a pool thread does
+//! the transfer, writes the status byte, and queues the completion; the worker,
+//! woken through an eventfd registered in its own epoll loop, puts completions in
+//! the used ring. Only the worker (and GET_VRING_BASE, after waiting for the pool
+//! to drain) ever writes the used ring, and each queue has its own pool: queues
+//! share nothing here.
+
+use crate::virtio_blk::{BlkDevice, Completion, DeferredRead, GuestMem, ReadOffload};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use vm_memory::GuestMemoryLoadGuard;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+/// Threads per queue's pool (started on the first large read).
+const POOL_THREADS: usize = 4;
+
+/// The read pool of one queue.
+pub(crate) struct ReadPool {
+    device: Arc<BlkDevice>,
+    queue_index: usize,
+    jobs: OnceLock<Sender<DeferredRead>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    done_tx: Sender<Completion>,
+    done_rx: Mutex<Receiver<Completion>>,
+    /// Readable when completions are waiting.
+    notify: EventFd,
+    /// Reads submitted and not yet in the used ring.
+    in_flight: AtomicUsize,
+    idle_lock: Mutex<()>,
+    idle: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ReadPool {
+    pub(crate) fn new(device: Arc<BlkDevice>, queue_index: usize) -> std::io::Result<Self> {
+        let (done_tx, done_rx) = channel();
+        Ok(ReadPool {
+            device,
+            queue_index,
+            jobs: OnceLock::new(),
+            threads: Mutex::new(Vec::new()),
+            done_tx,
+            done_rx: Mutex::new(done_rx),
+            notify: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            in_flight: AtomicUsize::new(0),
+            idle_lock: Mutex::new(()),
+            idle: Condvar::new(),
+        })
+    }
+
+    /// The eventfd to watch for completions.
+    pub(crate) fn notify_fd(&self) -> &EventFd {
+        &self.notify
+    }
+
+    /// An offload for one pass of the worker over its ring.
+    pub(crate) fn offload<'a>(&'a self, mem: &'a GuestMemoryLoadGuard<GuestMem>) -> Submitter<'a> {
+        Submitter { pool: self, mem }
+    }
+
+    fn submit(&self, read: DeferredRead) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let read = match self.jobs.get_or_init(|| self.start()).send(read) {
+            Ok(()) => return,
+            Err(unsent) => unsent.0,
+        };
+        // No pool thread could be started: run it here, completing it through
+        // the same path so that accounting stays in one place.
+        self.complete(read.run(&self.device));
+    }
+
+    fn start(&self) -> Sender<DeferredRead> {
+        let (tx, rx) = channel::<DeferredRead>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = lock(&self.threads);
+        for i in 0..POOL_THREADS {
+            let rx = Arc::clone(&rx);
+            let device = Arc::clone(&self.device);
+            let done = self.done_tx.clone();
+            let notify = match self.notify.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    log::warn!("queue {}: read pool: {e}", self.queue_index);
+                    break;
+                }
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("colo-blk-rd{}.{i}", self.queue_index))
+                .spawn(move || loop {
+                    let next = lock(&rx).recv();
+                    let Ok(read) = next else { return };
+                    if done.send(read.run(&device)).is_err() {
+                        return;
+                    }
+                    let _ = notify.write(1);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => log::warn!(
+                    "queue {}: cannot start a read thread: {e}",
+                    self.queue_index
+                ),
+            }
+        }
+        if threads.is_empty() {
+            // Dropping the receiver makes every send fail: reads then run inline.
+            drop(rx);
+        }
+        tx
+    }
+
+    fn complete(&self, c: Completion) {
+        let _ = self.done_tx.send(c);
+        let _ = self.notify.write(1);
+    }
+
+    /// Takes every waiting completion (after resetting the eventfd, so that a
+    /// completion queued while draining wakes the worker again).
+    pub(crate) fn drain(&self, out: &mut Vec<Completion>) {
+        let _ = self.notify.read();
+        out.extend(lock(&self.done_rx).try_iter());
+    }
+
+    /// Records that `n` drained completions are now in the used ring.
+    pub(crate) fn retire(&self, n: usize) {
+        if n > 0 && self.in_flight.fetch_sub(n, Ordering::SeqCst) == n {
+            let _guard = lock(&self.idle_lock);
+            self.idle.notify_all();
+        }
+    }
+
+    /// Blocks until every submitted read is in the used ring (GET_VRING_BASE
+    /// must not report a ring position with requests still running).
+    pub(crate) fn wait_idle(&self) {
+        let mut guard = lock(&self.idle_lock);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            guard = self
+                .idle
+                .wait(guard)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for ReadPool {
+    fn drop(&mut self) {
+        // Closing the job channel ends the threads once they finish the reads
+        // they hold, which keep guest memory mapped until then.
+        self.jobs.take();
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The [`ReadOffload`] a worker uses during one pass.
+pub(crate) struct Submitter<'a> {
+    pool: &'a ReadPool,
+    mem: &'a GuestMemoryLoadGuard<GuestMem>,
+}
+
+impl ReadOffload for Submitter<'_> {
+    fn memory(&self) -> Arc<GuestMem> {
+        self.mem.clone().into_inner()
+    }
+
+    fn submit(&mut self, read: DeferredRead) {
+        self.pool.submit(read);
+    }
+}
