@@ -145,9 +145,12 @@ fn checkpoint_bench(dir: &Path, ovdir: &Path) {
             let t = Instant::now();
             b.node.checkpoint().unwrap();
             let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let t = Instant::now();
+            b.node.wait_released();
+            let release_ms = t.elapsed().as_secs_f64() * 1000.0;
             times.push(ms);
             println!(
-                "  {name:13} round {round}: {} MiB dirty, checkpoint {ms:.2} ms",
+                "  {name:13} round {round}: {} MiB dirty, checkpoint {ms:.2} ms, space released {release_ms:.0} ms later",
                 dirty / MIB
             );
         }
@@ -159,6 +162,7 @@ fn checkpoint_bench(dir: &Path, ovdir: &Path) {
         );
     }
     b.node.stop(false).unwrap();
+    b.node.wait_released();
 }
 
 fn primary_bench(dir: &Path, ovdir: &Path) {
@@ -179,9 +183,11 @@ fn primary_bench(dir: &Path, ovdir: &Path) {
         let base = rate(1, secs, op(plain.clone()));
         // Right after a checkpoint: every first write to a cluster copies it.
         b.node.checkpoint().unwrap();
+        b.node.wait_released();
         let first = rate(1, secs, op(primary.clone()));
         // Clusters already copied in this interval: the fast path.
         b.node.checkpoint().unwrap();
+        b.node.wait_released();
         let mut buf = vec![0u8; 4 * MIB as usize];
         let mut pos = 0;
         while pos < DISK {
@@ -204,6 +210,7 @@ fn primary_bench(dir: &Path, ovdir: &Path) {
         );
     }
     b.node.stop(false).unwrap();
+    b.node.wait_released();
 }
 
 fn guest_bench(dir: &Path, ovdir: &Path) {
@@ -253,9 +260,11 @@ fn guest_bench(dir: &Path, ovdir: &Path) {
         node_r_dirty / base_r
     );
     b.node.stop(false).unwrap();
+    b.node.wait_released();
 }
 
 fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let mut args = std::env::args().skip(1);
     let dir = args
         .next()
