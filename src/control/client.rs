@@ -49,8 +49,11 @@ impl QmpClient {
         if args.as_object().is_some_and(|a| !a.is_empty()) {
             msg["arguments"] = args;
         }
-        self.stream.write_all(msg.to_string().as_bytes())?;
-        self.stream.write_all(b"\n")?;
+        // One write: a server may close right after reading the object (quit),
+        // and a separate newline write would then fail with EPIPE.
+        let mut line = msg.to_string().into_bytes();
+        line.push(b'\n');
+        self.stream.write_all(&line)?;
         loop {
             let reply = self.read_message()?;
             if reply.get("event").is_some() {
