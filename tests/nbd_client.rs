@@ -29,7 +29,7 @@ fn qsd(image: &Path, socket: &Path) -> ChildGuard {
             .spawn()
             .expect("qemu-storage-daemon"),
     );
-    wait_for_path(socket, &mut child);
+    wait_for_socket(socket, &mut child);
     child
 }
 

@@ -111,10 +111,11 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Waits until `path` exists (a daemon's socket), or panics after ~10 s.
-pub fn wait_for_path(path: &Path, child: &mut ChildGuard) {
+/// Waits until a daemon accepts connections on the Unix socket `path` (the
+/// file exists a moment before the daemon listens), or panics after ~10 s.
+pub fn wait_for_socket(path: &Path, child: &mut ChildGuard) {
     for _ in 0..1000 {
-        if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return;
         }
         if let Ok(Some(status)) = child.0.try_wait() {

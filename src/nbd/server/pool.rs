@@ -6,33 +6,50 @@ use std::sync::{Condvar, Mutex};
 /// Counts payload bytes in flight; `acquire` blocks while the budget is spent,
 /// which stops the reader and so pushes back on the client through the socket.
 pub(super) struct Budget {
-    free: Mutex<u64>,
+    state: Mutex<BudgetState>,
     cv: Condvar,
+}
+
+struct BudgetState {
+    free: u64,
+    /// The reader is blocked in `acquire` (a notify costs a syscall: only
+    /// then is one sent).
+    waiting: bool,
 }
 
 impl Budget {
     pub(super) fn new(bytes: u64) -> Self {
         Budget {
-            free: Mutex::new(bytes),
+            state: Mutex::new(BudgetState {
+                free: bytes,
+                waiting: false,
+            }),
             cv: Condvar::new(),
         }
     }
 
-    /// Takes `n` bytes (n never exceeds the total: requests are capped below it).
+    /// Takes `n` bytes (n never exceeds the total: requests are capped below
+    /// it). Only the connection's reader calls this.
     pub(super) fn acquire(&self, n: u64) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free < n {
-            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.free < n {
+            st.waiting = true;
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        *free -= n;
+        st.waiting = false;
+        st.free -= n;
     }
 
     pub(super) fn release(&self, n: u64) {
         if n == 0 {
             return;
         }
-        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += n;
-        self.cv.notify_one();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.free += n;
+        if st.waiting {
+            drop(st);
+            self.cv.notify_one();
+        }
     }
 }
 
@@ -73,5 +90,82 @@ impl BufPool {
         if bufs.len() < self.keep {
             bufs.push(buf);
         }
+    }
+}
+
+/// A bounded FIFO between the reader and the workers. Wake-ups cost a
+/// syscall, so they are sent only to threads that are actually asleep.
+pub(super) struct JobQueue<T> {
+    state: Mutex<QueueState<T>>,
+    /// Workers wait here for work.
+    work: Condvar,
+    /// The reader waits here for room.
+    room: Condvar,
+    depth: usize,
+}
+
+struct QueueState<T> {
+    jobs: std::collections::VecDeque<T>,
+    idle_workers: usize,
+    reader_waiting: bool,
+    closed: bool,
+}
+
+impl<T> JobQueue<T> {
+    pub(super) fn new(depth: usize) -> Self {
+        JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: std::collections::VecDeque::with_capacity(depth),
+                idle_workers: 0,
+                reader_waiting: false,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            depth: depth.max(1),
+        }
+    }
+
+    /// Queues a job, waiting while the queue is full.
+    pub(super) fn push(&self, job: T) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.jobs.len() >= self.depth {
+            st.reader_waiting = true;
+            st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.reader_waiting = false;
+        st.jobs.push_back(job);
+        let wake = st.idle_workers > 0;
+        drop(st);
+        if wake {
+            self.work.notify_one();
+        }
+    }
+
+    /// Next job; `None` once the queue is closed and drained.
+    pub(super) fn pop(&self) -> Option<T> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                let wake = st.reader_waiting;
+                drop(st);
+                if wake {
+                    self.room.notify_one();
+                }
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle_workers += 1;
+            st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle_workers -= 1;
+        }
+    }
+
+    /// No more jobs will come: workers finish what is queued, then stop.
+    pub(super) fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.work.notify_all();
     }
 }

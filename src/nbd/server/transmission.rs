@@ -3,7 +3,7 @@
 //! workers that run them against the device and send the replies.
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
-use super::pool::{Budget, BufPool};
+use super::pool::{Budget, BufPool, JobQueue};
 use super::{lock, Inner, MAX_PAYLOAD};
 use crate::block::{BlockError, ExtentKind};
 use crate::nbd::stream::Stream;
@@ -11,7 +11,6 @@ use crate::nbd::wire::transmission::{encode_chunk, REPLY_TYPE_BLOCK_STATUS, REPL
 use crate::nbd::wire::*;
 use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
 use vm_memory::VolatileSlice;
 
@@ -82,14 +81,13 @@ pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) 
             return;
         }
     };
-    let (tx, rx) = sync_channel::<Job>(inner.opts.queue_depth.max(1));
-    let rx = Mutex::new(rx);
+    let queue = JobQueue::new(inner.opts.queue_depth);
     std::thread::scope(|s| {
         for i in 0..inner.opts.workers_per_connection {
-            let (conn, rx) = (&conn, &rx);
+            let (conn, queue) = (&conn, &queue);
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(s, move || conn.work(rx));
+                .spawn_scoped(s, move || conn.work(queue));
             if let Err(e) = spawned {
                 log::warn!("nbd {peer}: cannot start worker: {e}");
                 if i == 0 {
@@ -99,8 +97,8 @@ pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) 
                 break;
             }
         }
-        conn.read_requests(reader, |job| tx.send(job).is_ok());
-        drop(tx);
+        conn.read_requests(reader, |job| queue.push(job));
+        queue.close();
     });
     stream.shutdown();
 }
@@ -128,7 +126,7 @@ fn read_full(rd: &mut impl Read, buf: &mut [u8]) -> ReadResult {
 }
 
 impl Conn<'_> {
-    fn read_requests(&self, stream: Stream, mut dispatch: impl FnMut(Job) -> bool) {
+    fn read_requests(&self, stream: Stream, mut dispatch: impl FnMut(Job)) {
         let peer = self.peer;
         let mut rd = BufReader::with_capacity(256 << 10, stream);
         loop {
@@ -203,9 +201,7 @@ impl Conn<'_> {
             } else if cmd == Command::Read {
                 self.budget.acquire(req.len.into());
             }
-            if !dispatch(Job { req, cmd, payload }) {
-                return;
-            }
+            dispatch(Job { req, cmd, payload });
         }
     }
 
@@ -273,12 +269,8 @@ impl Conn<'_> {
         Ok(())
     }
 
-    fn work(&self, rx: &Mutex<Receiver<Job>>) {
-        loop {
-            let job = match lock(rx).recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            };
+    fn work(&self, queue: &JobQueue<Job>) {
+        while let Some(job) = queue.pop() {
             self.run(job);
         }
     }
