@@ -5,12 +5,12 @@
 //! vhost layer serves. Side services (the QMP control socket, the secondary's
 //! NBD server) live as long as the vhost loop and stop after it.
 
-use crate::config::{Config, ModeConfig, NbdTarget, PrimaryConfig, SecondaryConfig};
-use colo_blk::block::{BlockDev, BlockError, RawFile, RawFileOptions, SharedDev};
+use crate::config::{Config, ModeConfig, NbdListen, NbdTarget, PrimaryConfig, SecondaryConfig};
+use colo_blk::block::{BlockDev, BlockError, Overlay, RawFile, RawFileOptions, SharedDev};
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
 use colo_blk::nbd;
 use colo_blk::replication::{Connector, Primary, PrimaryControl};
-use colo_blk::replication::{EventSink, Replication};
+use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
 use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
@@ -29,9 +29,21 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    /// A requested feature is not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// An overlay file (active or hidden) could not be opened or created.
+    #[error("cannot open overlay {path}: {source}")]
+    Overlay {
+        /// The overlay path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The replication node refused its configuration.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// The NBD server could not be started.
+    #[error("NBD server: {0}")]
+    Nbd(#[from] nbd::NbdError),
     /// The control socket could not be served.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -65,6 +77,15 @@ struct Stack {
     guest: SharedDev,
     /// The replication node, driven through the control socket.
     replication: Option<Arc<dyn Replication>>,
+    /// Secondary: the node the primary's writes enter, served over NBD.
+    nbd_export: Option<NbdExport>,
+}
+
+/// What the secondary's NBD server serves, where, and under which name.
+struct NbdExport {
+    listen: nbd::NbdAddr,
+    name: String,
+    dev: SharedDev,
 }
 
 fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
@@ -101,6 +122,7 @@ fn plain_stack(disk: Arc<RawFile>) -> Stack {
     Stack {
         guest: disk,
         replication: None,
+        nbd_export: None,
     }
 }
 
@@ -124,6 +146,7 @@ fn primary_stack(
     Ok(Stack {
         guest: node.clone(),
         replication: Some(Arc::new(PrimaryControl(node))),
+        nbd_export: None,
     })
 }
 
@@ -143,13 +166,54 @@ fn nbd_uri(target: &NbdTarget) -> nbd::NbdUri {
     }
 }
 
+/// The secondary: the guest is served active ▸ hidden ▸ disk; the NBD server
+/// feeds the primary's writes into the node's primary side.
 fn secondary_stack(
-    _cfg: &Config,
-    _secondary: &SecondaryConfig,
-    _disk: Arc<RawFile>,
-    _events: EventSink,
+    cfg: &Config,
+    secondary: &SecondaryConfig,
+    disk: Arc<RawFile>,
+    events: EventSink,
 ) -> Result<Stack, DaemonError> {
-    Err(DaemonError::NotImplemented("--mode secondary"))
+    let size = disk.size();
+    let active = open_overlay(&secondary.active, size)?;
+    let hidden = open_overlay(&secondary.hidden, size)?;
+    let node = Secondary::new(disk, active, hidden, cfg.cluster_size, events)?;
+    Ok(Stack {
+        guest: node.guest(),
+        nbd_export: Some(NbdExport {
+            listen: nbd_addr(&secondary.nbd_listen),
+            name: secondary.nbd_export.clone(),
+            dev: node.primary(),
+        }),
+        replication: Some(node),
+    })
+}
+
+/// Opens an overlay file (its contents are discarded: overlays only hold state
+/// between checkpoints of a running pair), creating it at the disk's size when
+/// missing.
+fn open_overlay(path: &std::path::Path, size: u64) -> Result<Arc<Overlay>, DaemonError> {
+    let overlay = if path.exists() {
+        Overlay::open(path)
+    } else {
+        Overlay::create(path, size)
+    };
+    overlay
+        .map(Arc::new)
+        .map_err(|source| DaemonError::Overlay {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn nbd_addr(listen: &NbdListen) -> nbd::NbdAddr {
+    match listen {
+        NbdListen::Unix(path) => nbd::NbdAddr::Unix(path.clone()),
+        NbdListen::Tcp { host, port } => nbd::NbdAddr::Tcp {
+            host: host.clone(),
+            port: *port,
+        },
+    }
 }
 
 fn serve_options(cfg: &Config) -> ServeOptions {
@@ -166,6 +230,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
 /// Dropping one stops it and removes its socket.
 struct SideServices {
     control: Option<ControlServer>,
+    nbd: Option<nbd::Server>,
 }
 
 impl SideServices {
@@ -187,10 +252,28 @@ impl SideServices {
                 Some(ControlServer::spawn(path, ctx)?)
             }
         };
-        Ok(SideServices { control })
+        let nbd = match &stack.nbd_export {
+            None => None,
+            Some(export) => {
+                let opts = nbd::ServerOptions {
+                    export_name: export.name.clone(),
+                    ..Default::default()
+                };
+                Some(nbd::Server::start(
+                    &export.listen,
+                    export.dev.clone(),
+                    opts,
+                )?)
+            }
+        };
+        Ok(SideServices { control, nbd })
     }
 
     fn stop(self) {
+        // The NBD server first: after it returns no primary write is running.
+        if let Some(server) = self.nbd {
+            server.shutdown();
+        }
         drop(self.control);
     }
 }

@@ -160,7 +160,7 @@ fn bad_command_lines_exit_2_with_a_message_naming_the_flag() {
 }
 
 #[test]
-fn replication_modes_say_they_are_not_implemented() {
+fn secondary_with_an_unusable_nbd_address_exits_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     sparse_image(&img, SIZE);
@@ -173,10 +173,11 @@ fn replication_modes_say_they_are_not_implemented() {
         "--mode",
         "secondary",
         "--nbd-listen",
-        "unix:/tmp/x",
+        "unix:/nonexistent/dir/nbd.sock",
     ]);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("not implemented"), "{stderr}");
+    assert!(stderr.contains("NBD server"), "{stderr}");
+    assert!(!sock.exists());
 }
 
 #[test]
