@@ -111,6 +111,12 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Waits for a daemon's Unix socket at `path`: same as [`wait_for_socket`]
+/// (the file alone is not enough, it exists a moment before the daemon listens).
+pub fn wait_for_path(path: &Path, child: &mut ChildGuard) {
+    wait_for_socket(path, child)
+}
+
 /// Waits until a daemon accepts connections on the Unix socket `path` (the
 /// file exists a moment before the daemon listens), or panics after ~10 s.
 pub fn wait_for_socket(path: &Path, child: &mut ChildGuard) {
