@@ -161,7 +161,7 @@ impl VhostUserBackend for BlkBackend {
         };
         if u64::from(device_event) == self.completion_event() {
             if let Some(pool) = pool {
-                worker::complete_deferred(vring, &self.mem, pool, thread_id);
+                worker::complete_deferred(vring, &self.mem, &self.device, pool, thread_id);
             }
         } else if device_event == 0 {
             worker::serve_vring(vring, &self.mem, &self.device, pool, thread_id);

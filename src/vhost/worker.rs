@@ -38,7 +38,7 @@ pub(crate) fn serve_vring(
     loop {
         let queue = state.get_queue_mut();
         if let Err(e) = queue.disable_notification(mem) {
-            log::warn!("queue {queue_index}: cannot disable notifications: {e}");
+            device.report_ring_error(queue_index, "cannot disable notifications", e);
         }
         let done = device.process_queue(
             queue,
@@ -57,7 +57,7 @@ pub(crate) fn serve_vring(
                         log::warn!("queue {queue_index}: cannot notify the driver: {e}");
                     }
                 }
-                Err(e) => log::warn!("queue {queue_index}: used_event unreadable: {e}"),
+                Err(e) => device.report_ring_error(queue_index, "used_event unreadable", e),
             }
         }
         match state.get_queue_mut().enable_notification(mem) {
@@ -66,7 +66,7 @@ pub(crate) fn serve_vring(
             Ok(true) if idle_passes < 2 => continue,
             Ok(_) => break,
             Err(e) => {
-                log::warn!("queue {queue_index}: cannot enable notifications: {e}");
+                device.report_ring_error(queue_index, "cannot enable notifications", e);
                 break;
             }
         }
@@ -78,6 +78,7 @@ pub(crate) fn serve_vring(
 pub(crate) fn complete_deferred(
     vring: &VringRwLock,
     mem: &GuestMemoryAtomic<GuestMem>,
+    device: &BlkDevice,
     pool: &ReadPool,
     queue_index: usize,
 ) {
@@ -92,7 +93,7 @@ pub(crate) fn complete_deferred(
     let queue = state.get_queue_mut();
     for c in &done {
         if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
-            log::warn!("queue {queue_index}: cannot complete a read: {e}");
+            device.report_ring_error(queue_index, "cannot complete a read", e);
         }
     }
     match queue.needs_notification(mem) {
@@ -102,7 +103,7 @@ pub(crate) fn complete_deferred(
                 log::warn!("queue {queue_index}: cannot notify the driver: {e}");
             }
         }
-        Err(e) => log::warn!("queue {queue_index}: used_event unreadable: {e}"),
+        Err(e) => device.report_ring_error(queue_index, "used_event unreadable", e),
     }
     drop(state);
     pool.retire(done.len());
@@ -258,7 +259,7 @@ mod tests {
         };
         // SAFETY: one valid pollfd for the duration of the call.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
-        complete_deferred(&vring, &atomic, &pool, 0);
+        complete_deferred(&vring, &atomic, &device, &pool, 0);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 1);
         let elem = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!((elem.id(), elem.len()), (0, len + 1));

@@ -6,7 +6,7 @@ use super::config::{
     Geometry, CONFIG_SPACE_SIZE, ID_BYTES, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE,
     WRITEBACK_OFFSET,
 };
-use super::error::ERROR_CLASSES;
+use super::error::{ERROR_CLASSES, RING_CLASS};
 use super::ratelimit::LogLimiter;
 use super::RequestError;
 use crate::block::SharedDev;
@@ -245,6 +245,23 @@ impl BlkDevice {
             head,
             used_len: u32::try_from(written).unwrap_or(u32::MAX - 1) + 1,
         })
+    }
+
+    /// Logs a problem with the ring itself (not one request), rate limited like
+    /// request errors: a guest can provoke these on every kick.
+    pub fn report_ring_error(&self, queue_index: usize, what: &str, err: virtio_queue::Error) {
+        let Some(lost) = self
+            .log
+            .allow(RequestError::Queue(virtio_queue::Error::QueueNotReady).class())
+        else {
+            return;
+        };
+        let more = if lost > 0 {
+            format!(" ({lost} similar messages suppressed)")
+        } else {
+            String::new()
+        };
+        log::warn!("queue {queue_index}: {what}: {err}{more}");
     }
 
     pub(super) fn report(&self, head: u16, err: &RequestError) {

@@ -95,6 +95,9 @@ pub enum RequestError {
 /// Number of distinct [`RequestError::class`] values.
 pub(crate) const ERROR_CLASSES: usize = 15;
 
+/// The class of ring-level errors ([`RequestError::Queue`]).
+pub(crate) const RING_CLASS: usize = 14;
+
 impl RequestError {
     /// The virtio-blk status byte for this error.
     pub fn status(&self) -> u8 {
@@ -126,7 +129,7 @@ impl RequestError {
             RequestError::BadRangeList { .. } => 11,
             RequestError::RangeLimit { .. } => 12,
             RequestError::Block(_) => 13,
-            RequestError::Queue(_) => 14,
+            RequestError::Queue(_) => RING_CLASS,
         }
     }
 }
