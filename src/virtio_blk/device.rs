@@ -250,10 +250,7 @@ impl BlkDevice {
     /// Logs a problem with the ring itself (not one request), rate limited like
     /// request errors: a guest can provoke these on every kick.
     pub fn report_ring_error(&self, queue_index: usize, what: &str, err: virtio_queue::Error) {
-        let Some(lost) = self
-            .log
-            .allow(RequestError::Queue(virtio_queue::Error::QueueNotReady).class())
-        else {
+        let Some(lost) = self.log.allow(RING_CLASS) else {
             return;
         };
         let more = if lost > 0 {
