@@ -593,14 +593,7 @@ def case_colo(ctx: Context) -> None:
     secondary = ctx.backend_for("colo-sec", sec_img, serial="colo-guest-sec", extra=[
         "--mode", "secondary", "--size", str(DISK_SIZE), "--control", str(sec_ctl),
         "--nbd-listen", f"unix:{nbd}"])
-    try:
-        secondary.start()
-    except RunnerError:
-        # Until replication is wired into `serve`, say so instead of failing.
-        if "not implemented yet" in secondary.log_tail():
-            ctx.skip(case, secondary.log_tail(1))
-            return
-        raise
+    secondary.start()
     primary = ctx.backend_for("colo-pri", pri_img, serial="colo-guest-pri", extra=[
         "--mode", "primary", "--control", str(pri_ctl),
         "--secondary", f"nbd+unix:///parent0?socket={nbd}"])
