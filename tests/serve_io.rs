@@ -1,5 +1,9 @@
 //! `colo-blk serve` driven through libblkio: data, flush, discard, write-zeroes,
 //! capacity and bounds, as a VMM's virtio-blk driver would see them.
+//!
+//! GET_ID is not here: libblkio has no request for it. It is covered by the
+//! virtio_blk unit tests (`get_id_returns_the_serial_zero_padded_to_20_bytes`)
+//! and by the QEMU guest tests (the `disk` case reads the serial in Linux).
 
 mod common;
 
