@@ -16,6 +16,13 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo test (unit + integration, real binary through libblkio)"
 cargo test --release --all-targets 2>&1 | tee target/cargo-test.log
 
+log "colo-blk demo (the README's main job: a COLO pair end to end)"
+cargo build --release --quiet --bin colo-blk
+./target/release/colo-blk demo
+
+log "control socket driven by the stock qemu.qmp client"
+python3 integration/qmp/test_qmp_client.py
+
 log "guest tests (Linux guests on colo-blk under QEMU TCG: integration/guest)"
 cargo build --release --quiet --bin colo-blk
 python3 integration/guest/run.py
