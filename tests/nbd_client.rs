@@ -380,3 +380,80 @@ fn reconnect_refuses_an_export_whose_size_changed() {
     let err = client.reconnect().unwrap_err();
     assert!(matches!(err, NbdError::SizeChanged { old, new } if old == 4 << 20 && new == 8 << 20));
 }
+
+/// Reads stall until the gate opens: a hung server, as seen by the client.
+struct Stalled {
+    inner: colo_blk::block::SharedDev,
+    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl BlockDev for Stalled {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
+        let (m, cv) = &*self.open;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.read_vectored(o, b)
+    }
+    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
+        self.inner.write_vectored(o, b)
+    }
+    fn flush(&self) -> colo_blk::block::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> colo_blk::block::Result<()> {
+        self.inner.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> colo_blk::block::Result<()> {
+        self.inner.write_zeroes(o, l, u)
+    }
+    fn block_status(&self, o: u64, l: u64) -> colo_blk::block::Result<colo_blk::block::Extent> {
+        self.inner.block_status(o, l)
+    }
+}
+
+#[test]
+fn a_request_timeout_turns_a_hung_server_into_a_broken_connection() {
+    let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = open.clone();
+    let s = Served::with(1 << 20, ServerOptions::default(), move |d| {
+        Arc::new(Stalled {
+            inner: d,
+            open: gate,
+        })
+    });
+    // Opens the gate however the test ends, so the server can shut down.
+    struct OpenOnDrop(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0 .1.notify_all();
+        }
+    }
+    let _gate = OpenOnDrop(open);
+    let client = Client::connect_to(
+        &NbdUri::parse(&s.uri()).unwrap(),
+        ClientOptions {
+            request_timeout: Some(std::time::Duration::from_millis(300)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Writes are not stalled: the connection works.
+    client.write_at(0, &[1u8; 512]).unwrap();
+    let err = client.read_at(0, &mut [0u8; 512]).unwrap_err();
+    match err {
+        BlockError::Io { source, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotConnected);
+            assert!(source.to_string().contains("no reply within"), "{source}");
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert!(client.broken().is_some());
+    assert!(client.write_at(0, &[2u8; 512]).is_err());
+}

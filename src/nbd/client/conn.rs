@@ -15,6 +15,7 @@ use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 /// Error chunks and block status payloads larger than this break the connection.
@@ -64,14 +65,24 @@ impl Ticket {
         self.cv.notify_one();
     }
 
-    /// Blocks until the reply (or the connection's failure) arrives.
-    pub(super) fn wait(&self) -> Outcome {
+    /// Blocks until the reply (or the connection's failure) arrives, or
+    /// until `deadline` passes (then `None`).
+    fn wait_until(&self, deadline: Option<Instant>) -> Option<Outcome> {
         let mut slot = lock(&self.slot);
         loop {
             if let Some(o) = slot.take() {
-                return o;
+                return Some(o);
             }
-            slot = self.cv.wait(slot).unwrap_or_else(|e| e.into_inner());
+            slot = match deadline {
+                None => self.cv.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    self.cv
+                        .wait_timeout(slot, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 }
@@ -105,6 +116,7 @@ struct Shared {
     state: Mutex<State>,
     window: Condvar,
     max_in_flight: usize,
+    request_timeout: Option<Duration>,
     info: ExportInfo,
     closing: AtomicBool,
     peer: String,
@@ -122,6 +134,7 @@ impl Conn {
         stream: Stream,
         info: ExportInfo,
         max_in_flight: usize,
+        request_timeout: Option<Duration>,
         peer: String,
     ) -> Result<Conn, NbdError> {
         let rd = stream.try_clone()?;
@@ -136,6 +149,7 @@ impl Conn {
             }),
             window: Condvar::new(),
             max_in_flight: max_in_flight.max(1),
+            request_timeout,
             info,
             closing: AtomicBool::new(false),
             peer,
@@ -150,6 +164,23 @@ impl Conn {
             shared,
             reader: Some(reader),
         })
+    }
+
+    /// Waits for the reply of `ticket`. A request that outlives the request
+    /// timeout breaks the whole connection: the server is presumed hung.
+    pub(super) fn wait(&self, ticket: &Ticket) -> Outcome {
+        let deadline = self.shared.request_timeout.map(|t| Instant::now() + t);
+        if let Some(o) = ticket.wait_until(deadline) {
+            return o;
+        }
+        let why = format!(
+            "no reply within {:?}",
+            self.shared.request_timeout.unwrap_or_default()
+        );
+        self.shared.fail(why.clone());
+        // fail() completed the ticket (it was pending) unless the reply won
+        // the race; either way it is complete now.
+        ticket.wait_until(None).unwrap_or(Err(Failure::Broken(why)))
     }
 
     /// What was negotiated.

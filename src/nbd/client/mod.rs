@@ -15,7 +15,8 @@
 //! secondary must be accounted for by the caller (the primary records the
 //! error, stops forwarding and tracks dirty clusters). To resume, the caller
 //! either calls [`Client::reconnect`] (new connection, same export, same size
-//! required) or builds a new [`Client`].
+//! required) or builds a new [`Client`]. A server that hangs without closing
+//! the socket is detected only with [`ClientOptions::request_timeout`].
 //!
 //! # Error mapping
 //!
@@ -53,6 +54,10 @@ pub struct ClientOptions {
     pub max_in_flight: usize,
     /// The server must finish the negotiation within this time. Default 10 s.
     pub handshake_timeout: Duration,
+    /// A request without a reply after this long breaks the connection (every
+    /// request then fails, as for a lost connection). `None` (the default)
+    /// waits forever, as a kernel or QEMU NBD client does.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -60,6 +65,7 @@ impl Default for ClientOptions {
         ClientOptions {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
+            request_timeout: None,
         }
     }
 }
@@ -167,7 +173,7 @@ impl Client {
             tickets.push((offset + at, t));
             at += n;
         }
-        wait_all("write", tickets)?;
+        wait_all(&conn, "write", tickets)?;
         if fua && !native_fua {
             return self.flush();
         }
@@ -196,7 +202,7 @@ impl Client {
             ));
             at += n;
         }
-        wait_all(op, tickets).map(|_| ())
+        wait_all(&conn, op, tickets).map(|_| ())
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
@@ -224,7 +230,13 @@ fn open(uri: &NbdUri, opts: &ClientOptions) -> std::result::Result<Conn, NbdErro
         info.flags,
         info.structured
     );
-    Conn::start(stream, info, opts.max_in_flight, uri.to_string())
+    Conn::start(
+        stream,
+        info,
+        opts.max_in_flight,
+        opts.request_timeout,
+        uri.to_string(),
+    )
 }
 
 fn aligned(info: &ExportInfo, op: &'static str, offset: u64, len: u64) -> Result<()> {
@@ -244,13 +256,14 @@ fn aligned(info: &ExportInfo, op: &'static str, offset: u64, len: u64) -> Result
 
 /// Waits for every ticket; the first failure (in offset order) is returned.
 fn wait_all(
+    conn: &Conn,
     op: &'static str,
     tickets: Vec<(u64, std::result::Result<Arc<Ticket>, Failure>)>,
 ) -> Result<Vec<Reply>> {
     let mut first_err = None;
     let mut replies = Vec::with_capacity(tickets.len());
     for (offset, t) in tickets {
-        match t.and_then(|t| t.wait()) {
+        match t.and_then(|t| conn.wait(&t)) {
             Ok(r) => replies.push(r),
             Err(f) => {
                 first_err.get_or_insert_with(|| to_block_error(op, offset, f));
@@ -314,7 +327,7 @@ impl BlockDev for Client {
             ));
             at += n;
         }
-        let replies = wait_all("read", tickets)?;
+        let replies = wait_all(&conn, "read", tickets)?;
         let mut at = 0;
         for r in replies {
             let mut from = 0;
@@ -340,7 +353,7 @@ impl BlockDev for Client {
             });
         }
         let t = conn.send(Command::Flush, 0, 0, 0, &[]);
-        wait_all("flush", vec![(0, t)]).map(|_| ())
+        wait_all(&conn, "flush", vec![(0, t)]).map(|_| ())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -390,7 +403,7 @@ impl BlockDev for Client {
             asked as u32,
             &[],
         );
-        let reply = wait_all("block-status", vec![(offset, t)])?;
+        let reply = wait_all(&conn, "block-status", vec![(offset, t)])?;
         let Some((elen, flags)) = reply.first().and_then(|r| r.extent) else {
             return Err(BlockError::io(
                 "block-status",
