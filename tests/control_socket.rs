@@ -2,19 +2,8 @@
 
 mod common;
 
-use common::{sparse_image, Daemon, BIN};
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .expect("run colo-blk ctl")
-}
+use common::{ctl, sparse_image, Daemon, BIN};
+use std::process::Command;
 
 #[test]
 fn plain_serve_answers_replication_commands_with_an_error_and_quits_cleanly() {

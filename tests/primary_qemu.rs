@@ -5,10 +5,10 @@
 mod common;
 mod nbd_util;
 
-use common::{sparse_image, Client, Daemon, BIN};
+use common::{ctl, ctl_ok, sparse_image, Client, Daemon};
 use nbd_util::{pattern, wait_for_path, ChildGuard};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 const SIZE: u64 = 32 << 20;
 
@@ -31,22 +31,6 @@ fn qsd_nbd(image: &Path, socket: &Path) -> ChildGuard {
     );
     wait_for_path(socket, &mut child);
     child
-}
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .expect("run colo-blk ctl")
-}
-
-fn ctl_ok(control: &Path, args: &[&str]) -> String {
-    let out = ctl(control, args);
-    assert!(out.status.success(), "ctl {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn assert_files_equal(a: &Path, b: &Path) {
