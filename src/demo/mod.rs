@@ -7,6 +7,7 @@
 
 mod procs;
 
+use crate::block::BlockDevExt;
 use crate::control::client::QmpClient;
 use crate::frontend::{Client, ClientOptions, Queue};
 use procs::Proc;
@@ -226,11 +227,21 @@ impl Demo {
                 .into(),
         );
 
+        // Fencing: the old primary's link is refused now.
+        let uri = format!("nbd+unix:///parent0?socket={}", self.paths.s("nbd.sock"));
+        let fenced = match crate::nbd::Client::connect(&uri) {
+            Ok(c) => c.write_at(0, &[0xaa; 4096]).is_err(),
+            Err(_) => true,
+        };
+        if !fenced {
+            return Err("a write from the old primary's side was accepted after failover".into());
+        }
         let probe = self.random_writes(sguest.queue(0), 20)?;
         exec(&mut sqmp, "replication-checkpoint", json!({}))?;
         let st = exec(&mut sqmp, "query-replication", json!({}))?;
         self.say(format!(
-            "promoted secondary serves alone: guest wrote {probe} KiB more, checkpoint is a no-op, stage {}",
+            "promoted secondary serves alone: old primary's NBD writes refused (fenced); \
+             guest wrote {probe} KiB more; checkpoint is a no-op; stage {}",
             st["stage"]
         ));
         println!("demo passed: {CHECKPOINTS} checkpoints verified, failover verified");
