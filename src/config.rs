@@ -5,6 +5,7 @@
 //! and exit code 2 before anything is opened.
 
 use clap::{Args, ValueEnum};
+use colo_blk::nbd::{NbdAddr, NbdUri};
 use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -13,8 +14,6 @@ use thiserror::Error;
 pub const DEFAULT_NBD_EXPORT: &str = "parent0";
 /// Default replication cluster size.
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
-/// Default NBD TCP port.
-pub const NBD_DEFAULT_PORT: u16 = 10809;
 
 const MAX_QUEUES: u16 = 64;
 const MAX_QUEUE_SIZE: u16 = 32768;
@@ -154,7 +153,7 @@ pub enum ModeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimaryConfig {
     /// The secondary's NBD export.
-    pub secondary: NbdTarget,
+    pub secondary: NbdUri,
 }
 
 /// Secondary-only settings.
@@ -165,44 +164,9 @@ pub struct SecondaryConfig {
     /// Hidden overlay file.
     pub hidden: PathBuf,
     /// NBD server address.
-    pub nbd_listen: NbdListen,
+    pub nbd_listen: NbdAddr,
     /// NBD export name.
     pub nbd_export: String,
-}
-
-/// Where an NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdListen {
-    /// A Unix socket path.
-    Unix(PathBuf),
-    /// A TCP host and port.
-    Tcp {
-        /// Host name or address (IPv6 without brackets).
-        host: String,
-        /// Port.
-        port: u16,
-    },
-}
-
-/// An NBD export to connect to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdTarget {
-    /// `nbd+unix:///NAME?socket=PATH`.
-    Unix {
-        /// Socket path.
-        path: PathBuf,
-        /// Export name.
-        export: String,
-    },
-    /// `nbd://HOST[:PORT]/NAME`.
-    Tcp {
-        /// Host name or address (IPv6 without brackets).
-        host: String,
-        /// Port (default 10809).
-        port: u16,
-        /// Export name.
-        export: String,
-    },
 }
 
 /// A command line that parses but does not make sense.
@@ -407,86 +371,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Parses `unix:PATH` or `tcp:HOST:PORT` (`tcp:[v6addr]:PORT` for IPv6).
-pub fn parse_nbd_listen(s: &str) -> Result<NbdListen, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path".into());
-        }
-        return Ok(NbdListen::Unix(PathBuf::from(path)));
+/// Parses `--nbd-listen`: `unix:PATH` or `tcp:HOST:PORT` (`tcp:[v6addr]:PORT`).
+pub fn parse_nbd_listen(s: &str) -> Result<NbdAddr, String> {
+    let addr = NbdAddr::parse_listen(s).map_err(|e| e.to_string())?;
+    if matches!(addr, NbdAddr::Tcp { port: 0, .. }) {
+        return Err(format!("{s:?}: port 0 would be unknown to the primary"));
     }
-    if let Some(hp) = s.strip_prefix("tcp:") {
-        let (host, port) = split_host_port(hp)?;
-        let port = port.ok_or_else(|| format!("{s:?} needs a port"))?;
-        return Ok(NbdListen::Tcp { host, port });
-    }
-    Err(format!("{s:?} is neither unix:PATH nor tcp:HOST:PORT"))
+    Ok(addr)
 }
 
-/// Parses `nbd+unix:///NAME?socket=PATH` or `nbd://HOST[:PORT]/NAME`.
-pub fn parse_nbd_uri(s: &str) -> Result<NbdTarget, String> {
-    if let Some(rest) = s.strip_prefix("nbd+unix://") {
-        let rest = rest
-            .strip_prefix('/')
-            .ok_or_else(|| format!("{s:?}: expected nbd+unix:///NAME?socket=PATH"))?;
-        let (export, query) = rest
-            .split_once('?')
-            .ok_or_else(|| format!("{s:?}: missing ?socket=PATH"))?;
-        let path = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("socket="))
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| format!("{s:?}: missing ?socket=PATH"))?;
-        return Ok(NbdTarget::Unix {
-            path: PathBuf::from(path),
-            export: export.to_string(),
-        });
-    }
-    if let Some(rest) = s.strip_prefix("nbd://") {
-        let (hp, export) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = split_host_port(hp)?;
-        return Ok(NbdTarget::Tcp {
-            host,
-            port: port.unwrap_or(NBD_DEFAULT_PORT),
-            export: export.to_string(),
-        });
-    }
-    Err(format!(
-        "{s:?} is neither nbd+unix:///NAME?socket=PATH nor nbd://HOST:PORT/NAME"
-    ))
-}
-
-fn split_host_port(hp: &str) -> Result<(String, Option<u16>), String> {
-    let (host, port) = if let Some(v6) = hp.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{hp:?}: unterminated [IPv6] address"))?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or_else(|| format!("{hp:?}: junk after ]"))?,
-            ),
-        };
-        (host, port)
-    } else {
-        match hp.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hp, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{hp:?}: empty host"));
-    }
-    let port = port
-        .map(|p| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| format!("{p:?} is not a TCP port"))
-        })
-        .transpose()?;
-    Ok((host.to_string(), port))
+/// Parses `--secondary`: QEMU's `nbd+unix:///NAME?socket=PATH` or
+/// `nbd://HOST[:PORT]/NAME`.
+pub fn parse_nbd_uri(s: &str) -> Result<NbdUri, String> {
+    NbdUri::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -623,7 +520,7 @@ mod tests {
         assert_eq!(s.nbd_export, "parent0");
         assert_eq!(
             s.nbd_listen,
-            NbdListen::Tcp {
+            NbdAddr::Tcp {
                 host: "127.0.0.1".into(),
                 port: 10809
             }
@@ -634,24 +531,28 @@ mod tests {
     fn nbd_addresses_parse() {
         assert_eq!(
             parse_nbd_uri("nbd+unix:///parent0?socket=/run/s.sock").unwrap(),
-            NbdTarget::Unix {
-                path: "/run/s.sock".into(),
+            NbdUri {
+                addr: NbdAddr::Unix("/run/s.sock".into()),
                 export: "parent0".into()
             }
         );
         assert_eq!(
             parse_nbd_uri("nbd://[::1]:10810/disk").unwrap(),
-            NbdTarget::Tcp {
-                host: "::1".into(),
-                port: 10810,
+            NbdUri {
+                addr: NbdAddr::Tcp {
+                    host: "::1".into(),
+                    port: 10810
+                },
                 export: "disk".into()
             }
         );
         assert_eq!(
             parse_nbd_uri("nbd://host/e").unwrap(),
-            NbdTarget::Tcp {
-                host: "host".into(),
-                port: 10809,
+            NbdUri {
+                addr: NbdAddr::Tcp {
+                    host: "host".into(),
+                    port: 10809
+                },
                 export: "e".into()
             }
         );
@@ -661,7 +562,7 @@ mod tests {
         assert!(parse_nbd_listen("tcp:host:0").is_err());
         assert_eq!(
             parse_nbd_listen("unix:/a/b").unwrap(),
-            NbdListen::Unix("/a/b".into())
+            NbdAddr::Unix("/a/b".into())
         );
     }
 

@@ -5,7 +5,7 @@
 //! vhost layer serves. Side services (the QMP control socket, the secondary's
 //! NBD server) live as long as the vhost loop and stop after it.
 
-use crate::config::{Config, ModeConfig, NbdListen, NbdTarget, PrimaryConfig, SecondaryConfig};
+use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
 use colo_blk::block::{BlockDev, BlockError, Overlay, RawFile, RawFileOptions, SharedDev};
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
 use colo_blk::nbd;
@@ -135,7 +135,7 @@ fn primary_stack(
     disk: Arc<RawFile>,
     events: EventSink,
 ) -> Result<Stack, DaemonError> {
-    let uri = nbd_uri(&primary.secondary);
+    let uri = primary.secondary.clone();
     log::info!("primary: will forward writes to {uri}");
     let connect: Connector = Box::new(move || {
         let client = nbd::Client::connect_to(&uri, nbd::ClientOptions::default())
@@ -148,22 +148,6 @@ fn primary_stack(
         replication: Some(Arc::new(PrimaryControl(node))),
         nbd_export: None,
     })
-}
-
-fn nbd_uri(target: &NbdTarget) -> nbd::NbdUri {
-    match target {
-        NbdTarget::Unix { path, export } => nbd::NbdUri {
-            addr: nbd::NbdAddr::Unix(path.clone()),
-            export: export.clone(),
-        },
-        NbdTarget::Tcp { host, port, export } => nbd::NbdUri {
-            addr: nbd::NbdAddr::Tcp {
-                host: host.clone(),
-                port: *port,
-            },
-            export: export.clone(),
-        },
-    }
 }
 
 /// The secondary: the guest is served active ▸ hidden ▸ disk; the NBD server
@@ -181,7 +165,7 @@ fn secondary_stack(
     Ok(Stack {
         guest: node.guest(),
         nbd_export: Some(NbdExport {
-            listen: nbd_addr(&secondary.nbd_listen),
+            listen: secondary.nbd_listen.clone(),
             name: secondary.nbd_export.clone(),
             dev: node.primary(),
         }),
@@ -204,16 +188,6 @@ fn open_overlay(path: &std::path::Path, size: u64) -> Result<Arc<Overlay>, Daemo
             path: path.to_path_buf(),
             source,
         })
-}
-
-fn nbd_addr(listen: &NbdListen) -> nbd::NbdAddr {
-    match listen {
-        NbdListen::Unix(path) => nbd::NbdAddr::Unix(path.clone()),
-        NbdListen::Tcp { host, port } => nbd::NbdAddr::Tcp {
-            host: host.clone(),
-            port: *port,
-        },
-    }
 }
 
 fn serve_options(cfg: &Config) -> ServeOptions {
