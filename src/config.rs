@@ -12,8 +12,7 @@ use thiserror::Error;
 
 /// Default NBD export name of the secondary's disk (QEMU's COLO examples use it).
 pub const DEFAULT_NBD_EXPORT: &str = "parent0";
-/// Default replication cluster size.
-pub const DEFAULT_CLUSTER_SIZE: u64 = 64 * 1024;
+pub use colo_blk::replication::DEFAULT_CLUSTER_SIZE;
 
 const MAX_QUEUES: u16 = 64;
 const MAX_QUEUE_SIZE: u16 = 32768;

@@ -7,31 +7,8 @@ use colo_blk::block::{BlockDev, BlockDevExt, BlockError, ExtentKind};
 use colo_blk::nbd::{Client, ClientOptions, NbdError, NbdUri, ServerOptions};
 use nbd_util::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use vm_memory::VolatileSlice;
-
-/// qemu-storage-daemon exporting `image` as `parent0` on `socket`.
-fn qsd(image: &Path, socket: &Path) -> ChildGuard {
-    let _ = std::fs::remove_file(socket);
-    let mut child = ChildGuard(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk,filename={}",
-                image.display()
-            ))
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
-            .arg("--export")
-            .arg("type=nbd,id=exp,node-name=disk,name=parent0,writable=on")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    wait_for_socket(socket, &mut child);
-    child
-}
 
 fn uri(socket: &Path) -> String {
     format!("nbd+unix:///parent0?socket={}", socket.display())
@@ -106,7 +83,7 @@ fn client_writes_into_qemu_storage_daemon_and_qemu_img_compare_agrees() {
     let image = sparse(dir.path(), "qsd.img", size);
     let reference = sparse(dir.path(), "ref.img", size);
     let socket = dir.path().join("qsd.sock");
-    let mut daemon = qsd(&image, &socket);
+    let mut daemon = qsd_nbd(&image, &socket);
     let client = Arc::new(Client::connect(&uri(&socket)).unwrap());
     assert_eq!(client.size(), size);
     let info = client.info();
@@ -161,7 +138,7 @@ fn reads_of_sparse_areas_from_qemu_reassemble_hole_chunks() {
         content[off..off + 65536].fill(0x30 + i as u8);
     }
     let socket = dir.path().join("qsd.sock");
-    let _daemon = qsd(&image, &socket);
+    let _daemon = qsd_nbd(&image, &socket);
     let client = Client::connect(&uri(&socket)).unwrap();
     let mut back = vec![0xffu8; 8 << 20];
     client.read_at(0, &mut back).unwrap();
@@ -307,7 +284,7 @@ fn losing_the_server_fails_pending_and_later_requests_until_reconnect() {
     let size = 32 << 20;
     let image = sparse(dir.path(), "qsd.img", size);
     let socket = dir.path().join("qsd.sock");
-    let mut daemon = qsd(&image, &socket);
+    let mut daemon = qsd_nbd(&image, &socket);
     let client = Arc::new(Client::connect(&uri(&socket)).unwrap());
     // Writers keep the pipe full while the server is killed.
     let writers: Vec<_> = (0..6u64)
@@ -357,7 +334,7 @@ fn losing_the_server_fails_pending_and_later_requests_until_reconnect() {
     // Reconnect is explicit: reconnecting while the server is down fails...
     assert!(client.reconnect().is_err());
     // ...and works once it is back.
-    let _daemon2 = qsd(&image, &socket);
+    let _daemon2 = qsd_nbd(&image, &socket);
     client.reconnect().unwrap();
     assert!(client.broken().is_none());
     client.write_at(0, &[0x77u8; 4096]).unwrap();
@@ -371,12 +348,12 @@ fn reconnect_refuses_an_export_whose_size_changed() {
     let dir = tempfile::tempdir().unwrap();
     let image = sparse(dir.path(), "a.img", 4 << 20);
     let socket = dir.path().join("qsd.sock");
-    let mut daemon = qsd(&image, &socket);
+    let mut daemon = qsd_nbd(&image, &socket);
     let client = Client::connect(&uri(&socket)).unwrap();
     daemon.0.kill().unwrap();
     daemon.0.wait().unwrap();
     let other = sparse(dir.path(), "b.img", 8 << 20);
-    let _daemon = qsd(&other, &socket);
+    let _daemon = qsd_nbd(&other, &socket);
     let err = client.reconnect().unwrap_err();
     assert!(matches!(err, NbdError::SizeChanged { old, new } if old == 4 << 20 && new == 8 << 20));
 }

@@ -6,32 +6,11 @@ mod common;
 mod nbd_util;
 
 use common::{ctl, ctl_ok, sparse_image, Client, Daemon};
-use nbd_util::{pattern, wait_for_path, ChildGuard};
+use nbd_util::{pattern, qsd_nbd};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const SIZE: u64 = 32 << 20;
-
-fn qsd_nbd(image: &Path, socket: &Path) -> ChildGuard {
-    let mut child = ChildGuard(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk,filename={}",
-                image.display()
-            ))
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
-            .arg("--export")
-            .arg("type=nbd,id=exp,node-name=disk,name=parent0,writable=on")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    wait_for_path(socket, &mut child);
-    child
-}
 
 fn assert_files_equal(a: &Path, b: &Path) {
     let out = Command::new("qemu-img")

@@ -149,3 +149,25 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn size_of(dev: &dyn BlockDev) -> u64 {
     dev.size()
 }
+
+/// qemu-storage-daemon exporting `image` as `parent0` on `socket`.
+pub fn qsd_nbd(image: &Path, socket: &Path) -> ChildGuard {
+    let _ = std::fs::remove_file(socket);
+    let mut child = ChildGuard(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={}",
+                image.display()
+            ))
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+            .arg("--export")
+            .arg("type=nbd,id=exp,node-name=disk,name=parent0,writable=on")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon"),
+    );
+    wait_for_socket(socket, &mut child);
+    child
+}
