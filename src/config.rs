@@ -13,6 +13,9 @@ use thiserror::Error;
 /// Default NBD export name of the secondary's disk (QEMU's COLO examples use it).
 pub const DEFAULT_NBD_EXPORT: &str = "parent0";
 pub use colo_blk::replication::DEFAULT_CLUSTER_SIZE;
+/// Default `--forward-timeout`: long enough for a busy link, short enough that a
+/// hung secondary does not stall the primary guest for long.
+pub const DEFAULT_FORWARD_TIMEOUT_SECS: u64 = 15;
 
 const MAX_QUEUES: u16 = 64;
 const MAX_QUEUE_SIZE: u16 = 32768;
@@ -93,6 +96,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URI")]
     pub secondary: Option<String>,
 
+    /// Primary: a forwarded request the secondary has not answered after this
+    /// many seconds counts as a lost secondary: the primary records the error,
+    /// stops forwarding and keeps serving its guest (0: wait forever).
+    /// Default: 15
+    #[arg(long, value_name = "SECONDS")]
+    pub forward_timeout: Option<u64>,
+
     /// Replication cluster size (copy-before-write and dirty tracking unit): a
     /// power of two, at least 4096. Accepts K/M suffixes. Default: 64K.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
@@ -153,6 +163,8 @@ pub enum ModeConfig {
 pub struct PrimaryConfig {
     /// The secondary's NBD export.
     pub secondary: NbdUri,
+    /// How long a forwarded request may go unanswered (`None`: forever).
+    pub forward_timeout: Option<std::time::Duration>,
 }
 
 /// Secondary-only settings.
@@ -293,7 +305,10 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
         ("nbd-listen", a.nbd_listen.is_some()),
         ("nbd-export", a.nbd_export.is_some()),
     ];
-    let primary_only = [("secondary", a.secondary.is_some())];
+    let primary_only = [
+        ("secondary", a.secondary.is_some()),
+        ("forward-timeout", a.forward_timeout.is_some()),
+    ];
     let misplaced = |flags: &[(&'static str, bool)], mode| {
         flags
             .iter()
@@ -314,8 +329,10 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
                 flag: "secondary",
                 mode: "primary",
             })?;
+            let timeout = a.forward_timeout.unwrap_or(DEFAULT_FORWARD_TIMEOUT_SECS);
             Ok(ModeConfig::Primary(PrimaryConfig {
                 secondary: parse_nbd_uri(uri).map_err(|why| invalid("secondary", why))?,
+                forward_timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
             }))
         }
         Some(Mode::Secondary) => {

@@ -136,9 +136,14 @@ fn primary_stack(
     events: EventSink,
 ) -> Result<Stack, DaemonError> {
     let uri = primary.secondary.clone();
+    let timeout = primary.forward_timeout;
     log::info!("primary: will forward writes to {uri}");
     let connect: Connector = Box::new(move || {
-        let client = nbd::Client::connect_to(&uri, nbd::ClientOptions::default())
+        let opts = nbd::ClientOptions {
+            request_timeout: timeout,
+            ..nbd::ClientOptions::default()
+        };
+        let client = nbd::Client::connect_to(&uri, opts)
             .map_err(|e| BlockError::io("connect", 0, io::Error::other(format!("{uri}: {e}"))))?;
         Ok(Arc::new(client) as SharedDev)
     });

@@ -102,3 +102,47 @@ fn primary_resyncs_forwards_and_survives_losing_a_qemu_secondary() {
     assert_eq!(v["dirty-clusters"], 0);
     drop(guest);
 }
+
+#[test]
+fn a_hung_secondary_is_declared_lost_after_the_forward_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pimg, simg) = (dir.path().join("p.img"), dir.path().join("s.img"));
+    sparse_image(&pimg, SIZE);
+    sparse_image(&simg, SIZE);
+    let nbd = dir.path().join("nbd.sock");
+    let control = dir.path().join("ctl.sock");
+    let secondary = qsd_nbd(&simg, &nbd);
+    let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
+    let daemon = Daemon::serve(
+        dir.path(),
+        &pimg,
+        &[
+            "--mode",
+            "primary",
+            "--secondary",
+            &uri,
+            "--forward-timeout",
+            "1",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut guest = Client::connect(daemon.socket()).unwrap();
+    ctl_ok(&control, &["start", "--sync", "none"]);
+    guest.write(0, &pattern(4096, 1)).unwrap();
+    ctl_ok(&control, &["checkpoint"]);
+
+    // The secondary stops answering (SIGSTOP) but keeps its connection open.
+    let pid = secondary.0.id() as libc::pid_t;
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    guest.write(65536, &pattern(4096, 2)).unwrap();
+    guest.write(2 * 65536, &pattern(4096, 3)).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(guest.read(65536, 4096).unwrap(), pattern(4096, 2));
+    let out = ctl(&control, &["get-error"]);
+    assert_eq!(out.status.code(), Some(1), "the hang is recorded");
+    let v = common::ctl_status(&control);
+    assert_eq!(v["dirty-clusters"], 2, "{v}");
+}
