@@ -15,50 +15,22 @@ cd "$(dirname "$0")/.."
 seconds=${BENCH_SECONDS:-3}
 rounds=${BENCH_ROUNDS:-1}
 size_mb=${BENCH_SIZE_MB:-512}
-target=${CARGO_TARGET_DIR:-target}
-
-cargo build --release --quiet
-bin="$target/release/colo-blk"
-command -v qemu-storage-daemon >/dev/null || {
-  echo "qemu-storage-daemon not found (run integration/install-deps.sh)" >&2
-  exit 1
-}
-
-shm=/dev/shm
-[ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
-work=$(mktemp -d "$shm/colo-blk-bench.XXXXXX")
-server_pid=
-cleanup() {
-  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. integration/bench-lib.sh
+bench_init bench
+bench_need qemu-storage-daemon
 
 img="$work/disk.img"
 echo "== image: $size_mb MiB of random data on $(df --output=fstype "$work" | tail -1) ($work)"
 dd if=/dev/urandom of="$img" bs=1M count="$size_mb" status=none
 
-wait_socket() {
-  for _ in $(seq 1 500); do
-    [ -S "$1" ] && return 0
-    kill -0 "$server_pid" 2>/dev/null || { echo "server exited early" >&2; return 1; }
-    sleep 0.01
-  done
-  echo "no socket $1" >&2
-  return 1
-}
-
 # run_server NAME CMD...: starts the server, benchmarks it, stops it (by pid).
 run_server() {
   local name=$1 sock=$work/$1.sock
   shift
-  "$@" >"$work/$name.log" 2>&1 &
-  server_pid=$!
-  wait_socket "$sock"
+  bench_start "$name" "$@"
+  bench_wait_socket "$sock"
   "$bin" bench --socket "$sock" --seconds "$seconds" | tee -a "$work/$name.out" | grep -v '^RESULT' | sed "s/^/  [$name] /"
-  kill "$server_pid"
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
+  bench_stop "$bench_pid"
 }
 
 qsd() {
@@ -68,14 +40,14 @@ qsd() {
     --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$work/qsd-$aio.sock,writable=on,num-queues=1"
 }
 
-echo "== load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs; $seconds s per workload, $rounds round(s)"
+echo "== $(bench_load) before; $seconds s per workload, $rounds round(s)"
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   run_server colo-blk "$bin" serve --socket "$work/colo-blk.sock" --disk "$img" --num-queues 1
   run_server qsd-threads qsd threads
   run_server qsd-io_uring qsd io_uring
 done
-echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== $(bench_load) after"
 
 # Best round per server and workload (by IOPS), then the table.
 best() { awk '$1=="RESULT" { if (!($2 in v) || $3 > v[$2]) { v[$2]=$3; l[$2]=$0 } } END { for (k in l) print l[k] }' "$work/$1.out"; }

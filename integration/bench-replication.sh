@@ -18,45 +18,27 @@ cd "$(dirname "$0")/.."
 
 seconds=${BENCH_SECONDS:-3}
 size_mb=${BENCH_SIZE_MB:-512}
-target=${CARGO_TARGET_DIR:-target}
-
-cargo build --release --quiet
-bin="$target/release/colo-blk"
-command -v qemu-img >/dev/null || { echo "qemu-img not found (run integration/install-deps.sh)" >&2; exit 1; }
-
-shm=/dev/shm
-[ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
-work=$(mktemp -d "$shm/colo-blk-repl-bench.XXXXXX")
+. integration/bench-lib.sh
+bench_init repl-bench
+bench_need qemu-img
 server_pid=
 stop_server() {
-  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$server_pid" ]; then bench_stop "$server_pid"; fi
   server_pid=
 }
-cleanup() { stop_server; rm -rf "$work"; }
-trap cleanup EXIT
 
 img="$work/disk.img"
 echo "== image: $size_mb MiB of random data, overlays beside it, on $(df --output=fstype "$work" | tail -1)"
 dd if=/dev/urandom of="$img" bs=1M count="$size_mb" status=none
 
-wait_socket() {
-  for _ in $(seq 1 1000); do
-    [ -S "$1" ] && return 0
-    kill -0 "$server_pid" 2>/dev/null || { echo "server exited early:" >&2; cat "$work/server.log" >&2; return 1; }
-    sleep 0.01
-  done
-  echo "no socket $1" >&2
-  return 1
-}
-
 serve_secondary() {
   rm -f "$work"/*.sock
-  "$bin" serve --socket "$work/vhost.sock" --disk "$img" --mode secondary \
-    --nbd-listen "unix:$work/nbd.sock" --control "$work/ctl.sock" >"$work/server.log" 2>&1 &
-  server_pid=$!
-  wait_socket "$work/vhost.sock"
-  wait_socket "$work/nbd.sock"
-  wait_socket "$work/ctl.sock"
+  bench_start server "$bin" serve --socket "$work/vhost.sock" --disk "$img" --mode secondary \
+    --nbd-listen "unix:$work/nbd.sock" --control "$work/ctl.sock"
+  server_pid=$bench_pid
+  bench_wait_socket "$work/vhost.sock"
+  bench_wait_socket "$work/nbd.sock"
+  bench_wait_socket "$work/ctl.sock"
 }
 
 ctl() { "$bin" ctl --control "$work/ctl.sock" "$@" >/dev/null; }
@@ -67,14 +49,12 @@ bench() {
     awk -v t="$1" '$1=="RESULT" { print t, $2, $3, $5, $6 }' >>"$work/results"
 }
 
-now_ns() { date +%s%N; }
-
-echo "== load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs; $seconds s per workload"
+echo "== $(bench_load) before; $seconds s per workload"
 : >"$work/results"
 
-"$bin" serve --socket "$work/vhost.sock" --disk "$img" >"$work/server.log" 2>&1 &
-server_pid=$!
-wait_socket "$work/vhost.sock"
+bench_start server "$bin" serve --socket "$work/vhost.sock" --disk "$img"
+server_pid=$bench_pid
+bench_wait_socket "$work/vhost.sock"
 bench plain randread-4k-qd32,randwrite-4k-qd32
 stop_server
 
@@ -84,7 +64,7 @@ bench clean randread-4k-qd32
 bench clean randwrite-4k-qd32
 bench dirty randread-4k-qd32
 dirty_kb=$(( $(du -k "$img.active" | cut -f1) + $(du -k "$img.hidden" | cut -f1) ))
-t0=$(now_ns); ctl checkpoint; t1=$(now_ns)
+t0=$(bench_now_ns); ctl checkpoint; t1=$(bench_now_ns)
 ckpt_ms=$(( (t1 - t0) / 1000000 ))
 after_kb=$(( $(du -k "$img.active" | cut -f1) + $(du -k "$img.hidden" | cut -f1) ))
 stop_server
@@ -127,4 +107,4 @@ awk -v n="$count" -v a="$none_s" -v b="$first_s" -v c="$copied_s" 'BEGIN {
   printf "| %-34s | %10.0f | %7.2fx |\n", "running, first touch (CBW copies)", n / b, a / b
   printf "| %-34s | %10.0f | %7.2fx |\n", "running, clusters already copied", n / c, a / c
 }'
-echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== $(bench_load) after"
