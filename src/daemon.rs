@@ -9,8 +9,8 @@ use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
 use colo_blk::block::{BlockDev, BlockError, Overlay, RawFile, RawFileOptions, SharedDev};
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
 use colo_blk::nbd;
-use colo_blk::replication::{Connector, Primary, PrimaryControl};
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
+use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
 use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
@@ -138,16 +138,16 @@ fn primary_stack(
     let uri = primary.secondary.clone();
     let timeout = primary.forward_timeout;
     log::info!("primary: will forward writes to {uri}");
-    let connect: Connector = Box::new(move || {
+    let connect: TargetConnector = Box::new(move || {
         let opts = nbd::ClientOptions {
             request_timeout: timeout,
             ..nbd::ClientOptions::default()
         };
         let client = nbd::Client::connect_to(&uri, opts)
             .map_err(|e| BlockError::io("connect", 0, io::Error::other(format!("{uri}: {e}"))))?;
-        Ok(Arc::new(client) as SharedDev)
+        Ok(ForwardTarget::nbd(Arc::new(client)))
     });
-    let node = Primary::new(disk, connect, cfg.cluster_size, events);
+    let node = Primary::with_target(disk, connect, cfg.cluster_size, events);
     Ok(Stack {
         guest: node.clone(),
         replication: Some(Arc::new(PrimaryControl(node))),

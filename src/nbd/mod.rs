@@ -18,7 +18,7 @@ mod stream;
 pub mod uri;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, ExportInfo};
+pub use client::{Client, ClientOptions, ExportInfo, SubmittedWrite};
 pub use error::NbdError;
 pub use server::{Server, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
 pub use uri::{NbdAddr, NbdUri};

@@ -187,5 +187,5 @@ mod gate;
 pub mod primary;
 mod secondary;
 
-pub use primary::{Connector, Primary, PrimaryControl};
+pub use primary::{Connector, ForwardTarget, Primary, PrimaryControl, TargetConnector};
 pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};

@@ -13,6 +13,10 @@
 //! * Forwarding is switched on before the resync starts, so a write racing the
 //!   copy is forwarded itself, and the copy of its cluster (taken under the
 //!   cluster lock) reads the local disk after it: no convergence loop is needed.
+//!
+//! Over NBD a guest write is sent to the secondary first, then written locally
+//! while the secondary handles it, then its reply is awaited (still under the
+//! cluster lock): the local write costs no time on top of the round trip.
 
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
@@ -21,14 +25,42 @@ use crate::block::{
     Bitmap, BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RangeLocks,
     Result as BlockResult, SharedDev, DEFAULT_STRIPES,
 };
+use crate::nbd;
 use log::{info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use vm_memory::VolatileSlice;
 
-/// Opens a connection to the secondary (an NBD client in the daemon).
+/// Opens a connection to the secondary, seen as any block device.
 pub type Connector = Box<dyn Fn() -> BlockResult<SharedDev> + Send + Sync>;
+
+/// Opens a connection to the secondary (an NBD client in the daemon).
+pub type TargetConnector = Box<dyn Fn() -> BlockResult<ForwardTarget> + Send + Sync>;
+
+/// The secondary as the primary forwards to it: a block device, and, when it
+/// is an NBD client, the same client for writes whose reply is awaited after
+/// the local write (see the module notes).
+#[derive(Clone)]
+pub struct ForwardTarget {
+    dev: SharedDev,
+    nbd: Option<Arc<nbd::Client>>,
+}
+
+impl ForwardTarget {
+    /// Any block device: every operation is synchronous.
+    pub fn device(dev: SharedDev) -> Self {
+        ForwardTarget { dev, nbd: None }
+    }
+
+    /// An NBD client: writes overlap the local write with the round trip.
+    pub fn nbd(client: Arc<nbd::Client>) -> Self {
+        ForwardTarget {
+            dev: client.clone(),
+            nbd: Some(client),
+        }
+    }
+}
 
 /// Largest piece a resync copies in one I/O.
 const RESYNC_WINDOW: u64 = 1 << 20;
@@ -45,7 +77,7 @@ enum Side {
 /// The forwarding target, switched under the `link` lock.
 #[derive(Default)]
 struct Link {
-    remote: Option<SharedDev>,
+    remote: Option<ForwardTarget>,
 }
 
 #[derive(Default)]
@@ -57,7 +89,7 @@ struct ResyncState {
 /// A primary replication node; it is also the [`BlockDev`] the guest is served.
 pub struct Primary {
     local: SharedDev,
-    connect: Connector,
+    connect: TargetConnector,
     cluster_shift: u32,
     locks: RangeLocks,
     /// One bit per cluster changed while not forwarding.
@@ -84,6 +116,18 @@ impl Primary {
     pub fn new(
         local: SharedDev,
         connect: Connector,
+        cluster_size: u64,
+        events: EventSink,
+    ) -> Arc<Self> {
+        let connect: TargetConnector = Box::new(move || connect().map(ForwardTarget::device));
+        Self::with_target(local, connect, cluster_size, events)
+    }
+
+    /// As [`Primary::new`], with a connector that may hand out an NBD client
+    /// (whose writes then overlap the local write).
+    pub fn with_target(
+        local: SharedDev,
+        connect: TargetConnector,
         cluster_size: u64,
         events: EventSink,
     ) -> Arc<Self> {
@@ -150,7 +194,7 @@ impl Primary {
         }
     }
 
-    fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a SharedDev> {
+    fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a ForwardTarget> {
         link.remote
             .as_ref()
             .filter(|_| self.healthy.load(Ordering::Acquire))
@@ -166,12 +210,24 @@ impl Primary {
         op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
     ) -> BlockResult<()> {
         let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        self.replicate_under(&link, what, offset, len, op)
+    }
+
+    /// [`Primary::replicate`] with the `link` lock already held (shared).
+    fn replicate_under(
+        &self,
+        link: &Link,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
+    ) -> BlockResult<()> {
         let (first, last) = self.clusters(offset, len);
-        match self.forwarding(&link) {
+        match self.forwarding(link) {
             Some(remote) => {
                 let _g = self.locks.exclusive(offset, len.max(1));
                 op(self.local.as_ref(), Side::Local)?;
-                if let Err(e) = op(remote.as_ref(), Side::Remote) {
+                if let Err(e) = op(remote.dev.as_ref(), Side::Remote) {
                     self.forward_failed(what, &e);
                     self.dirty.set_range(first, last - first + 1);
                 }
@@ -184,6 +240,44 @@ impl Primary {
             }
         }
         Ok(())
+    }
+
+    /// A guest write. Over NBD: send it, write the local disk meanwhile, then
+    /// wait for the reply, all under the cluster lock, so the secondary applies
+    /// same-cluster writes (and resync copies) in the local disk's order.
+    fn replicate_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        let len = crate::block::iov_len(bufs);
+        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        let Some(client) = self.forwarding(&link).and_then(|t| t.nbd.as_ref()) else {
+            return self.replicate_under(&link, "write", offset, len, |d, _| {
+                d.write_vectored(offset, bufs)
+            });
+        };
+        // What the local disk would refuse must never reach the secondary.
+        if self.local.read_only() {
+            return Err(BlockError::ReadOnly);
+        }
+        crate::block::check_range(offset, len, self.local.size())?;
+        let (first, last) = self.clusters(offset, len);
+        let _g = self.locks.exclusive(offset, len.max(1));
+        let sent = client.submit_write(offset, bufs);
+        let local = self.local.write_vectored(offset, bufs);
+        match sent.and_then(nbd::SubmittedWrite::wait) {
+            Err(e) => {
+                self.forward_failed("write", &e);
+                self.dirty.set_range(first, last - first + 1);
+            }
+            Ok(()) => {
+                if let Err(e) = &local {
+                    // The secondary has bytes the local disk may lack: the
+                    // copies differ, so forwarding stops and the range is
+                    // left for a dirty resync.
+                    self.forward_failed("write applied on the secondary only", e);
+                    self.dirty.set_range(first, last - first + 1);
+                }
+            }
+        }
+        local
     }
 
     fn spawn_resync(self: &Arc<Self>, full: bool) -> Result<(), ReplicationError> {
@@ -279,7 +373,7 @@ impl Primary {
             if !full {
                 self.dirty.clear_range(first, last - first + 1);
             }
-            if let Err(e) = self.copy_window(remote.as_ref(), off, len, &mut buf) {
+            if let Err(e) = self.copy_window(remote.dev.as_ref(), off, len, &mut buf) {
                 if !full {
                     self.dirty.set_range(first, last - first + 1);
                 }
@@ -367,10 +461,10 @@ impl Primary {
         }
         let remote = (self.connect)()
             .map_err(|e| ReplicationError::Io(format!("cannot reach the secondary: {e}")))?;
-        if remote.size() != self.local.size() {
+        if remote.dev.size() != self.local.size() {
             return Err(ReplicationError::Invalid(format!(
                 "secondary disk is {} bytes, primary disk is {}",
-                remote.size(),
+                remote.dev.size(),
                 self.local.size()
             )));
         }
@@ -434,7 +528,7 @@ impl Replication for PrimaryControl {
         };
         // Every acknowledged write already reached the secondary (write-through);
         // the flush makes them durable there before the VM state is sent.
-        if let Err(e) = remote.flush() {
+        if let Err(e) = remote.dev.flush() {
             p.forward_failed("checkpoint flush", &e);
             return Err(ReplicationError::Io(e.to_string()));
         }
@@ -506,15 +600,14 @@ impl BlockDev for Primary {
     }
 
     fn write_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
-        let len = crate::block::iov_len(bufs);
-        self.replicate("write", offset, len, |d, _| d.write_vectored(offset, bufs))
+        self.replicate_write(offset, bufs)
     }
 
     fn flush(&self) -> BlockResult<()> {
         self.local.flush()?;
         let link = self.link.read().unwrap_or_else(|e| e.into_inner());
         if let Some(remote) = self.forwarding(&link) {
-            if let Err(e) = remote.flush() {
+            if let Err(e) = remote.dev.flush() {
                 self.forward_failed("flush", &e);
             }
         }

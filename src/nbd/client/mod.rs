@@ -152,7 +152,21 @@ impl Client {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn write(&self, offset: u64, bufs: &[VolatileSlice<'_>], fua: bool) -> Result<()> {
+    /// Sends a write of `bufs` at `offset` and returns without waiting for
+    /// the reply: the caller can do other work (the primary writes its local
+    /// disk) while the server handles it, then calls
+    /// [`SubmittedWrite::wait`]. The buffers are on the wire (or in the
+    /// socket) when this returns, so they may be reused at once.
+    pub fn submit_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<SubmittedWrite> {
+        self.send_write(offset, bufs, 0)
+    }
+
+    fn send_write(
+        &self,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+        flags: u16,
+    ) -> Result<SubmittedWrite> {
         let conn = self.current();
         let info = conn.info();
         if info.has(FLAG_READ_ONLY) {
@@ -161,8 +175,6 @@ impl Client {
         let len = iov_len(bufs);
         check_range(offset, len, self.size)?;
         aligned(info, "write", offset, len)?;
-        let native_fua = fua && info.has(FLAG_SEND_FUA);
-        let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
         let step = u64::from(info.max_payload);
         let mut tickets = Vec::new();
         let mut at = 0;
@@ -173,7 +185,13 @@ impl Client {
             tickets.push((offset + at, t));
             at += n;
         }
-        wait_all(&conn, "write", tickets)?;
+        Ok(SubmittedWrite { conn, tickets })
+    }
+
+    fn write(&self, offset: u64, bufs: &[VolatileSlice<'_>], fua: bool) -> Result<()> {
+        let native_fua = fua && self.current().info().has(FLAG_SEND_FUA);
+        let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
+        self.send_write(offset, bufs, flags)?.wait()?;
         if fua && !native_fua {
             return self.flush();
         }
@@ -215,6 +233,30 @@ impl Client {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+/// A write sent by [`Client::submit_write`] whose reply is still to come.
+/// Dropping it without [`wait`](Self::wait) leaves the outcome unknown.
+#[must_use = "the write's outcome is only known after wait()"]
+pub struct SubmittedWrite {
+    conn: Arc<Conn>,
+    tickets: Vec<(u64, std::result::Result<Arc<Ticket>, Failure>)>,
+}
+
+impl SubmittedWrite {
+    /// Waits for the server's replies; the first failure (in offset order)
+    /// is returned, as [`BlockDev::write_vectored`] would.
+    pub fn wait(self) -> Result<()> {
+        wait_all(&self.conn, "write", self.tickets).map(|_| ())
+    }
+}
+
+impl std::fmt::Debug for SubmittedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmittedWrite")
+            .field("requests", &self.tickets.len())
+            .finish()
     }
 }
 
