@@ -10,5 +10,6 @@ pub mod demo;
 pub mod frontend;
 pub mod nbd;
 pub mod replication;
+pub mod unix_socket;
 pub mod vhost;
 pub mod virtio_blk;

@@ -19,12 +19,9 @@ use thiserror::Error;
 /// Why the control socket could not be served or reached.
 #[derive(Debug, Error)]
 pub enum ControlError {
-    /// Another process is listening on the path.
-    #[error("control socket {0} is in use by another process")]
-    InUse(PathBuf),
-    /// bind() or chmod() failed.
-    #[error("cannot create control socket {0}: {1}")]
-    Bind(PathBuf, #[source] std::io::Error),
+    /// The control socket could not be created (path in use, too long, ...).
+    #[error("control {0}")]
+    Socket(#[from] crate::unix_socket::UnixSocketError),
     /// connect() failed.
     #[error("cannot connect to control socket {0}: {1}")]
     Connect(PathBuf, #[source] std::io::Error),

@@ -4,12 +4,12 @@ use super::framing::{Frame, Framer};
 use super::protocol::{error_reply, event_json, greeting, After, Session};
 use super::ControlError;
 use crate::replication::{EventSink, Replication};
+use crate::unix_socket::{self, SocketFile};
 use log::{info, warn};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -70,15 +70,16 @@ pub struct ControlContext {
 
 /// A listening control socket; dropping it stops accepting and removes the file.
 pub struct ControlServer {
-    path: PathBuf,
+    file: SocketFile,
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
     /// Binds `path` (mode 0600) and serves clients on background threads.
+    /// The path appears only once it accepts connections, already private.
     pub fn spawn(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
-        let listener = bind(path)?;
+        let (listener, file) = unix_socket::bind(path, Some(0o600))?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&stopping);
         let acceptor = std::thread::Builder::new()
@@ -87,7 +88,7 @@ impl ControlServer {
             .map_err(ControlError::Thread)?;
         info!("control socket listening on {}", path.display());
         Ok(ControlServer {
-            path: path.to_owned(),
+            file,
             stopping,
             acceptor: Some(acceptor),
         })
@@ -98,26 +99,12 @@ impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the blocking accept() so the thread sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        let _ = UnixStream::connect(self.file.path());
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Dropping `file` removes the socket.
     }
-}
-
-fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.to_owned()));
-        }
-        // A stale socket left by a crashed daemon.
-        std::fs::remove_file(path).map_err(|e| ControlError::Bind(path.to_owned(), e))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| ControlError::Bind(path.to_owned(), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ControlError::Bind(path.to_owned(), e))?;
-    Ok(listener)
 }
 
 fn accept_loop(listener: UnixListener, ctx: ControlContext, stopping: Arc<AtomicBool>) {
@@ -224,7 +211,8 @@ mod tests {
     use crate::control::fake::Fake;
     use crate::replication::{Event, Mode, Stage};
     use serde_json::json;
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::path::PathBuf;
     use std::sync::atomic::AtomicUsize;
 
     fn server(dir: &Path) -> (ControlServer, Arc<EventHub>, Arc<AtomicUsize>, PathBuf) {
@@ -332,7 +320,7 @@ mod tests {
         };
         assert!(matches!(
             ControlServer::spawn(&path, ctx),
-            Err(ControlError::InUse(_))
+            Err(ControlError::Socket(unix_socket::UnixSocketError::InUse(_)))
         ));
     }
 }

@@ -16,6 +16,9 @@ pub enum NbdError {
     /// The socket failed.
     #[error("NBD connection: {0}")]
     Io(#[from] io::Error),
+    /// The Unix listening socket could not be created.
+    #[error("NBD listen: {0}")]
+    Listen(#[from] crate::unix_socket::UnixSocketError),
     /// The peer sent something the protocol does not allow.
     #[error("NBD protocol violation: {0}")]
     Wire(#[from] WireError),

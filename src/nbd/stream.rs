@@ -3,11 +3,11 @@
 
 use super::uri::NbdAddr;
 use super::NbdError;
+use crate::unix_socket::{self, SocketFile};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
 
@@ -166,26 +166,22 @@ impl Write for Stream {
     }
 }
 
-/// A listening socket. A Unix listener removes its socket file when dropped.
+/// A listening socket. A Unix listener removes its socket file when dropped
+/// (the listener field drops first, so the file goes after the socket closed).
 #[derive(Debug)]
 pub(crate) enum Listener {
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
 }
 
 impl Listener {
-    /// Binds `addr`. A stale Unix socket file (nobody listening) is replaced;
-    /// any other existing file is an error.
+    /// Binds `addr`. A Unix socket path appears only once it accepts; a stale
+    /// socket file (nobody listening) is replaced, anything else refused.
     pub(crate) fn bind(addr: &NbdAddr) -> Result<Listener, NbdError> {
         match addr {
             NbdAddr::Unix(path) => {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if meta.file_type().is_socket() && UnixStream::connect(path).is_err() {
-                        std::fs::remove_file(path)?;
-                    }
-                }
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+                let (listener, file) = unix_socket::bind(path, None)?;
+                Ok(Listener::Unix(listener, file))
             }
             NbdAddr::Tcp { host, port } => {
                 let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
@@ -197,7 +193,7 @@ impl Listener {
     /// The bound address (with the real port when bound to port 0).
     pub(crate) fn local_addr(&self) -> io::Result<NbdAddr> {
         Ok(match self {
-            Listener::Unix(_, path) => NbdAddr::Unix(path.clone()),
+            Listener::Unix(_, file) => NbdAddr::Unix(file.path().to_owned()),
             Listener::Tcp(l) => {
                 let a = l.local_addr()?;
                 NbdAddr::Tcp {
@@ -225,15 +221,6 @@ impl AsRawFd for Listener {
         match self {
             Listener::Unix(l, _) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            // Already gone is fine: nobody else may reuse the path meanwhile.
-            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -12,13 +12,12 @@ mod worker;
 pub use shutdown::Shutdown;
 
 use crate::block::{BlockError, SharedDev};
+use crate::unix_socket::{self, UnixSocketError};
 use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
 use backend::BlkBackend;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -44,18 +43,9 @@ pub struct ServeOptions {
 /// Why [`serve`] stopped with an error.
 #[derive(Debug, Error)]
 pub enum VhostError {
-    /// The socket path is taken by something else.
-    #[error("socket path {0}: {1}")]
-    SocketPath(PathBuf, String),
-    /// Creating the listening socket failed.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// What failed.
-        #[source]
-        source: VhostUserError,
-    },
+    /// The listening socket could not be created (path taken, too long, ...).
+    #[error("cannot listen: {0}")]
+    Listen(#[from] UnixSocketError),
     /// Waiting for a frontend failed.
     #[error("waiting for a frontend: {0}")]
     Poll(#[source] io::Error),
@@ -75,11 +65,12 @@ pub enum VhostError {
 /// closed, the workers finish the requests they hold, the disk is flushed and
 /// the socket removed.
 pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result<(), VhostError> {
-    claim_socket_path(&opts.socket)?;
-    let mut listener = Listener::new(&opts.socket, false).map_err(|source| VhostError::Listen {
-        path: opts.socket.clone(),
-        source,
-    })?;
+    // The path appears only once it accepts: a VMM that waits for the file
+    // and connects at once is never refused.
+    let (listener, socket_file) = unix_socket::bind(&opts.socket, None)?;
+    // Built from a bound listener, vhost's Listener does not unlink the path;
+    // `socket_file` does.
+    let mut listener = Listener::from(listener);
     let geometry = Geometry::new(
         dev.size(),
         opts.logical_block_size,
@@ -97,8 +88,8 @@ pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result
     );
     let result = accept_loop(&dev, &geometry, opts, &mut listener, shutdown);
     let flushed = dev.flush().map_err(VhostError::Flush);
-    // Dropping the listener removes the socket file.
     drop(listener);
+    drop(socket_file);
     result.and(flushed)
 }
 
@@ -196,20 +187,5 @@ fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> Result<bool, V
         if fds[0].revents != 0 {
             return Ok(true);
         }
-    }
-}
-
-/// Removes a stale socket left by a dead process; refuses to replace anything
-/// else (a regular file, a socket someone is listening on).
-fn claim_socket_path(path: &Path) -> Result<(), VhostError> {
-    let taken = |why: &str| VhostError::SocketPath(path.to_path_buf(), why.to_string());
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(taken(&e.to_string())),
-        Ok(meta) if !meta.file_type().is_socket() => Err(taken("exists and is not a socket")),
-        Ok(_) if UnixStream::connect(path).is_ok() => {
-            Err(taken("another process is listening on it"))
-        }
-        Ok(_) => std::fs::remove_file(path).map_err(|e| taken(&e.to_string())),
     }
 }

@@ -111,14 +111,11 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Waits for a daemon's Unix socket at `path`: same as [`wait_for_socket`]
-/// (the file alone is not enough, it exists a moment before the daemon listens).
-pub fn wait_for_path(path: &Path, child: &mut ChildGuard) {
-    wait_for_socket(path, child)
-}
-
-/// Waits until a daemon accepts connections on the Unix socket `path` (the
-/// file exists a moment before the daemon listens), or panics after ~10 s.
+/// Waits until a QEMU daemon (qemu-storage-daemon, qemu-nbd) accepts
+/// connections on the Unix socket `path`, or panics after ~10 s. QEMU binds
+/// before it listens, so its socket file exists a moment before it accepts;
+/// colo-blk's own sockets do not (`colo_blk::unix_socket`), and tests wait for
+/// their path only.
 pub fn wait_for_socket(path: &Path, child: &mut ChildGuard) {
     for _ in 0..1000 {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
