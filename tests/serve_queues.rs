@@ -23,7 +23,12 @@ fn four_queues_write_and_verify_their_own_regions_concurrently() {
     )
     .unwrap();
     assert_eq!(c.blkio().get_i32("num-queues").unwrap(), QUEUES as i32);
-    // One worker thread per queue in the backend.
+    // One worker thread per queue in the backend. A thread names itself once
+    // it runs, so a just-spawned one may not be counted yet: wait for them.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while worker_threads(d.pid()) < QUEUES && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(worker_threads(d.pid()), QUEUES, "{}", d.log());
 
     // Each queue owns one region of the disk and interleaves writes and
