@@ -146,7 +146,10 @@ impl Secondary {
 
     fn guest_flush(&self) -> Result<()> {
         match self.stage() {
-            Stage::None => Err(not_started()),
+            // A flush exposes nothing and makes the initial sync durable; QEMU's
+            // driver passes flushes down in every stage too. It also lets the
+            // daemon's final flush at SIGTERM succeed before replication started.
+            Stage::None => self.disk.flush(),
             // The overlays are volatile by design (their bitmaps live in memory):
             // the secondary VM's writes become durable by the failover commit,
             // which flushes the disk. Syncing the overlay files buys nothing.
