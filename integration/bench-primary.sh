@@ -6,6 +6,10 @@
 #      started first, the primary with `--sync none` on equal fresh copies),
 #      as ratios to plain mode on the same image. randread is a sanity row:
 #      reads never leave the primary, so it should be about 1.0x.
+#      For reference, the secondary's NBD export alone (also running) takes 4k
+#      writes from `qemu-img bench` at QD1 and QD32: the primary's vhost queue
+#      worker serves one request at a time, so its writes pay one NBD round
+#      trip each, and QD1 is what it can reach.
 #   b. resync: `ctl start --sync full` of an image that is half holes
 #      (alternating 1 MiB random data / 1 MiB hole) until query-replication
 #      shows done == total, against `qemu-img convert -n` of the same image into
@@ -100,6 +104,25 @@ run_primary() {
   echo "  [$tag] secondary disk equals the primary disk"
 }
 
+# nbd_reference: 4k sequential writes straight into a running secondary's
+# export, at QD1 and QD32; keeps "nbd-qdN 4k-write iops" in $work/results.
+nbd_reference() {
+  local d count t0 t1
+  cp "$img" "$sec"
+  start_secondary "$bin" "$sec"
+  "$bin" ctl --control "$work/sec-ctl.sock" start >/dev/null
+  for d in 1 32; do
+    count=$((d == 1 ? 20000 : 60000))
+    t0=$(bench_now_ns)
+    qemu-img bench -f raw -w -t none -s 4k -d "$d" -c "$count" \
+      "nbd+unix:///parent0?socket=$work/nbd.sock" >/dev/null
+    t1=$(bench_now_ns)
+    echo "nbd-qd$d 4k-write $(( count * 1000000000 / (t1 - t0) )) 0 0" >>"$work/results"
+    echo "  [nbd export alone] 4k writes QD$d: $(( count * 1000000000 / (t1 - t0) )) IOPS"
+  done
+  bench_stop "$sec_pid"
+}
+
 rimg=$work/resync.img
 rsec=$work/resync-sec.img
 echo "== resync image: $resync_mb MiB, alternating 1 MiB random data / 1 MiB hole"
@@ -171,6 +194,7 @@ for round in $(seq 1 "$rounds"); do
   run_plain
   run_primary primary "$bin"
   if [ -n "$baseline" ]; then run_primary baseline "$baseline"; fi
+  nbd_reference
   run_resync
   run_convert
 done
@@ -202,6 +226,16 @@ for w in ${workloads//,/ }; do
   done
   echo
 done
+
+echo
+awk '$1=="plain" && $2=="randwrite-4k-qd32" { base=$3 }
+  $1 ~ /^nbd-qd/ { v[$1]=$3 }
+  END {
+    printf "| %-52s | %8s | %-8s |\n", "4k writes into the secondary NBD export alone", "IOPS", "vs plain"
+    printf "|%s|%s|%s|\n", "------------------------------------------------------", "----------", "----------"
+    printf "| %-52s | %8d | %7.2fx |\n", "qemu-img bench QD1 (the bound for one request at a time)", v["nbd-qd1"], v["nbd-qd1"] / base
+    printf "| %-52s | %8d | %7.2fx |\n", "qemu-img bench QD32", v["nbd-qd32"], v["nbd-qd32"] / base
+  }' "$work/best"
 
 echo
 awk -v mb="$resync_mb" '
