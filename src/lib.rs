@@ -9,6 +9,7 @@ pub mod control;
 pub mod demo;
 pub mod frontend;
 pub mod nbd;
+pub mod pattern;
 pub mod replication;
 pub mod unix_socket;
 pub mod vhost;

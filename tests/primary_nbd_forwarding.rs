@@ -8,6 +8,7 @@ mod nbd_util;
 
 use colo_blk::block::{BlockDevExt, RawFile, RawFileOptions, SharedDev};
 use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri, Server, ServerOptions};
+use colo_blk::pattern::XorShift;
 use colo_blk::replication::{
     ForwardTarget, Primary, PrimaryControl, Replication, ReplicationError, SyncMode,
 };
@@ -20,17 +21,6 @@ const SIZE: u64 = 8 << 20;
 const CLUSTER: u64 = 64 << 10;
 /// Writes land in the first 16 clusters only, so threads keep colliding.
 const HOT: u64 = 16 * CLUSTER;
-
-/// xorshift64*: deterministic, so a failure replays.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 struct Setup {
     secondary: Served,
@@ -53,7 +43,7 @@ fn setup() -> Setup {
     )
     .unwrap();
     // Data everywhere but one hole, so a full resync copies both kinds.
-    let mut rng = Rng(7);
+    let mut rng = XorShift::new(7);
     for at in (0..SIZE - 4 * CLUSTER).step_by(CLUSTER as usize) {
         let bytes: Vec<u8> = (0..CLUSTER).map(|_| rng.next() as u8).collect();
         dev.write_at(at, &bytes).unwrap();
@@ -93,7 +83,7 @@ fn writers(
             let stop = Arc::clone(stop);
             std::thread::spawn(move || {
                 let ctl = PrimaryControl(Arc::clone(&p));
-                let mut rng = Rng(t + 1);
+                let mut rng = XorShift::new(t + 1);
                 let mut n = 0;
                 loop {
                     let failed = until_error && ctl.get_error().is_err();

@@ -4,6 +4,7 @@
 use colo_blk::block::{
     BlockDev, BlockDevExt, BlockError, Extent, RawFile, RawFileOptions, SharedDev,
 };
+use colo_blk::pattern::XorShift;
 use colo_blk::replication::{
     Event, Mode, Primary, PrimaryControl, Replication, ReplicationError, Stage, SyncMode,
 };
@@ -123,19 +124,8 @@ fn pair() -> Pair {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so failures replay.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn random_writes(dev: &dyn BlockDev, seed: u64, count: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = XorShift::new(seed);
     for _ in 0..count {
         let len = (rng.next() % 64 + 1) * 512;
         let off = (rng.next() % ((SIZE - len) / 512)) * 512;

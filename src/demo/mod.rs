@@ -10,6 +10,7 @@ mod procs;
 use crate::block::BlockDevExt;
 use crate::control::client::QmpClient;
 use crate::frontend::{Client, ClientOptions, Queue};
+use crate::pattern::{self, XorShift};
 use procs::Proc;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ impl Paths {
 
 struct Demo {
     paths: Paths,
-    rng: Rng,
+    rng: XorShift,
     step: usize,
 }
 
@@ -58,7 +59,7 @@ impl Demo {
             paths: Paths {
                 dir: dir.to_owned(),
             },
-            rng: Rng(0x00c0_10b1_c0de),
+            rng: XorShift::new(0x00c0_10b1_c0de),
             step: 0,
         })
     }
@@ -77,7 +78,7 @@ impl Demo {
         );
         // The primary disk starts with data in its first quarter and holes after.
         let primary_img = p.p("primary.img");
-        let seed = pattern(1, (DISK / 4) as usize);
+        let seed = pattern::bytes(1, (DISK / 4) as usize);
         std::fs::write(&primary_img, &seed).map_err(|e| e.to_string())?;
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -254,7 +255,7 @@ impl Demo {
         for _ in 0..count {
             let len = ((self.rng.next() % 16 + 1) * 4096) as usize;
             let off = self.rng.next() % ((DISK - len as u64) / 4096) * 4096;
-            let data = pattern(self.rng.next(), len);
+            let data = pattern::bytes(self.rng.next(), len);
             q.write(off, &data)
                 .map_err(|e| format!("guest write at {off}: {e}"))?;
             kib += len as u64 / 1024;
@@ -318,28 +319,5 @@ fn compare_bytes(what: &str, x: &[u8], y: &[u8]) -> Result<(), String> {
             "{what}: first difference at byte {i}: {} vs {}",
             x[i], y[i]
         )),
-    }
-}
-
-/// Deterministic bytes for a seed, so a failing run replays.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        v.extend_from_slice(&r.next().to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// xorshift64*: small, seedable, good enough for test patterns.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
