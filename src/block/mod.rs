@@ -97,6 +97,15 @@ pub trait BlockDev: Send + Sync {
 
     /// Describes the run that starts at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// How many writes (and discards / write-zeroes) this node benefits from
+    /// running at once. 0, the default, means a write costs about as much as
+    /// handing it to another thread would (a local file), so callers run it
+    /// inline; a node whose writes wait on a round trip (a primary forwarding
+    /// to its secondary) returns how many it can usefully keep in flight.
+    fn concurrent_writes(&self) -> usize {
+        0
+    }
 }
 
 /// Returns the total length of a buffer list.

@@ -62,6 +62,11 @@ impl ForwardTarget {
     }
 }
 
+/// Guest writes worth keeping in flight at once (see
+/// [`BlockDev::concurrent_writes`]): each waits on a round trip to the
+/// secondary, and the NBD client multiplexes them on one connection.
+const CONCURRENT_WRITES: usize = 16;
+
 /// Largest piece a resync copies in one I/O.
 const RESYNC_WINDOW: u64 = 1 << 20;
 /// Parallel resync copiers: enough to keep an NBD link busy.
@@ -630,6 +635,14 @@ impl BlockDev for Primary {
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.local.block_status(offset, len)
+    }
+
+    fn concurrent_writes(&self) -> usize {
+        // Asked once per frontend connection, so not only while forwarding:
+        // with forwarding off the writes are merely local ones run beside the
+        // queue worker. Same-cluster writes still serialise on the cluster
+        // locks, which keeps both copies applying them in one order.
+        CONCURRENT_WRITES
     }
 }
 

@@ -1,7 +1,7 @@
 //! The `VhostUserBackend` implementation: feature negotiation, config space, and
 //! one worker thread per queue.
 
-use super::offload::ReadPool;
+use super::offload::IoPool;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
@@ -18,7 +18,7 @@ use vmm_sys_util::event::{
 pub(crate) struct BlkBackend {
     device: Arc<BlkDevice>,
     /// One per queue, indexed like the queues (and the worker threads).
-    pools: Vec<ReadPool>,
+    pools: Vec<IoPool>,
     /// The same object the vhost-user handler updates on SET_MEM_TABLE /
     /// ADD_MEM_REGION, so workers always see the current map.
     mem: GuestMemoryAtomic<GuestMem>,
@@ -34,7 +34,7 @@ impl BlkBackend {
         queue_size: usize,
     ) -> io::Result<Self> {
         let pools = (0..num_queues)
-            .map(|q| ReadPool::new(device.clone(), q))
+            .map(|q| IoPool::new(device.clone(), q))
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
             device,
@@ -45,14 +45,14 @@ impl BlkBackend {
         })
     }
 
-    /// The epoll event id of a queue's read-completion eventfd: ids up to
+    /// The epoll event id of a queue's I/O-completion eventfd: ids up to
     /// `num_queues` are vhost-user-backend's own.
     pub(crate) fn completion_event(&self) -> u64 {
         self.num_queues as u64 + 1
     }
 
-    /// The read pool of queue `q`.
-    pub(crate) fn pool(&self, q: usize) -> Option<&ReadPool> {
+    /// The I/O pool of queue `q`.
+    pub(crate) fn pool(&self, q: usize) -> Option<&IoPool> {
         self.pools.get(q)
     }
 }
@@ -119,8 +119,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the ring position reported must include every read
-        // handed to the pool.
+        // GET_VRING_BASE: the ring position reported must include every
+        // request handed to the pool, and no write may still be landing on the
+        // disk once the queue is stopped (the frontend may then migrate or
+        // snapshot it).
         if let Some(pool) = self.pools.get(queue_index as usize) {
             pool.wait_idle();
         }

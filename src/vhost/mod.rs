@@ -114,7 +114,7 @@ fn accept_loop(
         );
         let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend.clone(), mem)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
-        // Each queue worker also watches its read pool's completions.
+        // Each queue worker also watches its I/O pool's completions.
         for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
             if let Some(pool) = backend.pool(q) {
                 handler
@@ -134,7 +134,7 @@ fn accept_loop(
         let ended = daemon.wait();
         shutdown.attach(None);
         // Dropping the daemon stops and joins the queue workers, dropping the
-        // backend then joins the read pools: every request picked up has
+        // backend then joins the I/O pools: every request picked up has
         // completed once this returns.
         drop(daemon);
         drop(backend);

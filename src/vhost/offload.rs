@@ -1,14 +1,17 @@
-//! Per-queue read pools: large reads run on a few threads beside the queue
-//! worker, so several proceed at once while the worker keeps serving its ring.
+//! Per-queue I/O pools: large reads, and writes when the served node asks for
+//! it ([`BlockDev::concurrent_writes`](crate::block::BlockDev::concurrent_writes)),
+//! run on threads beside the queue worker, so several proceed at once while the
+//! worker keeps serving its ring. A node that does not ask (a local file) has
+//! its writes run inline, exactly as without a pool.
 //!
-//! The worker hands a validated read over ([`ReadOffload`]); a pool thread does
-//! the transfer, writes the status byte, and queues the completion; the worker,
+//! The worker hands a validated request over ([`Offload`]); a pool thread does
+//! the I/O, writes the status byte, and queues the completion; the worker,
 //! woken through an eventfd registered in its own epoll loop, puts completions in
 //! the used ring. Only the worker (and GET_VRING_BASE, after waiting for the pool
 //! to drain) ever writes the used ring, and each queue has its own pool: queues
 //! share nothing here.
 
-use crate::virtio_blk::{BlkDevice, Completion, DeferredRead, GuestMem, ReadOffload};
+use crate::virtio_blk::{BlkDevice, Completion, Deferred, GuestMem, Offload};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -16,20 +19,27 @@ use std::thread::JoinHandle;
 use vm_memory::GuestMemoryLoadGuard;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-/// Threads per queue's pool (started on the first large read).
+/// Threads per queue's pool for reads (started on the first request handed over).
 const POOL_THREADS: usize = 4;
+/// Upper bound on a node's write hint: more threads than requests a ring can
+/// hold in flight would only idle.
+const MAX_WRITE_THREADS: usize = 64;
 
-/// The read pool of one queue.
-pub(crate) struct ReadPool {
+/// The I/O pool of one queue.
+pub(crate) struct IoPool {
     device: Arc<BlkDevice>,
     queue_index: usize,
-    jobs: OnceLock<Sender<DeferredRead>>,
+    /// Threads to start: enough for reads, or for the node's write hint.
+    threads_wanted: usize,
+    /// Writes, discards and write-zeroes are handed over too.
+    takes_writes: bool,
+    jobs: OnceLock<Sender<Deferred>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     done_tx: Sender<Completion>,
     done_rx: Mutex<Receiver<Completion>>,
     /// Readable when completions are waiting.
     notify: EventFd,
-    /// Reads submitted and not yet in the used ring.
+    /// Requests submitted and not yet in the used ring.
     in_flight: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
@@ -39,12 +49,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl ReadPool {
+impl IoPool {
     pub(crate) fn new(device: Arc<BlkDevice>, queue_index: usize) -> std::io::Result<Self> {
         let (done_tx, done_rx) = channel();
-        Ok(ReadPool {
+        let writes = device.concurrent_writes().min(MAX_WRITE_THREADS);
+        Ok(IoPool {
             device,
             queue_index,
+            threads_wanted: POOL_THREADS.max(writes),
+            takes_writes: writes > 0,
             jobs: OnceLock::new(),
             threads: Mutex::new(Vec::new()),
             done_tx,
@@ -66,38 +79,38 @@ impl ReadPool {
         Submitter { pool: self, mem }
     }
 
-    fn submit(&self, read: DeferredRead) {
+    fn submit(&self, request: Deferred) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let read = match self.jobs.get_or_init(|| self.start()).send(read) {
+        let request = match self.jobs.get_or_init(|| self.start()).send(request) {
             Ok(()) => return,
             Err(unsent) => unsent.0,
         };
         // No pool thread could be started: run it here, completing it through
         // the same path so that accounting stays in one place.
-        self.complete(read.run(&self.device));
+        self.complete(request.run(&self.device));
     }
 
-    fn start(&self) -> Sender<DeferredRead> {
-        let (tx, rx) = channel::<DeferredRead>();
+    fn start(&self) -> Sender<Deferred> {
+        let (tx, rx) = channel::<Deferred>();
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = lock(&self.threads);
-        for i in 0..POOL_THREADS {
+        for i in 0..self.threads_wanted {
             let rx = Arc::clone(&rx);
             let device = Arc::clone(&self.device);
             let done = self.done_tx.clone();
             let notify = match self.notify.try_clone() {
                 Ok(fd) => fd,
                 Err(e) => {
-                    log::warn!("queue {}: read pool: {e}", self.queue_index);
+                    log::warn!("queue {}: I/O pool: {e}", self.queue_index);
                     break;
                 }
             };
             let spawned = std::thread::Builder::new()
-                .name(format!("colo-blk-rd{}.{i}", self.queue_index))
+                .name(format!("colo-blk-io{}.{i}", self.queue_index))
                 .spawn(move || loop {
                     let next = lock(&rx).recv();
-                    let Ok(read) = next else { return };
-                    if done.send(read.run(&device)).is_err() {
+                    let Ok(request) = next else { return };
+                    if done.send(request.run(&device)).is_err() {
                         return;
                     }
                     let _ = notify.write(1);
@@ -105,13 +118,13 @@ impl ReadPool {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => log::warn!(
-                    "queue {}: cannot start a read thread: {e}",
+                    "queue {}: cannot start an I/O thread: {e}",
                     self.queue_index
                 ),
             }
         }
         if threads.is_empty() {
-            // Dropping the receiver makes every send fail: reads then run inline.
+            // Dropping the receiver makes every send fail: requests then run inline.
             drop(rx);
         }
         tx
@@ -137,8 +150,9 @@ impl ReadPool {
         }
     }
 
-    /// Blocks until every submitted read is in the used ring (GET_VRING_BASE
-    /// must not report a ring position with requests still running).
+    /// Blocks until every submitted request is in the used ring (GET_VRING_BASE
+    /// must not report a ring position with requests still running, and a
+    /// stopped queue must not have writes still landing on the disk).
     pub(crate) fn wait_idle(&self) {
         let mut guard = lock(&self.idle_lock);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
@@ -150,10 +164,11 @@ impl ReadPool {
     }
 }
 
-impl Drop for ReadPool {
+impl Drop for IoPool {
     fn drop(&mut self) {
-        // Closing the job channel ends the threads once they finish the reads
-        // they hold, which keep guest memory mapped until then.
+        // Closing the job channel ends the threads once they have run every
+        // request queued (a write picked up is never dropped); the requests keep
+        // guest memory mapped until then.
         self.jobs.take();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
@@ -161,18 +176,22 @@ impl Drop for ReadPool {
     }
 }
 
-/// The [`ReadOffload`] a worker uses during one pass.
+/// The [`Offload`] a worker uses during one pass.
 pub(crate) struct Submitter<'a> {
-    pool: &'a ReadPool,
+    pool: &'a IoPool,
     mem: &'a GuestMemoryLoadGuard<GuestMem>,
 }
 
-impl ReadOffload for Submitter<'_> {
+impl Offload for Submitter<'_> {
     fn memory(&self) -> Arc<GuestMem> {
         self.mem.clone().into_inner()
     }
 
-    fn submit(&mut self, read: DeferredRead) {
-        self.pool.submit(read);
+    fn takes_writes(&self) -> bool {
+        self.pool.takes_writes
+    }
+
+    fn submit(&mut self, request: Deferred) {
+        self.pool.submit(request);
     }
 }

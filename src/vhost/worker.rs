@@ -1,7 +1,7 @@
 //! A queue worker's reaction to a kick: drain the ring, notify once, and re-arm
 //! notifications without losing a request that raced with re-arming.
 
-use super::offload::ReadPool;
+use super::offload::IoPool;
 use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Scratch};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -23,7 +23,7 @@ pub(crate) fn serve_vring(
     vring: &VringRwLock,
     mem: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
-    pool: Option<&ReadPool>,
+    pool: Option<&IoPool>,
     queue_index: usize,
 ) {
     let mut state = vring.get_mut();
@@ -46,7 +46,7 @@ pub(crate) fn serve_vring(
             &mut scratch,
             offload
                 .as_mut()
-                .map(|o| o as &mut dyn crate::virtio_blk::ReadOffload),
+                .map(|o| o as &mut dyn crate::virtio_blk::Offload),
         );
         idle_passes = if done == 0 { idle_passes + 1 } else { 0 };
         if done > 0 {
@@ -73,13 +73,13 @@ pub(crate) fn serve_vring(
     }
 }
 
-/// Puts the reads the pool finished into the used ring and notifies the
+/// Puts the requests the pool finished into the used ring and notifies the
 /// driver once for all of them.
 pub(crate) fn complete_deferred(
     vring: &VringRwLock,
     mem: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
-    pool: &ReadPool,
+    pool: &IoPool,
     queue_index: usize,
 ) {
     let mut done: Vec<Completion> = Vec::new();
@@ -93,7 +93,7 @@ pub(crate) fn complete_deferred(
     let queue = state.get_queue_mut();
     for c in &done {
         if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
-            device.report_ring_error(queue_index, "cannot complete a read", e);
+            device.report_ring_error(queue_index, "cannot complete a deferred request", e);
         }
     }
     match queue.needs_notification(mem) {
@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn deferred_reads_complete_through_the_pool_and_the_worker() {
-        use super::super::offload::ReadPool;
+        use super::super::offload::IoPool;
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
         let dir = tempfile::tempdir().unwrap();
@@ -215,7 +215,7 @@ mod tests {
             Geometry::new(1 << 20, 512, SIZE, 1, false),
             "",
         ));
-        let pool = ReadPool::new(device.clone(), 0).unwrap();
+        let pool = IoPool::new(device.clone(), 0).unwrap();
 
         let atomic = GuestMemoryAtomic::new(
             GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
@@ -266,5 +266,219 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
         // Nothing is left in flight: GET_VRING_BASE would not block.
         pool.wait_idle();
+    }
+
+    /// A disk whose writes wait at a gate, and that asks for writes to run
+    /// concurrently (as a forwarding primary does).
+    struct GatedDisk {
+        inner: Arc<RawFile>,
+        open: std::sync::Mutex<bool>,
+        changed: std::sync::Condvar,
+        waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    impl GatedDisk {
+        fn wait_for_writers(&self, n: usize) {
+            let mut open = self.open.lock().unwrap();
+            while self.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
+                open = self.changed.wait(open).unwrap();
+            }
+        }
+
+        fn open_gate(&self) {
+            *self.open.lock().unwrap() = true;
+            self.changed.notify_all();
+        }
+    }
+
+    impl crate::block::BlockDev for GatedDisk {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_vectored(
+            &self,
+            o: u64,
+            b: &[vm_memory::VolatileSlice<'_>],
+        ) -> crate::block::Result<()> {
+            self.inner.read_vectored(o, b)
+        }
+        fn write_vectored(
+            &self,
+            o: u64,
+            b: &[vm_memory::VolatileSlice<'_>],
+        ) -> crate::block::Result<()> {
+            let mut open = self.open.lock().unwrap();
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.changed.notify_all();
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
+            drop(open);
+            self.inner.write_vectored(o, b)
+        }
+        fn flush(&self) -> crate::block::Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, o: u64, l: u64) -> crate::block::Result<()> {
+            self.inner.discard(o, l)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool) -> crate::block::Result<()> {
+            self.inner.write_zeroes(o, l, u)
+        }
+        fn block_status(&self, o: u64, l: u64) -> crate::block::Result<crate::block::Extent> {
+            self.inner.block_status(o, l)
+        }
+        fn concurrent_writes(&self) -> usize {
+            4
+        }
+    }
+
+    /// Appends 4k writes `first..first + n` of byte `i + 1` to sector `8 * i`.
+    fn add_writes(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, first: u16, n: u16) {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+        let mut descs = Vec::new();
+        for i in first..first + n {
+            let hdr = 0x10_0000 + u64::from(i) * 0x100;
+            let data = 0x20_0000 + u64::from(i) * 0x1000;
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+            h[8..].copy_from_slice(&(8 * u64::from(i)).to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            mem.write_slice(&[i as u8 + 1; 4096], GuestAddress(data))
+                .unwrap();
+            mem.write_obj(0xeeu8, GuestAddress(hdr + 0x80)).unwrap();
+            let d = |a, l, f: u32, n| RawDescriptor::from(SplitDescriptor::new(a, l, f as u16, n));
+            descs.push(d(hdr, 16, VRING_DESC_F_NEXT, 3 * i + 1));
+            descs.push(d(data, 4096, VRING_DESC_F_NEXT, 3 * i + 2));
+            descs.push(d(hdr + 0x80, 1, VRING_DESC_F_WRITE, 0));
+        }
+        vq.add_desc_chains(&descs, 3 * first).unwrap();
+    }
+
+    fn ready_vring(
+        atomic: &GuestMemoryAtomic<GuestMem>,
+        vq: &MockSplitQueue<GuestMem>,
+    ) -> VringRwLock {
+        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    #[test]
+    fn writes_run_in_the_pool_when_the_node_asks_and_a_stop_waits_for_them() {
+        use super::super::offload::IoPool;
+        use crate::block::BlockDevExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let raw = Arc::new(RawFile::from_file(file, false).unwrap());
+        let disk = Arc::new(GatedDisk {
+            inner: raw.clone(),
+            open: std::sync::Mutex::new(false),
+            changed: std::sync::Condvar::new(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let geometry = Geometry::new(1 << 20, 512, SIZE, 1, false);
+        let device = Arc::new(BlkDevice::new(disk.clone(), geometry, ""));
+        let pool = Arc::new(IoPool::new(device.clone(), 0).unwrap());
+
+        let atomic = GuestMemoryAtomic::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+        );
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = ready_vring(&atomic, &vq);
+        let used_idx = vq.used_addr().unchecked_add(2);
+
+        add_writes(mem, &vq, 0, 3);
+        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        // The worker is free again while all three writes are in progress at
+        // once, on the pool's threads.
+        disk.wait_for_writers(3);
+        assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
+
+        // A stop (GET_VRING_BASE) waits until every write is in the used ring,
+        // not merely until the disk has it.
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
+        let stopper = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                pool.wait_idle();
+                stopped_tx.send(()).unwrap();
+            })
+        };
+        disk.open_gate();
+        let mut done = 0;
+        while done < 3 {
+            let mut pfd = libc::pollfd {
+                fd: pool.notify_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
+            assert!(
+                stopped.try_recv().is_err(),
+                "stop returned before completion"
+            );
+            complete_deferred(&vring, &atomic, &device, &pool, 0);
+            done = mem.read_obj::<u16>(used_idx).unwrap();
+        }
+        stopper.join().unwrap();
+        assert!(stopped.try_recv().is_ok());
+        for i in 0..3u16 {
+            let status = 0x10_0000 + u64::from(i) * 0x100 + 0x80;
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+            let mut back = vec![0u8; 4096];
+            raw.read_at(u64::from(i) * 4096, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == i as u8 + 1), "write {i} on disk");
+        }
+    }
+
+    #[test]
+    fn a_plain_disk_still_writes_inline_on_the_worker() {
+        use super::super::offload::IoPool;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
+        let device = Arc::new(BlkDevice::new(
+            disk,
+            Geometry::new(1 << 20, 512, SIZE, 1, false),
+            "",
+        ));
+        let pool = IoPool::new(device.clone(), 0).unwrap();
+        let atomic = GuestMemoryAtomic::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+        );
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = ready_vring(&atomic, &vq);
+
+        add_writes(mem, &vq, 0, 2);
+        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        let used_idx = vq.used_addr().unchecked_add(2);
+        assert_eq!(
+            mem.read_obj::<u16>(used_idx).unwrap(),
+            2,
+            "completed in the pass"
+        );
+        let mut pfd = libc::pollfd {
+            fd: pool.notify_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0, "nothing deferred");
     }
 }

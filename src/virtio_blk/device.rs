@@ -9,7 +9,7 @@ use super::config::{
 use super::error::{ERROR_CLASSES, RING_CLASS};
 use super::ratelimit::LogLimiter;
 use super::RequestError;
-use crate::block::SharedDev;
+use crate::block::{BlockDev, SharedDev};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
@@ -30,43 +30,93 @@ pub struct Completion {
     pub used_len: u32,
 }
 
-/// Reads at least this long may be handed to [`ReadOffload`]: long enough that
+/// Reads at least this long may be handed to [`Offload`]: long enough that
 /// the hand-off is a small part of their cost.
 pub const OFFLOAD_MIN: u64 = 128 << 10;
 
-/// Where a queue worker can send large reads to run on other threads, so that
-/// several of them proceed at once while the worker keeps serving its ring.
-pub trait ReadOffload {
+/// Where a queue worker can send requests to run on other threads, so that
+/// several of them proceed at once while the worker keeps serving its ring:
+/// large reads always, and writes, discards and write-zeroes when
+/// [`takes_writes`](Offload::takes_writes) says so.
+///
+/// Flushes always run inline, without waiting for writes handed over: virtio
+/// only promises that writes completed (in the used ring) before a flush was
+/// submitted are durable after it, and a deferred write is not completed
+/// before its pool thread has finished it.
+pub trait Offload {
     /// The guest memory map the current chains were parsed against; a deferred
-    /// read holds it so that its buffers stay mapped until it completes.
+    /// request holds it so that its buffers stay mapped until it completes.
     fn memory(&self) -> Arc<GuestMem>;
 
-    /// Takes a validated read. The implementation must eventually
-    /// [`run`](DeferredRead::run) it and put the returned completion in the
-    /// used ring.
-    fn submit(&mut self, read: DeferredRead);
+    /// True when writes, discards and write-zeroes are handed over too (the
+    /// served node's [`BlockDev::concurrent_writes`] is not 0).
+    fn takes_writes(&self) -> bool {
+        false
+    }
+
+    /// Takes a validated request. The implementation must eventually
+    /// [`run`](Deferred::run) it and put the returned completion in the used
+    /// ring.
+    fn submit(&mut self, request: Deferred);
 }
 
-/// A validated read whose data transfer has not happened yet.
-pub struct DeferredRead {
+/// What a deferred request does.
+enum DeferredOp {
+    /// Fill the device-writable `ranges` (guest address, length).
+    Read {
+        offset: u64,
+        len: u64,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Write the device-readable `ranges` (guest address, length).
+    Write {
+        offset: u64,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Discard or zero these validated segments.
+    Ranges { zeroes: bool, ranges: Vec<Range> },
+}
+
+/// A validated request whose I/O has not happened yet.
+pub struct Deferred {
     head: u16,
-    offset: u64,
-    len: u64,
-    /// Device-writable data ranges (guest address, length).
-    ranges: Vec<(u64, u64)>,
+    op: DeferredOp,
     status_addr: u64,
+    /// Flush after a write or write-zeroes (write-through cache), as decided
+    /// when the request was validated.
+    flush: bool,
     dev: SharedDev,
     mem: Arc<GuestMem>,
 }
 
-impl DeferredRead {
-    /// Does the read, writes the status byte, and returns the used-ring entry.
+impl Deferred {
+    /// True for a read, false for a write, discard or write-zeroes.
+    pub fn is_read(&self) -> bool {
+        matches!(self.op, DeferredOp::Read { .. })
+    }
+
+    /// Does the I/O, writes the status byte, and returns the used-ring entry.
     /// `device` is the model that deferred it (for error reporting).
     pub fn run(self, device: &BlkDevice) -> Completion {
-        let mut bufs = Vec::with_capacity(self.ranges.len());
-        let result = slices(&self.mem, self.ranges.iter().copied(), &mut bufs)
-            .and_then(|_| Ok(self.dev.read_vectored(self.offset, &bufs)?))
-            .map(|()| Exec::Done(self.len));
+        let dev = self.dev.as_ref();
+        let mut bufs = Vec::new();
+        let result = match &self.op {
+            DeferredOp::Read {
+                offset,
+                len,
+                ranges,
+            } => slices(&self.mem, ranges.iter().copied(), &mut bufs)
+                .and_then(|_| Ok(dev.read_vectored(*offset, &bufs)?))
+                .map(|()| Exec::Done(*len)),
+            DeferredOp::Write { offset, ranges } => {
+                slices(&self.mem, ranges.iter().copied(), &mut bufs)
+                    .and_then(|_| apply_write(dev, *offset, &bufs, self.flush))
+                    .map(Exec::Done)
+            }
+            DeferredOp::Ranges { zeroes, ranges } => {
+                apply_ranges(dev, *zeroes, ranges, self.flush).map(Exec::Done)
+            }
+        };
         drop(bufs);
         device
             .finish(&self.mem, self.head, self.status_addr, result)
@@ -81,7 +131,7 @@ impl DeferredRead {
 enum Exec {
     /// Finished; this many data bytes were written to the guest.
     Done(u64),
-    /// Handed to a [`ReadOffload`]; it completes later.
+    /// Handed to an [`Offload`]; it completes later.
     Deferred,
 }
 
@@ -137,6 +187,11 @@ impl BlkDevice {
             flush_negotiated: AtomicBool::new(true),
             log: LogLimiter::new(ERROR_CLASSES),
         }
+    }
+
+    /// The served node's [`BlockDev::concurrent_writes`] hint.
+    pub fn concurrent_writes(&self) -> usize {
+        self.dev.concurrent_writes()
     }
 
     /// What the guest is told about the disk.
@@ -195,14 +250,15 @@ impl BlkDevice {
     /// a status byte (or, with no writable status byte, a used length of 0) and a
     /// rate-limited log line.
     ///
-    /// With `offload`, a large read may be handed over instead: then `None` is
-    /// returned and the offload completes it later.
+    /// With `offload`, a large read (or, if it takes them, a write, discard or
+    /// write-zeroes) may be handed over instead: then `None` is returned and the
+    /// offload completes it later.
     pub fn handle_chain<'m>(
         &self,
         mem: &'m GuestMem,
         chain: DescriptorChain<&'m GuestMem>,
         scratch: &mut Scratch<'m>,
-        offload: Option<&mut dyn ReadOffload>,
+        offload: Option<&mut dyn Offload>,
     ) -> Option<Completion> {
         let head = chain.head_index();
         // Header + data + status; anything longer is over seg_max anyway.
@@ -283,7 +339,7 @@ impl BlkDevice {
         scratch: &mut Scratch<'m>,
         head: u16,
         status_addr: u64,
-        offload: Option<&mut dyn ReadOffload>,
+        offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
         let mut raw = [0u8; HEADER_LEN as usize];
@@ -304,14 +360,16 @@ impl BlkDevice {
             VIRTIO_BLK_T_IN => {
                 return self.read(mem, header, scratch, head, status_addr, offload);
             }
-            VIRTIO_BLK_T_OUT => self.write(mem, header, scratch),
+            VIRTIO_BLK_T_OUT => {
+                return self.write(mem, header, scratch, head, status_addr, offload);
+            }
             VIRTIO_BLK_T_FLUSH => {
                 self.dev.flush()?;
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout),
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                self.discard_or_zero(mem, header.kind, layout)
+                return self.discard_or_zero(mem, header.kind, layout, head, status_addr, offload);
             }
             other => Err(RequestError::UnsupportedType(other)),
         };
@@ -325,7 +383,7 @@ impl BlkDevice {
         scratch: &mut Scratch<'m>,
         head: u16,
         status_addr: u64,
-        offload: Option<&mut dyn ReadOffload>,
+        offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
         if layout.readable_payload().next().is_some() {
@@ -338,12 +396,15 @@ impl BlkDevice {
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
         if let Some(offload) = offload.filter(|_| len >= OFFLOAD_MIN) {
             scratch.slices.clear();
-            offload.submit(DeferredRead {
+            offload.submit(Deferred {
                 head,
-                offset,
-                len,
-                ranges: layout.writable_payload().collect(),
+                op: DeferredOp::Read {
+                    offset,
+                    len,
+                    ranges: layout.writable_payload().collect(),
+                },
                 status_addr,
+                flush: false,
                 dev: self.dev.clone(),
                 mem: offload.memory(),
             });
@@ -358,7 +419,10 @@ impl BlkDevice {
         mem: &'m GuestMem,
         header: Header,
         scratch: &mut Scratch<'m>,
-    ) -> Result<u64, RequestError> {
+        head: u16,
+        status_addr: u64,
+        offload: Option<&mut dyn Offload>,
+    ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
         if layout.writable_payload().next().is_some() {
             return Err(RequestError::WrongDirection("write"));
@@ -370,11 +434,28 @@ impl BlkDevice {
         let len = layout.readable_payload().map(|(_, l)| l).sum();
         let offset = self.check_data(header.sector, len, "write")?;
         slices(mem, layout.readable_payload(), &mut scratch.slices)?;
-        self.dev.write_vectored(offset, &scratch.slices)?;
-        if self.write_through() {
-            self.dev.flush()?;
+        if let Some(offload) = offload.filter(|o| o.takes_writes()) {
+            scratch.slices.clear();
+            offload.submit(Deferred {
+                head,
+                op: DeferredOp::Write {
+                    offset,
+                    ranges: layout.readable_payload().collect(),
+                },
+                status_addr,
+                flush: self.write_through(),
+                dev: self.dev.clone(),
+                mem: offload.memory(),
+            });
+            return Ok(Exec::Deferred);
         }
-        Ok(0)
+        apply_write(
+            self.dev.as_ref(),
+            offset,
+            &scratch.slices,
+            self.write_through(),
+        )
+        .map(Exec::Done)
     }
 
     fn check_segments(&self, layout: &Layout) -> Result<(), RequestError> {
@@ -435,7 +516,10 @@ impl BlkDevice {
         mem: &GuestMem,
         kind: u32,
         layout: &Layout,
-    ) -> Result<u64, RequestError> {
+        head: u16,
+        status_addr: u64,
+        offload: Option<&mut dyn Offload>,
+    ) -> Result<Exec, RequestError> {
         let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
         let op = if zeroes { "write-zeroes" } else { "discard" };
         if layout.overflow {
@@ -497,18 +581,60 @@ impl BlkDevice {
                 unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
             };
         }
-        for r in ranges.iter().take(count as usize).filter(|r| r.len > 0) {
-            if zeroes {
-                self.dev.write_zeroes(r.offset, r.len, r.unmap)?;
-            } else {
-                self.dev.discard(r.offset, r.len)?;
-            }
+        let ranges = &ranges[..count as usize];
+        let flush = zeroes && self.write_through();
+        if let Some(offload) = offload.filter(|o| o.takes_writes()) {
+            offload.submit(Deferred {
+                head,
+                op: DeferredOp::Ranges {
+                    zeroes,
+                    ranges: ranges.to_vec(),
+                },
+                status_addr,
+                flush,
+                dev: self.dev.clone(),
+                mem: offload.memory(),
+            });
+            return Ok(Exec::Deferred);
         }
-        if zeroes && self.write_through() {
-            self.dev.flush()?;
-        }
-        Ok(0)
+        apply_ranges(self.dev.as_ref(), zeroes, ranges, flush).map(Exec::Done)
     }
+}
+
+/// Writes a validated request's data (flushing after it for a write-through
+/// cache); returns the bytes written to the guest (none).
+fn apply_write(
+    dev: &dyn BlockDev,
+    offset: u64,
+    bufs: &[VolatileSlice<'_>],
+    flush: bool,
+) -> Result<u64, RequestError> {
+    dev.write_vectored(offset, bufs)?;
+    if flush {
+        dev.flush()?;
+    }
+    Ok(0)
+}
+
+/// Discards or zeroes validated segments, in order; returns the bytes written
+/// to the guest (none).
+fn apply_ranges(
+    dev: &dyn BlockDev,
+    zeroes: bool,
+    ranges: &[Range],
+    flush: bool,
+) -> Result<u64, RequestError> {
+    for r in ranges.iter().filter(|r| r.len > 0) {
+        if zeroes {
+            dev.write_zeroes(r.offset, r.len, r.unmap)?;
+        } else {
+            dev.discard(r.offset, r.len)?;
+        }
+    }
+    if flush {
+        dev.flush()?;
+    }
+    Ok(0)
 }
 
 fn type_name(kind: u32) -> &'static str {

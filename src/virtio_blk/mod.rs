@@ -12,7 +12,7 @@ mod ratelimit;
 
 pub use chain::GuestMem;
 pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
-pub use device::{BlkDevice, Completion, DeferredRead, ReadOffload, Scratch, OFFLOAD_MIN};
+pub use device::{BlkDevice, Completion, Deferred, Offload, Scratch, OFFLOAD_MIN};
 pub use error::RequestError;
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! ring. Notifying the driver is left to the caller, once per pass.
 
 use super::chain::GuestMem;
-use super::device::{BlkDevice, ReadOffload, Scratch};
+use super::device::{BlkDevice, Offload, Scratch};
 use super::RequestError;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
@@ -18,7 +18,7 @@ impl BlkDevice {
         queue: &mut Queue,
         mem: &'m GuestMem,
         scratch: &mut Scratch<'m>,
-        mut offload: Option<&mut dyn ReadOffload>,
+        mut offload: Option<&mut dyn Offload>,
     ) -> usize {
         let mut done = 0;
         loop {
@@ -30,7 +30,7 @@ impl BlkDevice {
                 }
             };
             let Some(chain) = chain else { break };
-            let reborrowed = offload.as_mut().map(|o| &mut **o as &mut dyn ReadOffload);
+            let reborrowed = offload.as_mut().map(|o| &mut **o as &mut dyn Offload);
             let Some(c) = self.handle_chain(mem, chain, scratch, reborrowed) else {
                 continue;
             };

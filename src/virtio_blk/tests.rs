@@ -91,7 +91,7 @@ impl Rig {
     fn run_with(
         &self,
         descs: &[(u64, u32, u32)],
-        offload: Option<&mut dyn ReadOffload>,
+        offload: Option<&mut dyn Offload>,
     ) -> (Option<Completion>, u8) {
         let vq = MockSplitQueue::new(&*self.mem, 64);
         let raw: Vec<RawDescriptor> = descs
@@ -557,18 +557,24 @@ fn an_avail_index_far_ahead_of_the_ring_is_survived() {
     );
 }
 
-/// Collects deferred reads instead of running them.
+/// Collects deferred requests instead of running them; takes writes only when
+/// `writes` is set.
 struct Collect {
     mem: Arc<GuestMem>,
-    reads: Vec<DeferredRead>,
+    reads: Vec<Deferred>,
+    writes: bool,
 }
 
-impl ReadOffload for Collect {
+impl Offload for Collect {
     fn memory(&self) -> Arc<GuestMem> {
         self.mem.clone()
     }
 
-    fn submit(&mut self, read: DeferredRead) {
+    fn takes_writes(&self) -> bool {
+        self.writes
+    }
+
+    fn submit(&mut self, read: Deferred) {
         self.reads.push(read);
     }
 }
@@ -579,6 +585,7 @@ fn large_reads_are_deferred_and_complete_when_run() {
     let mut off = Collect {
         mem: rig.mem.clone(),
         reads: Vec::new(),
+        writes: false,
     };
     let len = OFFLOAD_MIN as u32 * 2;
     rig.header(VIRTIO_BLK_T_IN, 16);
@@ -615,12 +622,65 @@ fn large_reads_are_deferred_and_complete_when_run() {
         Some(&mut off),
     );
     assert_eq!((c.map(|c| c.used_len), st), (Some(1), IOERR));
-    // Large writes are never deferred.
+    // Writes are not deferred unless the offload takes writes.
     rig.header(VIRTIO_BLK_T_OUT, 0);
     let (c, st) = rig.run_with(
         &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)],
         Some(&mut off),
     );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(1), OK));
+    assert!(off.reads.is_empty());
+}
+
+#[test]
+fn writes_discards_and_zeroes_are_deferred_when_the_offload_takes_writes() {
+    let rig = Rig::new(false);
+    let mut off = Collect {
+        mem: rig.mem.clone(),
+        reads: Vec::new(),
+        writes: true,
+    };
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8 + 1).collect();
+    rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    rig.header(VIRTIO_BLK_T_OUT, 8);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, 4096, R), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c, st), (None, UNTOUCHED), "handed over, not completed");
+    let write = off.reads.pop().unwrap();
+    assert!(!write.is_read());
+    assert_eq!(rig.disk_bytes(4096, 4096), Rig::pattern(4096, 4096));
+    assert_eq!(write.run(&rig.dev).used_len, 1);
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    assert_eq!(rig.disk_bytes(4096, 4096), data);
+
+    write_range(
+        &rig,
+        DATA + 0x1000,
+        64,
+        8,
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    );
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let (c, _) = rig.run_with(
+        &[(HDR, 16, R), (DATA + 0x1000, 16, R), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!(c, None);
+    assert_eq!(off.reads.pop().unwrap().run(&rig.dev).used_len, 1);
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    assert_eq!(rig.disk_bytes(64 * 512, 4096), vec![0; 4096]);
+
+    // Invalid requests are refused inline; flushes never wait in the offload.
+    rig.header(VIRTIO_BLK_T_OUT, DISK / 512);
+    let (c, st) = rig.run_with(
+        &[(HDR, 16, R), (DATA, 4096, R), (STATUS, 1, W)],
+        Some(&mut off),
+    );
+    assert_eq!((c.map(|c| c.used_len), st), (Some(1), IOERR));
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    let (c, st) = rig.run_with(&[(HDR, 16, R), (STATUS, 1, W)], Some(&mut off));
     assert_eq!((c.map(|c| c.used_len), st), (Some(1), OK));
     assert!(off.reads.is_empty());
 }
