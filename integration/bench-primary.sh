@@ -7,9 +7,10 @@
 #      as ratios to plain mode on the same image. randread is a sanity row:
 #      reads never leave the primary, so it should be about 1.0x.
 #      For reference, the secondary's NBD export alone (also running) takes 4k
-#      writes from `qemu-img bench` at QD1 and QD32: the primary's vhost queue
-#      worker serves one request at a time, so its writes pay one NBD round
-#      trip each, and QD1 is what it can reach.
+#      writes from `qemu-img bench` at QD1 and QD32: QD1 is what a queue worker
+#      running one write at a time reaches (each pays one NBD round trip); a
+#      primary hands its writes to the queue's I/O pool, several in flight, so
+#      QD32 is its bound.
 #   b. resync: `ctl start --sync full` of an image that is half holes
 #      (alternating 1 MiB random data / 1 MiB hole) until query-replication
 #      shows done == total, against `qemu-img convert -n` of the same image into
@@ -233,7 +234,7 @@ awk '$1=="plain" && $2=="randwrite-4k-qd32" { base=$3 }
   END {
     printf "| %-52s | %8s | %-8s |\n", "4k writes into the secondary NBD export alone", "IOPS", "vs plain"
     printf "|%s|%s|%s|\n", "------------------------------------------------------", "----------", "----------"
-    printf "| %-52s | %8d | %7.2fx |\n", "qemu-img bench QD1 (the bound for one request at a time)", v["nbd-qd1"], v["nbd-qd1"] / base
+    printf "| %-52s | %8d | %7.2fx |\n", "qemu-img bench QD1 (one write in flight at a time)", v["nbd-qd1"], v["nbd-qd1"] / base
     printf "| %-52s | %8d | %7.2fx |\n", "qemu-img bench QD32", v["nbd-qd32"], v["nbd-qd32"] / base
   }' "$work/best"
 
