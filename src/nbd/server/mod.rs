@@ -11,6 +11,7 @@
 //! no server thread touches the device.
 
 mod handshake;
+mod inbuf;
 mod pool;
 mod transmission;
 

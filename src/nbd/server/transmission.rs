@@ -3,19 +3,29 @@
 //! workers that run them against the device and send the replies.
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
+use super::inbuf::{Fill, InBuf};
 use super::pool::{Budget, BufPool, JobQueue};
 use super::{lock, Inner, MAX_PAYLOAD};
 use crate::block::{BlockError, ExtentKind};
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::transmission::{encode_chunk, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE};
 use crate::nbd::wire::*;
-use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vm_memory::VolatileSlice;
 
 /// At most this many descriptors in one block status reply.
 const MAX_EXTENTS: usize = 1024;
+
+/// The reader's input buffer: room for a queue of small requests at once.
+const IN_BUF: usize = 256 << 10;
+
+/// Writes up to this size run on the reader when the device allows it
+/// (see `read_requests`); bigger ones gain from the workers' parallelism.
+const INLINE_MAX: usize = 64 << 10;
+
+/// Batched replies are sent once they reach this many bytes.
+const OUT_FLUSH: usize = 16 << 10;
 
 /// A request ready to run; a WRITE carries its whole payload.
 struct Job {
@@ -103,47 +113,49 @@ pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) 
     stream.shutdown();
 }
 
-/// Outcome of reading a fixed-size message.
-enum ReadResult {
-    Ok,
-    /// Clean end of stream before the first byte.
-    Eof,
-    Err(io::Error),
-}
-
-fn read_full(rd: &mut impl Read, buf: &mut [u8]) -> ReadResult {
-    let mut got = 0;
-    while got < buf.len() {
-        match rd.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return ReadResult::Eof,
-            Ok(0) => return ReadResult::Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return ReadResult::Err(e),
-        }
-    }
-    ReadResult::Ok
-}
-
 impl Conn<'_> {
     fn read_requests(&self, stream: Stream, mut dispatch: impl FnMut(Job)) {
+        let mut rd = InBuf::new(stream, IN_BUF);
+        let mut out = Vec::with_capacity(OUT_FLUSH);
+        // A write that costs about as much as a hand-off to a worker (a local
+        // file: the device's hint) runs here, on the reader, and its reply is
+        // batched with the next ones.
+        let inline = self.inner.dev.concurrent_writes() == 0;
+        self.read_loop(&mut rd, &mut out, inline, &mut dispatch);
+        // Requests answered inline before DISC or a disconnect still get
+        // their replies (the send fails harmlessly if the client is gone).
+        self.flush(&mut out);
+    }
+
+    fn read_loop(
+        &self,
+        rd: &mut InBuf<Stream>,
+        out: &mut Vec<u8>,
+        inline: bool,
+        dispatch: &mut impl FnMut(Job),
+    ) {
         let peer = self.peer;
-        let mut rd = BufReader::with_capacity(256 << 10, stream);
         loop {
-            let mut raw = [0u8; Request::LEN];
-            match read_full(&mut rd, &mut raw) {
-                ReadResult::Ok => {}
-                ReadResult::Eof => {
+            // Replies wait only while more requests are already here: the
+            // client may be waiting for them before it sends more.
+            if rd.buffered() < Request::LEN {
+                self.flush(out);
+            }
+            match rd.fill(Request::LEN) {
+                Fill::Ok => {}
+                Fill::Eof => {
                     log::info!("nbd {peer}: client closed the connection");
                     return;
                 }
-                ReadResult::Err(e) => {
+                Fill::Err(e) => {
                     if !self.failed.load(Ordering::Relaxed) {
                         log::warn!("nbd {peer}: connection lost mid-request: {e}");
                     }
                     return;
                 }
             }
+            let mut raw = [0u8; Request::LEN];
+            raw.copy_from_slice(rd.take(Request::LEN));
             let req = match Request::decode(&raw) {
                 Ok(r) => r,
                 Err(e) => {
@@ -166,8 +178,7 @@ impl Conn<'_> {
                 if let Err(refusal) = check {
                     // The payload still follows the header: skip it to stay
                     // in sync, apply none of it.
-                    let skipped = io::copy(&mut (&mut rd).take(req.len.into()), &mut io::sink());
-                    if !matches!(skipped, Ok(n) if n == u64::from(req.len)) {
+                    if rd.skip(req.len.into()).is_err() {
                         log::warn!("nbd {peer}: connection lost in a refused WRITE payload");
                         return;
                     }
@@ -176,14 +187,26 @@ impl Conn<'_> {
                     continue;
                 }
                 let len = req.len as usize;
+                let fua = req.flags & CMD_FLAG_FUA != 0;
+                if inline && !fua && len <= INLINE_MAX {
+                    if rd.buffered() < len {
+                        self.flush(out);
+                    }
+                    if let Fill::Ok = rd.fill(len) {
+                        self.write_inline(&req, rd.take(len), out);
+                        continue;
+                    }
+                    log::warn!(
+                        "nbd {peer}: connection lost inside a WRITE payload ({} bytes at {}); \
+                         nothing of it written",
+                        req.len,
+                        req.offset
+                    );
+                    return;
+                }
                 self.budget.acquire(len as u64);
                 let mut buf = self.pool.get(len);
-                let got = match read_full(&mut rd, &mut buf[..len]) {
-                    ReadResult::Ok => Ok(()),
-                    ReadResult::Eof => Err(io::ErrorKind::UnexpectedEof.into()),
-                    ReadResult::Err(e) => Err(e),
-                };
-                if let Err(e) = got {
+                if let Err(e) = rd.read_exact(&mut buf[..len]) {
                     log::warn!(
                         "nbd {peer}: connection lost inside a WRITE payload ({} bytes at {}): \
                          {e}; nothing of it written",
@@ -201,7 +224,42 @@ impl Conn<'_> {
             } else if cmd == Command::Read {
                 self.budget.acquire(req.len.into());
             }
+            // The reader may block on a full queue: nothing answered waits.
+            self.flush(out);
             dispatch(Job { req, cmd, payload });
+        }
+    }
+
+    /// Runs a small write on the reader; a success reply joins `out`.
+    fn write_inline(&self, req: &Request, data: &mut [u8], out: &mut Vec<u8>) {
+        match self
+            .inner
+            .dev
+            .write_vectored(req.offset, &[VolatileSlice::from(data)])
+        {
+            Ok(()) => {
+                let reply = SimpleReply {
+                    error: 0,
+                    cookie: req.cookie,
+                };
+                out.extend_from_slice(&reply.encode());
+                if out.len() >= OUT_FLUSH {
+                    self.flush(out);
+                }
+            }
+            Err(e) => {
+                let refusal = Refusal::from(e);
+                self.log_refusal(req, Command::Write, &refusal);
+                self.send_error(req, &refusal);
+            }
+        }
+    }
+
+    /// Sends the batched replies, if any.
+    fn flush(&self, out: &mut Vec<u8>) {
+        if !out.is_empty() {
+            self.send(&[out]);
+            out.clear();
         }
     }
 

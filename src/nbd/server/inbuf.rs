@@ -1,0 +1,109 @@
+//! The reader's input buffer: one `read` takes in as many queued requests
+//! (headers and small payloads) as the socket holds, and a payload that is
+//! already buffered is handed out in place, mutable, so a write can go from
+//! it straight to the device without another copy.
+
+use std::io::{self, Read};
+
+/// Outcome of waiting for bytes.
+pub(super) enum Fill {
+    Ok,
+    /// Clean end of stream with nothing buffered.
+    Eof,
+    Err(io::Error),
+}
+
+/// A refillable window over a stream.
+pub(super) struct InBuf<R> {
+    rd: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: Read> InBuf<R> {
+    pub(super) fn new(rd: R, capacity: usize) -> Self {
+        InBuf {
+            rd,
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes received and not yet consumed.
+    pub(super) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Waits until `n` bytes (`n <= capacity`) are buffered, reading as much
+    /// as the socket offers each time.
+    pub(super) fn fill(&mut self, n: usize) -> Fill {
+        if self.buffered() >= n {
+            return Fill::Ok;
+        }
+        if self.buf.len() - self.start < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.buffered() < n {
+            match self.rd.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.buffered() == 0 => return Fill::Eof,
+                Ok(0) => return Fill::Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Fill::Err(e),
+            }
+        }
+        Fill::Ok
+    }
+
+    /// Consumes `n` buffered bytes (after a successful `fill(n)`).
+    pub(super) fn take(&mut self, n: usize) -> &mut [u8] {
+        let s = self.start;
+        let n = n.min(self.buffered());
+        self.start += n;
+        if self.start == self.end {
+            // Empty: the next read starts at the front, leaving the most room
+            // (the bytes handed out stay untouched until then).
+            self.start = 0;
+            self.end = 0;
+        }
+        &mut self.buf[s..s + n]
+    }
+
+    /// Fills `out` whole: the buffered bytes first, then straight from the
+    /// stream (for payloads bigger than the buffer).
+    pub(super) fn read_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let have = self.buffered().min(out.len());
+        out[..have].copy_from_slice(self.take(have));
+        let mut got = have;
+        while got < out.len() {
+            match self.rd.read(&mut out[got..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards the next `n` bytes.
+    pub(super) fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            if self.buffered() == 0 {
+                match self.fill(1) {
+                    Fill::Ok => {}
+                    Fill::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Fill::Err(e) => return Err(e),
+                }
+            }
+            let k = (self.buffered() as u64).min(n) as usize;
+            self.take(k);
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
