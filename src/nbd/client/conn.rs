@@ -108,6 +108,9 @@ struct State {
     in_flight: usize,
     next_cookie: u64,
     broken: Option<String>,
+    /// Senders blocked on a full window (a notify costs a syscall even with
+    /// nobody waiting: only then is one sent).
+    window_waiters: usize,
 }
 
 struct Shared {
@@ -146,6 +149,7 @@ impl Conn {
                 in_flight: 0,
                 next_cookie: 1,
                 broken: None,
+                window_waiters: 0,
             }),
             window: Condvar::new(),
             max_in_flight: max_in_flight.max(1),
@@ -219,7 +223,9 @@ impl Conn {
                 if st.in_flight < sh.max_in_flight {
                     break;
                 }
+                st.window_waiters += 1;
                 st = sh.window.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.window_waiters -= 1;
             }
             let cookie = st.next_cookie;
             st.next_cookie = st.next_cookie.wrapping_add(1);
@@ -341,11 +347,14 @@ impl Shared {
     }
 
     fn finish(&self, p: Pending, outcome: Outcome) {
-        {
+        let wake = {
             let mut st = lock(&self.state);
             st.in_flight = st.in_flight.saturating_sub(1);
+            st.window_waiters > 0
+        };
+        if wake {
+            self.window.notify_one();
         }
-        self.window.notify_one();
         p.ticket.complete(outcome);
     }
 
