@@ -23,6 +23,8 @@ const IN_BUF: usize = 256 << 10;
 /// Writes up to this size run on the reader when the device allows it
 /// (see `read_requests`); bigger ones gain from the workers' parallelism.
 const INLINE_MAX: usize = 64 << 10;
+// An inline payload must fit in the input buffer whole.
+const _: () = assert!(INLINE_MAX <= IN_BUF);
 
 /// Batched replies are sent once they reach this many bytes.
 const OUT_FLUSH: usize = 16 << 10;
