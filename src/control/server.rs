@@ -8,6 +8,7 @@ use crate::unix_socket::{self, SocketFile};
 use log::{info, warn};
 use serde_json::Value;
 use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,6 +72,9 @@ pub struct ControlContext {
 /// A listening control socket; dropping it stops accepting and removes the file.
 pub struct ControlServer {
     file: SocketFile,
+    /// The same listening socket as the acceptor's: shutting it down wakes
+    /// accept() even when the path is gone (a connect would then fail).
+    waker: UnixListener,
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -80,6 +84,7 @@ impl ControlServer {
     /// The path appears only once it accepts connections, already private.
     pub fn spawn(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
         let (listener, file) = unix_socket::bind(path, Some(0o600))?;
+        let waker = listener.try_clone().map_err(ControlError::Io)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&stopping);
         let acceptor = std::thread::Builder::new()
@@ -89,6 +94,7 @@ impl ControlServer {
         info!("control socket listening on {}", path.display());
         Ok(ControlServer {
             file,
+            waker,
             stopping,
             acceptor: Some(acceptor),
         })
@@ -98,8 +104,11 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // Wake the blocking accept() so the thread sees the flag.
-        let _ = UnixStream::connect(self.file.path());
+        // Wake the blocking accept() so the thread sees the flag: on Linux,
+        // shutdown() of a listening unix socket makes accept() fail at once.
+        // SAFETY: shutdown only reads its integer arguments; the fd is owned
+        // by `self.waker`, alive for this call.
+        unsafe { libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
@@ -292,6 +301,20 @@ mod tests {
         assert_eq!(msgs[3]["error"]["class"], "GenericError");
         assert_eq!(msgs[4]["id"], 9);
         assert_eq!(msgs[4]["return"]["mode"], "secondary");
+    }
+
+    #[test]
+    fn stopping_does_not_hang_when_the_socket_path_was_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (srv, _, _, path) = server(dir.path());
+        std::fs::remove_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(srv);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the control server stopped although its path was gone");
     }
 
     #[test]
