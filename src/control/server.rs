@@ -71,7 +71,8 @@ pub struct ControlContext {
 
 /// A listening control socket; dropping it stops accepting and removes the file.
 pub struct ControlServer {
-    file: SocketFile,
+    /// Removes the socket path when the server is dropped.
+    _file: SocketFile,
     /// The same listening socket as the acceptor's: shutting it down wakes
     /// accept() even when the path is gone (a connect would then fail).
     waker: UnixListener,
@@ -93,7 +94,7 @@ impl ControlServer {
             .map_err(ControlError::Thread)?;
         info!("control socket listening on {}", path.display());
         Ok(ControlServer {
-            file,
+            _file: file,
             waker,
             stopping,
             acceptor: Some(acceptor),
