@@ -126,6 +126,23 @@ mod tests {
 
     const SIZE: u16 = 16;
 
+    /// A 1 MiB raw disk on an unlinked temporary file.
+    fn temp_disk() -> Arc<RawFile> {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        Arc::new(RawFile::from_file(file, false).unwrap())
+    }
+
+    /// The geometry every test device uses: 1 MiB, 512-byte blocks, one queue.
+    fn geometry() -> Geometry {
+        Geometry::new(1 << 20, 512, SIZE, 1, false)
+    }
+
+    /// 16 MiB of guest memory at address 0.
+    fn guest_memory() -> GuestMemoryAtomic<GuestMem> {
+        GuestMemoryAtomic::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap())
+    }
+
     /// Appends flush requests `first..first + n` (two descriptors each).
     fn add_flushes(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, first: u16, n: u16) {
         let mut descs = Vec::new();
@@ -153,15 +170,10 @@ mod tests {
 
     #[test]
     fn a_pass_notifies_once_per_batch_and_rearms_event_idx() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(1 << 20).unwrap();
-        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
-        let device = BlkDevice::new(disk, Geometry::new(1 << 20, 512, SIZE, 1, false), "");
+        let disk = temp_disk();
+        let device = BlkDevice::new(disk, geometry(), "");
 
-        let atomic = GuestMemoryAtomic::new(
-            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
-        );
+        let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
@@ -206,20 +218,11 @@ mod tests {
         use super::super::offload::IoPool;
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(1 << 20).unwrap();
-        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
-        let device = Arc::new(BlkDevice::new(
-            disk,
-            Geometry::new(1 << 20, 512, SIZE, 1, false),
-            "",
-        ));
+        let disk = temp_disk();
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
         let pool = IoPool::new(device.clone(), 0).unwrap();
 
-        let atomic = GuestMemoryAtomic::new(
-            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
-        );
+        let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
@@ -375,23 +378,17 @@ mod tests {
         use super::super::offload::IoPool;
         use crate::block::BlockDevExt;
 
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(1 << 20).unwrap();
-        let raw = Arc::new(RawFile::from_file(file, false).unwrap());
+        let raw = temp_disk();
         let disk = Arc::new(GatedDisk {
             inner: raw.clone(),
             open: std::sync::Mutex::new(false),
             changed: std::sync::Condvar::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
         });
-        let geometry = Geometry::new(1 << 20, 512, SIZE, 1, false);
-        let device = Arc::new(BlkDevice::new(disk.clone(), geometry, ""));
+        let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
         let pool = Arc::new(IoPool::new(device.clone(), 0).unwrap());
 
-        let atomic = GuestMemoryAtomic::new(
-            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
-        );
+        let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
@@ -447,19 +444,10 @@ mod tests {
     fn a_plain_disk_still_writes_inline_on_the_worker() {
         use super::super::offload::IoPool;
 
-        let dir = tempfile::tempdir().unwrap();
-        let file = tempfile::tempfile_in(dir.path()).unwrap();
-        file.set_len(1 << 20).unwrap();
-        let disk = Arc::new(RawFile::from_file(file, false).unwrap());
-        let device = Arc::new(BlkDevice::new(
-            disk,
-            Geometry::new(1 << 20, 512, SIZE, 1, false),
-            "",
-        ));
+        let disk = temp_disk();
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
         let pool = IoPool::new(device.clone(), 0).unwrap();
-        let atomic = GuestMemoryAtomic::new(
-            GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
-        );
+        let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
