@@ -71,6 +71,23 @@ pub(crate) fn iov_zero(bufs: &[VolatileSlice<'_>]) {
     }
 }
 
+/// Consumes `n` transferred bytes from `iovs[first..]` after a short
+/// `preadv`/`pwritev`/`writev`: skips the iovecs done, trims the one in progress,
+/// and returns the new index of the first pending iovec.
+pub(crate) fn iovecs_advance(iovs: &mut [libc::iovec], mut first: usize, mut n: usize) -> usize {
+    while first < iovs.len() && n >= iovs[first].iov_len {
+        n -= iovs[first].iov_len;
+        first += 1;
+    }
+    if n > 0 && first < iovs.len() {
+        let iov = &mut iovs[first];
+        // SAFETY: n < iov_len, so the advanced pointer stays in the buffer.
+        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n).cast() };
+        iov.iov_len -= n;
+    }
+    first
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +109,25 @@ mod tests {
         iov_zero(&bufs[1..]);
         assert_eq!(a, [1, 1, 1]);
         assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn iovecs_advance_skips_done_and_trims_the_partial_one() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        let mut iovs = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
+        ];
+        assert_eq!(super::iovecs_advance(&mut iovs, 0, 11), 1);
+        assert_eq!(iovs[1].iov_len, 5);
+        assert_eq!(iovs[1].iov_base as usize, b.as_ptr() as usize + 3);
+        assert_eq!(super::iovecs_advance(&mut iovs, 1, 5), 2);
     }
 }

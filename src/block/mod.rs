@@ -22,7 +22,7 @@ mod raw;
 pub(crate) use bitmap::Bitmap;
 pub use chain::Chain;
 pub use error::BlockError;
-pub(crate) use iov::iov_window;
+pub(crate) use iov::{iov_window, iovecs_advance};
 pub use mem::{MemDev, MemStats};
 pub use overlay::{Below, Emptied, Overlay, DEFAULT_GRANULE};
 pub use rangelock::{RangeGuard, RangeLocks, DEFAULT_STRIPES};

@@ -1,5 +1,6 @@
 //! A raw image file (or block device) as a node.
 
+use super::iov::iovecs_advance;
 use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -159,7 +160,6 @@ impl RawFile {
                 }
                 return Err(BlockError::io(op, pos, err));
             }
-            let mut n = n as usize;
             if n == 0 {
                 match dir {
                     // Past the end of a shorter file (or a shrunk device): zeroes.
@@ -178,16 +178,7 @@ impl RawFile {
                 }
             }
             pos += n as u64;
-            while first < iovs.len() && n >= iovs[first].iov_len {
-                n -= iovs[first].iov_len;
-                first += 1;
-            }
-            if n > 0 {
-                let iov = &mut iovs[first];
-                // SAFETY: n < iov_len, so the advanced pointer stays in the buffer.
-                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n).cast() };
-                iov.iov_len -= n;
-            }
+            first = iovecs_advance(&mut iovs, first, n as usize);
         }
         Ok(())
     }

@@ -120,17 +120,7 @@ fn send_iovecs(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let mut n = n as usize;
-        while first < iovs.len() && n >= iovs[first].iov_len {
-            n -= iovs[first].iov_len;
-            first += 1;
-        }
-        if n > 0 {
-            let iov = &mut iovs[first];
-            // SAFETY: n < iov_len, so the advanced pointer stays in the buffer.
-            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n).cast() };
-            iov.iov_len -= n;
-        }
+        first = crate::block::iovecs_advance(iovs, first, n as usize);
     }
     Ok(())
 }
