@@ -6,11 +6,52 @@ mod common;
 mod nbd_util;
 
 use common::{ctl, ctl_ok, sparse_image, Client, Daemon};
-use nbd_util::{pattern, qsd_nbd};
-use std::path::Path;
+use nbd_util::{pattern, qsd_nbd, ChildGuard};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SIZE: u64 = 32 << 20;
+
+/// A colo-blk primary forwarding to a qemu-storage-daemon NBD secondary.
+struct Setup {
+    dir: tempfile::TempDir,
+    pimg: PathBuf,
+    simg: PathBuf,
+    nbd: PathBuf,
+    control: PathBuf,
+    secondary: ChildGuard,
+    daemon: Daemon,
+}
+
+fn setup(extra: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (pimg, simg) = (dir.path().join("p.img"), dir.path().join("s.img"));
+    sparse_image(&pimg, SIZE);
+    sparse_image(&simg, SIZE);
+    let nbd = dir.path().join("nbd.sock");
+    let control = dir.path().join("ctl.sock");
+    let secondary = qsd_nbd(&simg, &nbd);
+    let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
+    let mut args = vec![
+        "--mode",
+        "primary",
+        "--secondary",
+        &uri,
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::serve(dir.path(), &pimg, &args);
+    Setup {
+        dir,
+        pimg,
+        simg,
+        nbd,
+        control,
+        secondary,
+        daemon,
+    }
+}
 
 fn assert_files_equal(a: &Path, b: &Path) {
     let out = Command::new("qemu-img")
@@ -28,26 +69,15 @@ fn assert_files_equal(a: &Path, b: &Path) {
 
 #[test]
 fn primary_resyncs_forwards_and_survives_losing_a_qemu_secondary() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pimg, simg) = (dir.path().join("p.img"), dir.path().join("s.img"));
-    sparse_image(&pimg, SIZE);
-    sparse_image(&simg, SIZE);
-    let nbd = dir.path().join("nbd.sock");
-    let control = dir.path().join("ctl.sock");
-    let mut secondary = qsd_nbd(&simg, &nbd);
-    let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
-    let daemon = Daemon::serve(
-        dir.path(),
-        &pimg,
-        &[
-            "--mode",
-            "primary",
-            "--secondary",
-            &uri,
-            "--control",
-            control.to_str().unwrap(),
-        ],
-    );
+    let Setup {
+        dir: _dir,
+        pimg,
+        simg,
+        nbd,
+        control,
+        mut secondary,
+        daemon,
+    } = setup(&[]);
     let mut guest = Client::connect(daemon.socket()).unwrap();
 
     // Data before start reaches the secondary through the full resync.
@@ -105,28 +135,13 @@ fn primary_resyncs_forwards_and_survives_losing_a_qemu_secondary() {
 
 #[test]
 fn a_hung_secondary_is_declared_lost_after_the_forward_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pimg, simg) = (dir.path().join("p.img"), dir.path().join("s.img"));
-    sparse_image(&pimg, SIZE);
-    sparse_image(&simg, SIZE);
-    let nbd = dir.path().join("nbd.sock");
-    let control = dir.path().join("ctl.sock");
-    let secondary = qsd_nbd(&simg, &nbd);
-    let uri = format!("nbd+unix:///parent0?socket={}", nbd.display());
-    let daemon = Daemon::serve(
-        dir.path(),
-        &pimg,
-        &[
-            "--mode",
-            "primary",
-            "--secondary",
-            &uri,
-            "--forward-timeout",
-            "1",
-            "--control",
-            control.to_str().unwrap(),
-        ],
-    );
+    let Setup {
+        dir: _dir,
+        control,
+        secondary,
+        daemon,
+        ..
+    } = setup(&["--forward-timeout", "1"]);
     let mut guest = Client::connect(daemon.socket()).unwrap();
     ctl_ok(&control, &["start", "--sync", "none"]);
     guest.write(0, &pattern(4096, 1)).unwrap();
