@@ -93,6 +93,7 @@ fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
         read_only: cfg.read_only,
         direct: cfg.direct,
         create_size: cfg.size,
+        engine: cfg.io_engine,
     };
     let disk = RawFile::open(&cfg.disk, &opts).map_err(|source| DaemonError::OpenDisk {
         path: cfg.disk.clone(),
@@ -202,6 +203,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
         queue_size: cfg.queue_size,
         logical_block_size: cfg.logical_block_size,
         serial: cfg.serial.clone(),
+        poll_us: cfg.poll_us,
     }
 }
 

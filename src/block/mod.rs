@@ -12,6 +12,7 @@
 
 mod bitmap;
 mod chain;
+pub mod channel;
 mod error;
 mod iov;
 mod mem;
@@ -105,6 +106,14 @@ pub trait BlockDev: Send + Sync {
     /// to its secondary) returns how many it can usefully keep in flight.
     fn concurrent_writes(&self) -> usize {
         0
+    }
+
+    /// An asynchronous channel to this node for one queue, holding up to
+    /// `depth` requests in flight; `None` when the node is served
+    /// synchronously (see [`channel::Engine`] for the rule).
+    fn open_channel(&self, depth: u32) -> Option<std::io::Result<Box<dyn channel::IoChannel>>> {
+        let _ = depth;
+        None
     }
 }
 

@@ -1,7 +1,7 @@
 //! The `VhostUserBackend` implementation: feature negotiation, config space, and
 //! one worker thread per queue.
 
-use super::offload::IoPool;
+use super::queue_io::QueueIo;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
@@ -18,7 +18,7 @@ use vmm_sys_util::event::{
 pub(crate) struct BlkBackend {
     device: Arc<BlkDevice>,
     /// One per queue, indexed like the queues (and the worker threads).
-    pools: Vec<IoPool>,
+    queues: Vec<QueueIo>,
     /// The same object the vhost-user handler updates on SET_MEM_TABLE /
     /// ADD_MEM_REGION, so workers always see the current map.
     mem: GuestMemoryAtomic<GuestMem>,
@@ -32,13 +32,20 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMem>,
         num_queues: usize,
         queue_size: usize,
+        poll_us: u32,
     ) -> io::Result<Self> {
-        let pools = (0..num_queues)
-            .map(|q| IoPool::new(device.clone(), q))
-            .collect::<io::Result<_>>()?;
+        let depth = u16::try_from(queue_size).unwrap_or(u16::MAX);
+        let queues = (0..num_queues)
+            .map(|q| QueueIo::new(device.clone(), q, depth, poll_us))
+            .collect::<io::Result<Vec<_>>>()?;
+        if queues.first().is_some_and(QueueIo::is_async) {
+            log::info!("I/O engine: io_uring, up to {queue_size} requests in flight per queue");
+        } else {
+            log::info!("I/O engine: synchronous on the queue workers");
+        }
         Ok(BlkBackend {
             device,
-            pools,
+            queues,
             mem,
             num_queues,
             queue_size,
@@ -51,9 +58,9 @@ impl BlkBackend {
         self.num_queues as u64 + 1
     }
 
-    /// The I/O pool of queue `q`.
-    pub(crate) fn pool(&self, q: usize) -> Option<&IoPool> {
-        self.pools.get(q)
+    /// The I/O side of queue `q`.
+    pub(crate) fn queue(&self, q: usize) -> Option<&QueueIo> {
+        self.queues.get(q)
     }
 }
 
@@ -123,8 +130,8 @@ impl VhostUserBackend for BlkBackend {
         // request handed to the pool, and no write may still be landing on the
         // disk once the queue is stopped (the frontend may then migrate or
         // snapshot it).
-        if let Some(pool) = self.pools.get(queue_index as usize) {
-            pool.wait_idle();
+        if let Some(io) = self.queues.get(queue_index as usize) {
+            io.wait_idle();
         }
         Ok(())
     }
@@ -154,19 +161,16 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         // Each worker owns exactly one vring, so its kick is event 0, and its
-        // pool's completions arrive as `completion_event`. An error returned
-        // here would stop the worker for good, so guest-caused problems are
-        // logged by the device model and never returned.
-        let (Some(vring), pool) = (vrings.first(), self.pools.get(thread_id)) else {
+        // channel's or pool's completions arrive as `completion_event`; both
+        // are served the same way. An error returned here would stop the
+        // worker for good, so guest-caused problems are logged by the device
+        // model and never returned.
+        let (Some(vring), Some(io)) = (vrings.first(), self.queues.get(thread_id)) else {
             log::warn!("queue worker {thread_id}: no vring");
             return Ok(());
         };
-        if u64::from(device_event) == self.completion_event() {
-            if let Some(pool) = pool {
-                worker::complete_deferred(vring, &self.mem, &self.device, pool, thread_id);
-            }
-        } else if device_event == 0 {
-            worker::serve_vring(vring, &self.mem, &self.device, pool, thread_id);
+        if device_event == 0 || u64::from(device_event) == self.completion_event() {
+            worker::serve(vring, &self.mem, &self.device, io);
         } else {
             log::warn!("queue worker {thread_id}: unexpected event {device_event}");
         }

@@ -135,6 +135,11 @@ impl IoPool {
         let _ = self.notify.write(1);
     }
 
+    /// True while requests handed over are not yet retired.
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
     /// Takes every waiting completion (after resetting the eventfd, so that a
     /// completion queued while draining wakes the worker again).
     pub(crate) fn drain(&self, out: &mut Vec<Completion>) {
