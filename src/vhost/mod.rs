@@ -5,6 +5,8 @@
 //! replication filter for COLO. It knows nothing of modes.
 
 mod backend;
+#[cfg(test)]
+mod engine_tests;
 mod offload;
 mod poll;
 mod queue_io;
