@@ -199,6 +199,11 @@ impl BlkDevice {
         }
     }
 
+    /// The served node's [`BlockDev::concurrent_reads`] hint.
+    pub fn concurrent_reads(&self) -> usize {
+        self.dev.concurrent_reads()
+    }
+
     /// The served node's [`BlockDev::concurrent_writes`] hint.
     pub fn concurrent_writes(&self) -> usize {
         self.dev.concurrent_writes()
