@@ -5,7 +5,8 @@ use super::queue_io::QueueIo;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::GuestMemoryAtomic;
@@ -24,6 +25,10 @@ pub(crate) struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMem>,
     num_queues: usize,
     queue_size: usize,
+    /// Exit-event consumers handed to vhost-user-backend: its event loop takes
+    /// them with `into_raw_fd` and never closes them, so the backend does,
+    /// once the loops (and their epoll sets) are gone.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl BlkBackend {
@@ -49,6 +54,7 @@ impl BlkBackend {
             mem,
             num_queues,
             queue_size,
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -145,7 +151,13 @@ impl VhostUserBackend for BlkBackend {
         // Without an exit event the handler could not stop (and join) the
         // workers when the connection ends.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create a worker exit event: {e}");
                 None
@@ -175,5 +187,22 @@ impl VhostUserBackend for BlkBackend {
             log::warn!("queue worker {thread_id}: unexpected event {device_event}");
         }
         Ok(())
+    }
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // The last reference goes when the daemon and its worker threads are
+        // gone: nothing polls these descriptors any more.
+        let fds = self
+            .exit_consumers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for fd in fds.drain(..) {
+            // SAFETY: `fd` came from an EventConsumer whose ownership
+            // vhost-user-backend took with into_raw_fd and never closes; no
+            // one else refers to it now.
+            unsafe { libc::close(fd) };
+        }
     }
 }
