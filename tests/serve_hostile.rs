@@ -8,7 +8,9 @@ use common::{sparse_image, Client, ClientOptions, Daemon};
 const SIZE: u64 = 16 << 20;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn connect_4(d: &Daemon) -> Client {
@@ -48,5 +50,88 @@ fn a_thousand_reconnects_with_four_queues_leave_the_fd_count_unchanged() {
     drop(c);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let after = open_fds(d.pid());
-    assert_eq!(after, before, "fds before {before}, after 1000 reconnects {after}");
+    assert_eq!(
+        after, before,
+        "fds before {before}, after 1000 reconnects {after}"
+    );
+}
+
+/// A raw vhost-user frontend whose memory table claims 16 MiB of a 4 KiB
+/// memfd, with its rings past the end of the file; returns after kicking.
+fn frontend_with_a_short_memfd(socket: &std::path::Path) -> bool {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    let mut fe = Frontend::connect(socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"short".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: fd is the memfd just created.
+    assert_eq!(unsafe { libc::ftruncate(fd, 4096) }, 0);
+    let user = 0x7000_0000_0000u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 16 << 20,
+        userspace_addr: user,
+        mmap_offset: 0,
+        mmap_handle: fd,
+    };
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let refused = fe.set_mem_table(&[region]).is_err();
+    // The rest of a frontend's start-up, rings 1 MiB into the region: the
+    // backend must not touch them.
+    let _ = fe.set_vring_num(0, 16);
+    let _ = fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: user + 0x10_0000,
+            used_ring_addr: user + 0x10_1000,
+            avail_ring_addr: user + 0x10_2000,
+            log_addr: None,
+        },
+    );
+    let _ = fe.set_vring_base(0, 0);
+    let call = EventFd::new(0).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    let _ = fe.set_vring_call(0, &call);
+    let _ = fe.set_vring_kick(0, &kick);
+    let _ = fe.set_vring_enable(0, true);
+    kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: closes the memfd this function created.
+    unsafe { libc::close(fd) };
+    refused
+}
+
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused_without_sigbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    sparse_image(&img, SIZE);
+    let mut d = Daemon::serve(dir.path(), &img, &[]);
+    let refused = frontend_with_a_short_memfd(d.socket());
+    // Still alive, and the next frontend is served.
+    let mut c = Client::connect(d.socket()).unwrap_or_else(|e| panic!("{e:?}: {}", d.log()));
+    c.write(4096, &[7u8; 4096]).unwrap();
+    assert_eq!(c.read(4096, 4096).unwrap(), vec![7u8; 4096]);
+    drop(c);
+    assert!(refused, "a 16 MiB region on a 4 KiB file is refused");
+    assert!(
+        d.log().contains("refusing the frontend's memory table"),
+        "{}",
+        d.log()
+    );
+    assert!(d.terminate().success(), "{}", d.log());
 }

@@ -9,7 +9,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -127,8 +129,19 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        // `self.mem` is a clone of the atomic the handler just updated.
-        Ok(())
+        // `self.mem` is a clone of the atomic the handler just updated. A
+        // region that claims more bytes than its file holds would kill the
+        // process with SIGBUS at the first ring or buffer past the file's end:
+        // unmap all guest memory instead (every request then fails) until the
+        // frontend sends a table that holds.
+        let Err(why) = memory_fits_files(&self.mem.memory()) else {
+            return Ok(());
+        };
+        log::error!("refusing the frontend's memory table: {why}; guest memory unmapped");
+        if let Ok(guard) = self.mem.lock() {
+            guard.replace(GuestMem::new());
+        }
+        Err(io::Error::new(io::ErrorKind::InvalidInput, why))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -188,6 +201,31 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
+
+/// Checks that every region's file holds the bytes the region maps.
+fn memory_fits_files(mem: &GuestMem) -> Result<(), String> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata().map_err(|e| format!("fstat: {e}"))?;
+        // Only regular files (memfd, shm, hugetlbfs) end: device files do not.
+        if !meta.is_file() {
+            continue;
+        }
+        let end = fo.start().saturating_add(region.len());
+        if meta.len() < end {
+            return Err(format!(
+                "region at guest address {:#x} maps {} bytes at offset {} of a {}-byte file",
+                region.start_addr().raw_value(),
+                region.len(),
+                fo.start(),
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for BlkBackend {
