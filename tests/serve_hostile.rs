@@ -135,3 +135,105 @@ fn a_memory_region_larger_than_its_file_is_refused_without_sigbus() {
     );
     assert!(d.terminate().success(), "{}", d.log());
 }
+
+/// A raw vhost-user frontend with 1 MiB of valid guest memory and queue 0 set
+/// up on it, using `kick` and `call` as given; the queue is enabled. Returns
+/// the connection and the memfd.
+fn raw_frontend(
+    socket: &std::path::Path,
+    kick: &vmm_sys_util::eventfd::EventFd,
+    call: &vmm_sys_util::eventfd::EventFd,
+) -> (vhost::vhost_user::Frontend, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+
+    let mut fe = Frontend::connect(socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a new memfd that the File now owns.
+    let memfd = unsafe { std::fs::File::from_raw_fd(fd) };
+    memfd.set_len(1 << 20).unwrap();
+    let user = 0x7000_0000_0000u64;
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 1 << 20,
+        userspace_addr: user,
+        mmap_offset: 0,
+        mmap_handle: fd,
+    }])
+    .unwrap();
+    fe.set_vring_num(0, 16).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: user + 0x1000,
+            used_ring_addr: user + 0x3000,
+            avail_ring_addr: user + 0x2000,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    (fe, memfd)
+}
+
+/// Connects a libblkio client, writes and reads back a block, on a thread;
+/// fails the test if that does not finish in 10 s (a wedged daemon).
+fn next_frontend_is_served(d: &Daemon) {
+    let socket = d.socket().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = Client::connect(&socket).and_then(|mut c| {
+            c.write(8192, &[3u8; 4096])?;
+            c.read(8192, 4096)
+        });
+        let _ = tx.send(r.map(|b| b == vec![3u8; 4096]));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(Ok(true)) => {}
+        Ok(other) => panic!("next frontend: {other:?}\n{}", d.log()),
+        Err(_) => panic!("next frontend not served within 10 s\n{}", d.log()),
+    }
+}
+
+#[test]
+fn a_pipe_as_kick_fd_does_not_wedge_the_daemon() {
+    use std::os::fd::FromRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    sparse_image(&img, SIZE);
+    let mut d = Daemon::serve(dir.path(), &img, &[]);
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills the two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is the pipe's read end, owned by this EventFd from now on;
+    // the backend receives a copy through SCM_RIGHTS.
+    let kick = unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fds[0]) };
+    let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let (fe, _mem) = raw_frontend(d.socket(), &kick, &call);
+    // One byte: an 8-byte eventfd read on it would block forever.
+    // SAFETY: writes one byte from a valid buffer to the pipe's write end.
+    assert_eq!(unsafe { libc::write(fds[1], [1u8].as_ptr().cast(), 1) }, 1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(fe);
+    next_frontend_is_served(&d);
+    assert!(d.log().contains("kick fd refused"), "{}", d.log());
+    assert!(d.terminate().success(), "{}", d.log());
+    // SAFETY: closes the write end this test opened.
+    unsafe { libc::close(fds[1]) };
+}

@@ -2,13 +2,14 @@
 //! one worker thread per queue.
 
 use super::queue_io::QueueIo;
+use super::vring::Vring;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VhostUserBackend;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
@@ -74,7 +75,7 @@ impl BlkBackend {
 
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -182,7 +183,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         // Each worker owns exactly one vring, so its kick is event 0, and its

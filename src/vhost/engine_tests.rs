@@ -3,13 +3,14 @@
 //! queue waits for them.
 
 use super::queue_io::QueueIo;
+use super::vring::Vring;
 use super::worker::serve;
 use crate::block::channel::{Engine, IoChannel, IoCompletion};
 use crate::block::{BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RawFile, Result};
 use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -29,8 +30,8 @@ fn guest_memory() -> GuestMemoryAtomic<GuestMem> {
     GuestMemoryAtomic::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap())
 }
 
-fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMem>) -> VringRwLock {
-    let vring = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMem>) -> Vring {
+    let vring = Vring::new(atomic.clone(), QSIZE).unwrap();
     vring.set_queue_size(QSIZE);
     vring
         .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -304,7 +305,7 @@ fn a_stopping_queue_waits_for_requests_in_flight_on_the_channel() {
 /// Serves until `n` requests are in the used ring, waiting on the queue's
 /// completion eventfds in between (bounded: 500 waits of at most 10 s).
 fn serve_until(
-    vring: &VringRwLock,
+    vring: &Vring,
     atomic: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
     io: &QueueIo,

@@ -11,6 +11,7 @@ mod offload;
 mod poll;
 mod queue_io;
 mod shutdown;
+mod vring;
 mod worker;
 
 pub use shutdown::Shutdown;

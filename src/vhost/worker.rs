@@ -4,10 +4,11 @@
 //! that raced with re-arming.
 
 use super::queue_io::QueueIo;
+use super::vring::Vring;
 use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Offload, Scratch};
 use std::num::Wrapping;
 use std::time::Instant;
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
@@ -26,7 +27,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 /// out once per batch, and only when `needs_notification` (the driver's
 /// `used_event`) asks for them.
 pub(crate) fn serve(
-    vring: &VringRwLock,
+    vring: &Vring,
     mem: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
     io: &QueueIo,
@@ -219,7 +220,7 @@ mod tests {
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -267,7 +268,7 @@ mod tests {
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -400,11 +401,8 @@ mod tests {
         vq.add_desc_chains(&descs, 3 * first).unwrap();
     }
 
-    fn ready_vring(
-        atomic: &GuestMemoryAtomic<GuestMem>,
-        vq: &MockSplitQueue<GuestMem>,
-    ) -> VringRwLock {
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+    fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMem>) -> Vring {
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
