@@ -20,6 +20,18 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 #[derive(Clone)]
 pub(crate) struct GuardedVring<M: GuestAddressSpace> {
     inner: VringRwLock<M>,
+    /// Set when the ring (re)starts (a new kick fd): the driver's `used_event`
+    /// may lag behind a ring rewound on reconnect, so the next pass notifies
+    /// whatever it says (libvhost-user's `signalled_used_valid = false`).
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<M: GuestAddressSpace> GuardedVring<M> {
+    /// True once after each (re)start of the ring.
+    pub(crate) fn take_started(&self) -> bool {
+        self.started
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
 }
 
 /// Why a frontend's fd is refused, if it is.
@@ -65,6 +77,7 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for GuardedVring<M> {
     fn new(mem: M, max_queue_size: u16) -> Result<Self, VirtQueError> {
         Ok(GuardedVring {
             inner: VringRwLock::new(mem, max_queue_size)?,
+            started: Default::default(),
         })
     }
     fn get_ref(&self) -> <Self as VringStateGuard<'_, M>>::G {
@@ -121,7 +134,12 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for GuardedVring<M> {
         self.inner.set_queue_ready(ready)
     }
     fn set_kick(&self, file: Option<File>) {
-        self.inner.set_kick(checked("kick", file))
+        let file = checked("kick", file);
+        if file.is_some() {
+            self.started
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.inner.set_kick(file)
     }
     fn read_kick(&self) -> io::Result<bool> {
         match self.inner.read_kick() {

@@ -41,6 +41,8 @@ pub(crate) fn serve(
     let q = io.index;
     // A stopped queue (GET_VRING_BASE) only retires what is in flight.
     let ready = state.get_queue().ready();
+    // The first pass after the ring (re)started notifies unconditionally.
+    let mut force_notify = ready && vring.take_started();
     let window = st.poller.window();
     let mut scratch = Scratch::default();
     let mut done: Vec<Completion> = Vec::new();
@@ -80,8 +82,8 @@ pub(crate) fn serve(
         }
         completed += add_used(&mut state, m, device, q, &done);
         completed += add_used(&mut state, m, device, q, &pool_done);
-        if completed > 0 {
-            notify(&mut state, m, device, q);
+        if completed > 0 || force_notify {
+            notify(&mut state, m, device, q, std::mem::take(&mut force_notify));
         }
         done.clear();
         io.pool.retire(pool_done.len());
@@ -133,21 +135,25 @@ fn add_used(
     done.len()
 }
 
-/// Notifies the driver, if its `used_event` asks for it.
+/// Notifies the driver, if its `used_event` asks for it (or `always`).
 fn notify(
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
     mem: &GuestMem,
     device: &BlkDevice,
     q: usize,
+    always: bool,
 ) {
-    match state.get_queue_mut().needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) => {
-            if let Err(e) = state.signal_used_queue() {
-                log::warn!("queue {q}: cannot notify the driver: {e}");
-            }
+    let wanted = match state.get_queue_mut().needs_notification(mem) {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            device.report_ring_error(q, "used_event unreadable", e);
+            false
         }
-        Err(e) => device.report_ring_error(q, "used_event unreadable", e),
+    };
+    if wanted || always {
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!("queue {q}: cannot notify the driver: {e}");
+        }
     }
 }
 
@@ -208,6 +214,41 @@ mod tests {
             )));
         }
         vq.add_desc_chains(&descs, 2 * first).unwrap();
+    }
+
+    #[test]
+    fn a_restarted_ring_notifies_once_even_when_used_event_says_not_yet() {
+        let disk = temp_disk();
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
+        let atomic = guest_memory();
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+        vring.set_call(Some(dup));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: as above. Setting the kick fd is what (re)starts a ring.
+        let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+        vring.set_kick(Some(dup));
+
+        // A driver whose used_event lags far behind a ring rewound on
+        // reconnect: by EVENT_IDX rules it wants no interrupt yet.
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
+        mem.write_obj(10u16, used_event).unwrap();
+        add_flushes(mem, &vq, 0, 1);
+        serve(&vring, &atomic, &device, &io);
+        assert_eq!(call.read().unwrap(), 1, "first pass after start notifies");
     }
 
     #[test]
