@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks colo-blk against its peers, in one run, with the same client
-# (`colo-blk bench`, libblkio), servers interleaved per round, median of the
-# rounds. Prints Markdown tables of IOPS (p50 completion latency in us) and
+# (`colo-blk bench`, libblkio), servers interleaved per workload, median of
+# the rounds. Prints Markdown tables of IOPS (p50 completion latency in us) and
 # ratios. A benchmark, not a test: it reports, it never fails on numbers.
 #
 # tmpfs table (page cache, 1 queue; the image on /dev/shm):
@@ -15,8 +15,10 @@
 #   device's limit; 4k random read/write QD1, QD32, QD128, 1 MiB sequential
 #   read/write QD8, 4k random read/write on 2 queues x QD32.
 # CPU table: the server's utime+stime per second (/proc/PID/stat, % of one
-#   core) with a frontend connected and no I/O for BENCH_IDLE_SECONDS (round 1),
-#   and during load; and its thread count under load.
+#   core) with a frontend connected and no I/O for BENCH_IDLE_SECONDS (after a
+#   1 s randread QD1 warm-up), and during load; its thread count under load.
+# Every run gets a fresh server process; within a round each workload runs on
+# every server in turn, the order rotating between rounds.
 #
 # When the binary under test takes --poll-us (`serve --help`), it runs twice:
 # as it comes (polling on, its default) and with --poll-us 0.
@@ -59,22 +61,20 @@ bench_has_poll "$colo" && poll=1
 
 tmpfs_rows=seqwrite-1m-qd8,seqread-1m-qd8,randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32
 direct_rows=randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,randread-4k-qd128,randwrite-4k-qd128,seqread-1m-qd8,seqwrite-1m-qd8,randread-4k-2q-qd32,randwrite-4k-2q-qd32
-# The bench writes before it reads on every server alike; on the O_DIRECT
-# image every block is allocated anyway.
-direct_order=seqwrite-1m-qd8,seqread-1m-qd8,randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,randread-4k-qd128,randwrite-4k-qd128,randread-4k-2q-qd32,randwrite-4k-2q-qd32
 
-# run_vhost TABLE TAG ROUND IDLE WORKLOADS CMD...: starts CMD (which listens
-# on $work/TAG.sock), benchmarks it with CPU probing, stops it by pid, and
-# appends "TAG ROUND WORKLOAD IOPS MBPS P50 P99 CPU THREADS" to TABLE.res.
+# run_vhost OUT TAG ROUND IDLE WORKLOADS CMD...: starts CMD (which listens on
+# $work/TAG.sock), benchmarks it with CPU probing, stops it by pid, and
+# appends "TAG ROUND WORKLOAD IOPS MBPS P50 P99 CPU THREADS" lines to OUT;
+# $last_iops is the IOPS of the last workload.
 run_vhost() {
-  local table=$1 tag=$2 round=$3 idle_s=$4 workloads=$5 sock=$work/$2.sock
+  local out=$1 tag=$2 round=$3 idle_s=$4 workloads=$5 sock=$work/$2.sock secs=$seconds
   shift 5
   local extra=()
-  [ "$idle_s" = 0 ] || extra=(--idle-seconds "$idle_s")
+  if [ "$idle_s" != 0 ]; then extra=(--idle-seconds "$idle_s"); secs=1; fi
   rm -f "$sock"
   bench_start "$tag" "$@"
   bench_wait_socket "$sock"
-  if ! "$bin" bench --socket "$sock" --seconds "$seconds" --workloads "$workloads" \
+  if ! "$bin" bench --socket "$sock" --seconds "$secs" --workloads "$workloads" \
     --queue-size 256 --pid "$bench_pid" "${extra[@]}" >"$work/out" 2>&1; then
     echo "[$tag] bench failed:" >&2
     cat "$work/out" "${bench_logs[$bench_pid]}" >&2
@@ -82,8 +82,8 @@ run_vhost() {
   fi
   bench_stop "$bench_pid"
   awk -v t="$tag" -v r="$round" '$1=="RESULT" { print t, r, $2, $3, $4, $5, $6, $7, $8 }' \
-    "$work/out" >>"$work/$table.res"
-  awk -v t="$tag" '$1=="RESULT" { s = s sprintf(" %s=%d", $2, $3) } END { printf "  [%s]%s\n", t, s }' "$work/out"
+    "$work/out" >>"$out"
+  last_iops=$(awk '$1=="RESULT" && $2!="idle" { v=$3 } END { print v }' "$work/out")
 }
 
 # colo BIN SOCKTAG IMG QUEUES ARGS...: a plain colo-blk on IMG.
@@ -100,8 +100,67 @@ qsd() {
     --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$work/$1.sock,writable=on,num-queues=$5"
 }
 
+# server_cmd TABLE TAG: the command of server TAG for TABLE, in $cmd.
+server_cmd() {
+  local img=${timg:-} q=1 cache=off extra=()
+  if [ "$1" = direct ]; then img=$dimg q=2 cache=on extra=(--direct); fi
+  case "$2" in
+    colo) cmd=(colo "$colo" colo "$img" "$q" "${extra[@]}") ;;
+    colo-nopoll) cmd=(colo "$colo" colo-nopoll "$img" "$q" "${extra[@]}" --poll-us 0) ;;
+    baseline) cmd=(colo "$baseline" baseline "$img" "$q" "${extra[@]}") ;;
+    qsd-threads) cmd=(qsd qsd-threads "$img" threads "$cache" "$q") ;;
+    qsd-io_uring) cmd=(qsd qsd-io_uring "$img" io_uring "$cache" "$q") ;;
+    qsd-native) cmd=(qsd qsd-native "$img" native "$cache" "$q") ;;
+    *) echo "unknown server $2" >&2; exit 1 ;;
+  esac
+}
+
+# measure TABLE ROWS SERVERS...: BENCH_ROUNDS rounds; in each, every workload
+# of ROWS runs on every server in turn (a fresh server process per run; the
+# order rotates each round, so no server always follows the same one) into
+# $work/TABLE.res. "fio" as a server runs fio on the O_DIRECT image.
+measure() {
+  local table=$1 rows=$2 round w k n off tag line
+  shift 2
+  local servers=("$@")
+  n=${#servers[@]}
+  for round in $(seq 1 "$rounds"); do
+    echo "== $table round $round ($(bench_load))"
+    off=$(( (round - 1) % n ))
+    for w in ${rows//,/ }; do
+      line="  $w:"
+      for k in $(seq 0 $((n - 1))); do
+        tag=${servers[$(( (k + off) % n ))]}
+        if [ "$tag" = fio ]; then
+          run_fio "$round" "$w" "$dimg"
+        else
+          server_cmd "$table" "$tag"
+          run_vhost "$work/$table.res" "$tag" "$round" 0 "$w" "${cmd[@]}"
+        fi
+        line+=" $tag=$last_iops"
+      done
+      echo "$line"
+    done
+  done
+}
+
+# measure_idle TABLE SERVERS...: per server, a short randread-4k-qd1 run, then
+# BENCH_IDLE_SECONDS connected with no I/O; the idle CPU goes to TABLE.res.
+measure_idle() {
+  local table=$1 tag
+  shift
+  echo "== $table: idle CPU, $idle s per server ($(bench_load))"
+  for tag in "$@"; do
+    server_cmd "$table" "$tag"
+    : >"$work/idle.res"
+    run_vhost "$work/idle.res" "$tag" 1 "$idle" randread-4k-qd1 "${cmd[@]}"
+    grep ' idle ' "$work/idle.res" >>"$work/$table.res"
+    echo "  $tag: $(awk '{ print $8 }' "$work/idle.res" | tail -1) % of a core"
+  done
+}
+
 # run_fio ROUND WORKLOAD IMG: fio io_uring O_DIRECT on the image itself, one
-# job per queue of the workload; appends to direct.res like run_vhost (clat
+# job per queue of the workload; appends to direct.res like run_vhost (total
 # percentiles; no CPU column: fio is the client).
 run_fio() {
   local round=$1 w=$2 img=$3 rw bs qd jobs=1
@@ -113,7 +172,7 @@ run_fio() {
     *) echo "run_fio: no mapping for $w" >&2; exit 1 ;;
   esac
   fio --name=device --filename="$img" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
-    --iodepth="$qd" --numjobs="$jobs" --group_reporting --norandommap --randrepeat=0 \
+    --iodepth="$qd" --numjobs="$jobs" --group_reporting --norandommap --randrepeat=0 --lat_percentiles=1 \
     --time_based --runtime="$(awk -v s="$seconds" 'BEGIN { printf "%d", s * 1000 }')ms" \
     --output-format=json >"$work/fio.json" 2>"$work/fio.err" ||
     { echo "fio failed:" >&2; cat "$work/fio.err" >&2; exit 1; }
@@ -123,34 +182,28 @@ job = json.load(open(sys.argv[1]))["jobs"][0]
 iops = job["read"]["iops"] + job["write"]["iops"]
 bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
 side = job["write"] if job["write"]["iops"] > job["read"]["iops"] else job["read"]
-pct = side["clat_ns"].get("percentile", {})
+pct = side["lat_ns"].get("percentile") or side["clat_ns"].get("percentile", {})
 p50 = pct.get("50.000000", 0) / 1000
 p99 = pct.get("99.000000", 0) / 1000
 print(f"fio {sys.argv[2]} {sys.argv[3]} {iops:.0f} {bw / 1e6:.1f} {p50:.1f} {p99:.1f} - -")
 PY
+  last_iops=$(tail -1 "$work/direct.res" | awk '{ print $4 }')
 }
 
 echo "== $(bench_load) at start; $seconds s per workload, $rounds round(s), median counts"
 echo "== colo-blk under test: $colo$( [ -n "$poll" ] && echo ' (takes --poll-us: runs with polling on and off)')"
 
+opt=()
+[ -n "$poll" ] && opt+=(colo-nopoll)
+[ -n "$baseline" ] && opt+=(baseline)
+
 if [[ ,$tables, == *,tmpfs,* ]]; then
-  img=$work/disk.img
+  timg=$work/disk.img
   echo "== tmpfs table: $size_mb MiB of random data on $(df --output=fstype "$work" | tail -1) ($work)"
-  dd if=/dev/urandom of="$img" bs=1M count="$size_mb" status=none
+  dd if=/dev/urandom of="$timg" bs=1M count="$size_mb" status=none
   : >"$work/tmpfs.res"
-  for round in $(seq 1 "$rounds"); do
-    echo "== tmpfs round $round ($(bench_load))"
-    run_vhost tmpfs colo "$round" 0 "$tmpfs_rows" colo "$colo" colo "$img" 1
-    if [ -n "$poll" ]; then
-      run_vhost tmpfs colo-nopoll "$round" 0 "$tmpfs_rows" colo "$colo" colo-nopoll "$img" 1 --poll-us 0
-    fi
-    if [ -n "$baseline" ]; then
-      run_vhost tmpfs baseline "$round" 0 "$tmpfs_rows" colo "$baseline" baseline "$img" 1
-    fi
-    run_vhost tmpfs qsd-threads "$round" 0 "$tmpfs_rows" qsd qsd-threads "$img" threads off 1
-    run_vhost tmpfs qsd-io_uring "$round" 0 "$tmpfs_rows" qsd qsd-io_uring "$img" io_uring off 1
-  done
-  rm -f "$img"
+  measure tmpfs "$tmpfs_rows" colo "${opt[@]}" qsd-threads qsd-io_uring
+  rm -f "$timg"
 fi
 
 if [[ ,$tables, == *,direct,* ]]; then
@@ -160,22 +213,8 @@ if [[ ,$tables, == *,direct,* ]]; then
   bench_fill_image "$dimg" "$direct_mb"
   echo "  allocated: $(du -m "$dimg" | cut -f1) MiB of $direct_mb MiB"
   : >"$work/direct.res"
-  for round in $(seq 1 "$rounds"); do
-    echo "== O_DIRECT round $round ($(bench_load))"
-    i=0
-    [ "$round" = 1 ] && i=$idle
-    run_vhost direct colo "$round" "$i" "$direct_order" colo "$colo" colo "$dimg" 2 --direct
-    if [ -n "$poll" ]; then
-      run_vhost direct colo-nopoll "$round" "$i" "$direct_order" colo "$colo" colo-nopoll "$dimg" 2 --direct --poll-us 0
-    fi
-    if [ -n "$baseline" ]; then
-      run_vhost direct baseline "$round" "$i" "$direct_order" colo "$baseline" baseline "$dimg" 2 --direct
-    fi
-    run_vhost direct qsd-io_uring "$round" "$i" "$direct_order" qsd qsd-io_uring "$dimg" io_uring on 2
-    run_vhost direct qsd-native "$round" 0 "$direct_order" qsd qsd-native "$dimg" native on 2
-    for w in ${direct_order//,/ }; do run_fio "$round" "$w" "$dimg"; done
-    awk -v r="$round" '$1=="fio" && $2==r { s = s sprintf(" %s=%d", $3, $4) } END { printf "  [fio]%s\n", s }' "$work/direct.res"
-  done
+  measure direct "$direct_rows" colo "${opt[@]}" qsd-io_uring qsd-native fio
+  measure_idle direct colo "${opt[@]}" qsd-io_uring
 fi
 echo "== $(bench_load) at end"
 
@@ -199,7 +238,7 @@ if [[ ,$tables, == *,direct,* ]]; then
     "colo=$colo_label --direct,colo-nopoll=--direct --poll-us 0,baseline=baseline --direct,qsd-io_uring=qsd io_uring,qsd-native=qsd native,fio=fio io_uring (device)" \
     "colo / fio=colo/fio,colo / better qsd=colo/max(qsd-io_uring|qsd-native),--poll-us 0 / better qsd=colo-nopoll/max(qsd-io_uring|qsd-native),baseline / better qsd=baseline/max(qsd-io_uring|qsd-native)"
   echo
-  echo "Server CPU (utime+stime per second, % of one core; idle: ${idle} s connected, no I/O, round 1; load: median run), O_DIRECT:"
+  echo "Server CPU (utime+stime per second, % of one core; idle: ${idle} s connected, no I/O; load: the median run), O_DIRECT:"
   echo
   bench_cpu_table "$work/direct.med" randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd128,randread-4k-2q-qd32 \
     "colo=$colo_label,colo-nopoll=colo-blk --poll-us 0,baseline=colo-blk baseline,qsd-io_uring=qsd io_uring,qsd-native=qsd native"
