@@ -184,13 +184,17 @@ struct Run {
     label: String,
     /// The NBD port of this run, written as PORT in the transcript.
     port: String,
+    /// The temporary directory of this run, written as DIR.
+    dir: String,
 }
 
 impl Run {
     /// A call of libxl's sequence: its answer goes into the transcript.
     fn step(&mut self, side: &str, node: &Node, cmd: &str, args: Value) -> Value {
         let reply = self.bridge.call(&node.qmp, cmd, args.clone());
-        let call = format!("{side} {cmd} {args}").replace(&self.port, "PORT");
+        let call = format!("{side} {cmd} {args}")
+            .replace(&self.dir, "DIR")
+            .replace(&self.port, "PORT");
         self.transcript.push((call, reply.clone()));
         reply
     }
@@ -241,6 +245,10 @@ fn qemu_img(args: &[&str]) {
 /// QEMU's secondary: replication(secondary) over qcow2 active ▸ qcow2 hidden ▸
 /// raw parent0; the guest gets the replication node over vhost-user-blk.
 fn qemu_secondary(dir: &Path, run: &mut Run) -> Node {
+    qemu_secondary_with(dir, run, true)
+}
+
+fn qemu_secondary_with(dir: &Path, run: &mut Run, guest: bool) -> Node {
     let d = dir.join("s");
     std::fs::create_dir_all(&d).unwrap();
     let disk = d.join("sec.raw");
@@ -285,12 +293,14 @@ fn qemu_secondary(dir: &Path, run: &mut Run) -> Node {
         disk,
         proc: Proc::Qemu(q),
     };
-    run.setup(
-        &node,
-        "block-export-add",
-        json!({"type": "vhost-user-blk", "id": "sguest", "node-name": "secrep",
-               "writable": true, "addr": {"type": "unix", "path": vhost}}),
-    );
+    if guest {
+        run.setup(
+            &node,
+            "block-export-add",
+            json!({"type": "vhost-user-blk", "id": "sguest", "node-name": "secrep",
+                   "writable": true, "addr": {"type": "unix", "path": vhost}}),
+        );
+    }
     node
 }
 
@@ -442,6 +452,7 @@ fn run_pair(primary_kind: Kind, secondary_kind: Kind) -> Transcript {
         transcript: Vec::new(),
         label: label.clone(),
         port: port.to_string(),
+        dir: dir.path().display().to_string(),
     };
 
     // Secondary: nbd-server-start, nbd-server-add, xen-set-replication.
@@ -687,6 +698,7 @@ fn plain_stop_on_a_secondary_stops_on_colo_blk_where_qemu_fails() {
             transcript: Vec::new(),
             label: format!("{kind:?} secondary"),
             port: port.to_string(),
+            dir: dir.path().display().to_string(),
         };
         let sec = match kind {
             Kind::ColoBlk => colo_secondary(dir.path()),
@@ -727,4 +739,154 @@ fn plain_stop_on_a_secondary_stops_on_colo_blk_where_qemu_fails() {
             ),
         }
     }
+}
+
+/// QEMU's NBD-server and replication commands, valid and invalid, answer the
+/// same on a colo-blk secondary as on QEMU's, reply for reply.
+#[test]
+fn nbd_server_and_replication_commands_answer_as_qemu_does() {
+    let mut answers = Vec::new();
+    for kind in [Kind::ColoBlk, Kind::Qemu] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = Run {
+            bridge: Bridge::start(),
+            transcript: Vec::new(),
+            label: format!("{kind:?} secondary"),
+            port: "unused-port".into(),
+            dir: dir.path().display().to_string(),
+        };
+        let sec = match kind {
+            Kind::ColoBlk => colo_secondary(dir.path()),
+            Kind::Qemu => qemu_secondary_with(dir.path(), &mut run, false),
+        };
+        let nbd = dir.path().join("nbd.sock");
+        let unix = json!({"type": "unix", "data": {"path": nbd}});
+        let calls = [
+            ("nbd-server-add", json!({"device": "parent0"})),
+            ("nbd-server-remove", json!({"name": "parent0"})),
+            ("nbd-server-stop", Value::Null),
+            ("nbd-server-stop", json!({"x": 1})),
+            ("nbd-server-start", json!({})),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "bogus", "data": {}}}),
+            ),
+            ("nbd-server-start", json!({"addr": {"type": "unix"}})),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": 5}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": "/x", "x": 1}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": 0}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1"}}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": unix, "max-connections": "x"}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": unix, "max-connections": -1}),
+            ),
+            ("nbd-server-start", json!({"addr": unix})),
+            ("nbd-server-start", json!({"addr": unix})),
+            ("nbd-server-add", json!({"device": "nosuch"})),
+            (
+                "nbd-server-add",
+                json!({"device": "parent0", "writable": "yes"}),
+            ),
+            (
+                "nbd-server-add",
+                json!({"device": "parent0", "bitmap": "b"}),
+            ),
+            (
+                "nbd-server-add",
+                json!({"device": "parent0", "writable": true}),
+            ),
+            (
+                "nbd-server-add",
+                json!({"device": "parent0", "writable": true}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "node-name": "parent0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "bad", "id": "e2", "node-name": "parent0"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e2", "node-name": "parent0", "zzz": 1}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e2", "node-name": "nosuch"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e3", "node-name": "parent0", "name": "parent0"}),
+            ),
+            ("query-block-exports", Value::Null),
+            ("nbd-server-remove", json!({"name": "x"})),
+            (
+                "nbd-server-remove",
+                json!({"name": "parent0", "mode": "bad"}),
+            ),
+            ("xen-set-replication", json!({"enable": true})),
+            (
+                "xen-set-replication",
+                json!({"enable": "x", "primary": false}),
+            ),
+            (
+                "xen-set-replication",
+                json!({"enable": true, "primary": false, "extra": 1}),
+            ),
+            (
+                "xen-set-replication",
+                json!({"enable": true, "primary": false, "failover": true}),
+            ),
+            (
+                "xen-set-replication",
+                json!({"enable": true, "primary": true}),
+            ),
+            ("xen-colo-do-checkpoint", json!({"x": 1})),
+            ("query-xen-replication-status", Value::Null),
+            ("query-colo-status", json!({"a": 1})),
+            ("query-colo-status", Value::Null),
+            ("query-version", json!({"a": 1})),
+            ("query-commands", json!({"x": 1})),
+            (
+                "xen-set-replication",
+                json!({"enable": true, "primary": false}),
+            ),
+            ("query-xen-replication-status", Value::Null),
+            ("xen-colo-do-checkpoint", Value::Null),
+            ("nbd-server-remove", json!({"name": "parent0"})),
+            ("query-block-exports", Value::Null),
+            ("nbd-server-stop", Value::Null),
+            ("nbd-server-stop", Value::Null),
+        ];
+        for (cmd, args) in calls {
+            run.step("secondary", &sec, cmd, args);
+        }
+        answers.push(run.transcript);
+    }
+    let call_path = |t: &str| t.to_string();
+    for (ours, qemus) in answers[0].iter().zip(&answers[1]) {
+        assert_eq!(
+            (call_path(&ours.0), &ours.1),
+            (call_path(&qemus.0), &qemus.1),
+            "colo-blk (left) and QEMU (right) answer differently"
+        );
+    }
+    assert_eq!(answers[0].len(), answers[1].len());
 }

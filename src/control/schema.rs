@@ -125,7 +125,9 @@ fn check_value(ty: Ty, v: &Value, full: &str) -> Result<(), String> {
             if values.contains(&s) {
                 Ok(())
             } else {
-                Err(format!("Parameter '{full}' does not accept value '{s}'"))
+                // QEMU's enum visitor names the member alone, not its path.
+                let leaf = full.rsplit('.').next().unwrap_or(full);
+                Err(format!("Parameter '{leaf}' does not accept value '{s}'"))
             }
         }
         Ty::EnumList(values) => {
@@ -154,9 +156,8 @@ fn check_value(ty: Ty, v: &Value, full: &str) -> Result<(), String> {
                 Some(t) => t.as_str().ok_or_else(|| type_error(&tag_path, "string"))?,
             };
             let Some((_, members)) = branches.iter().find(|(name, _)| *name == tag) else {
-                return Err(format!(
-                    "Parameter '{tag_path}' does not accept value '{tag}'"
-                ));
+                // As for enums, QEMU names the tag alone.
+                return Err(format!("Parameter 'type' does not accept value '{tag}'"));
             };
             let data_path = path(full, "data");
             match obj.get("data") {
@@ -198,7 +199,7 @@ mod tests {
             ),
             (
                 json!({"addr": {"type": "bogus", "data": {}}}),
-                "Parameter 'addr.type' does not accept value 'bogus'",
+                "Parameter 'type' does not accept value 'bogus'",
             ),
             (
                 json!({"addr": {"type": "unix", "data": {"path": 5}}}),
