@@ -101,6 +101,12 @@ impl Framer {
         }
         if self.state == State::Normal {
             self.buf.push(b);
+            if self.buf.len() > self.limit {
+                // Keep the start for the log; skip the rest by structure.
+                self.buf.truncate(self.limit);
+                self.buf.shrink_to_fit();
+                self.state = State::Oversized;
+            }
         }
         if self.in_string {
             if self.escaped {
@@ -110,7 +116,7 @@ impl Framer {
             } else if b == b'"' {
                 self.in_string = false;
             } else if b < 0x20 {
-                return self.reset(out);
+                self.reset(out);
             }
         } else {
             match b {
@@ -127,12 +133,6 @@ impl Framer {
                 }
                 _ => {}
             }
-        }
-        if self.state == State::Normal && self.buf.len() > self.limit {
-            // Keep the start for the log; skip the rest by structure.
-            self.buf.truncate(self.limit);
-            self.buf.shrink_to_fit();
-            self.state = State::Oversized;
         }
     }
 }
@@ -217,5 +217,20 @@ mod tests {
                 Frame::Json(b"{\"c\":2}".to_vec()),
             ]
         );
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_limit_is_kept_and_one_byte_more_is_not() {
+        let message = |len: usize| {
+            let mut m = b"{\"a\":\"".to_vec();
+            m.extend(std::iter::repeat_n(b'x', len - 8));
+            m.extend(b"\"}");
+            assert_eq!(m.len(), len);
+            m
+        };
+        let exact = message(64);
+        assert_eq!(frames(&[&exact]), vec![Frame::Json(exact.clone())]);
+        let over = message(65);
+        assert!(matches!(&frames(&[&over])[..], [Frame::Garbage(g)] if g.len() == 64));
     }
 }

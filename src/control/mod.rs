@@ -8,7 +8,7 @@ pub mod ctl;
 pub mod exports;
 #[cfg(test)]
 mod fake;
-mod framing;
+pub mod framing;
 pub mod protocol;
 mod schema;
 mod server;
