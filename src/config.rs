@@ -102,7 +102,8 @@ pub struct ServeArgs {
     pub hidden: Option<PathBuf>,
 
     /// Secondary: where the NBD server receiving the primary's writes listens,
-    /// `unix:PATH` or `tcp:HOST:PORT`.
+    /// `unix:PATH` or `tcp:HOST:PORT`. May be left out with --control: QEMU's
+    /// `nbd-server-start` + `nbd-server-add` then open it at runtime.
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
     pub nbd_listen: Option<String>,
 
@@ -197,8 +198,9 @@ pub struct SecondaryConfig {
     pub active: PathBuf,
     /// Hidden overlay file.
     pub hidden: PathBuf,
-    /// NBD server address.
-    pub nbd_listen: NbdAddr,
+    /// Where the NBD server listens from startup; `None`: opened at runtime
+    /// by `nbd-server-start` + `nbd-server-add` on the control socket.
+    pub nbd_listen: Option<NbdAddr>,
     /// NBD export name.
     pub nbd_export: String,
 }
@@ -368,10 +370,13 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
         }
         Some(Mode::Secondary) => {
             misplaced(&primary_only, "primary")?;
-            let listen = a.nbd_listen.as_deref().ok_or(ConfigError::Missing {
-                flag: "nbd-listen",
-                mode: "secondary",
-            })?;
+            if a.nbd_listen.is_none() && a.control.is_none() {
+                // Without either, nothing could ever open the NBD server.
+                return Err(ConfigError::Missing {
+                    flag: "nbd-listen",
+                    mode: "secondary",
+                });
+            }
             let export = a.nbd_export.clone().unwrap_or(DEFAULT_NBD_EXPORT.into());
             if export.is_empty() || export.len() > 4096 {
                 return Err(invalid("nbd-export", "must be 1 to 4096 bytes"));
@@ -384,7 +389,12 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
             Ok(ModeConfig::Secondary(SecondaryConfig {
                 active: a.active.clone().unwrap_or_else(|| sibling(".active")),
                 hidden: a.hidden.clone().unwrap_or_else(|| sibling(".hidden")),
-                nbd_listen: parse_nbd_listen(listen).map_err(|why| invalid("nbd-listen", why))?,
+                nbd_listen: a
+                    .nbd_listen
+                    .as_deref()
+                    .map(parse_nbd_listen)
+                    .transpose()
+                    .map_err(|why| invalid("nbd-listen", why))?,
                 nbd_export: export,
             }))
         }
@@ -567,10 +577,10 @@ mod tests {
         assert_eq!(s.nbd_export, "parent0");
         assert_eq!(
             s.nbd_listen,
-            NbdAddr::Tcp {
+            Some(NbdAddr::Tcp {
                 host: "127.0.0.1".into(),
                 port: 10809
-            }
+            })
         );
     }
 

@@ -9,7 +9,7 @@ use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
 use colo_blk::block::{
     BlockDev, BlockError, Overlay, Parallel, RawFile, RawFileOptions, SharedDev,
 };
-use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
+use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub, NbdExports};
 use colo_blk::nbd;
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
@@ -87,9 +87,10 @@ struct Stack {
     nbd_export: Option<NbdExport>,
 }
 
-/// What the secondary's NBD server serves, where, and under which name.
+/// What the secondary's NBD server serves, where (from startup, or opened
+/// later by `nbd-server-start`), and under which name.
 struct NbdExport {
-    listen: nbd::NbdAddr,
+    listen: Option<nbd::NbdAddr>,
     name: String,
     dev: SharedDev,
 }
@@ -224,7 +225,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
 /// Dropping one stops it and removes its socket.
 struct SideServices {
     control: Option<ControlServer>,
-    nbd: Option<nbd::Server>,
+    nbd: Option<Arc<NbdExports>>,
 }
 
 impl SideServices {
@@ -234,30 +235,35 @@ impl SideServices {
         shutdown: &Arc<Shutdown>,
         hub: Arc<EventHub>,
     ) -> Result<Self, DaemonError> {
+        // One NBD export, opened by --nbd-listen now or by QEMU's
+        // nbd-server-start + nbd-server-add later; QEMU setups name the disk
+        // parent0, so that node name is accepted besides the export name.
+        let nbd = match &stack.nbd_export {
+            None => None,
+            Some(export) => {
+                let mut nodes = vec![export.name.clone()];
+                if export.name != nbd::DEFAULT_EXPORT {
+                    nodes.push(nbd::DEFAULT_EXPORT.to_string());
+                }
+                let exports =
+                    NbdExports::new(export.dev.clone(), nodes, nbd::ServerOptions::default());
+                if let Some(listen) = &export.listen {
+                    exports.start_now(listen.clone(), &export.name)?;
+                }
+                Some(exports)
+            }
+        };
         let control = match &cfg.control {
             None => None,
             Some(path) => {
                 let shutdown = Arc::clone(shutdown);
                 let ctx = ControlContext {
                     replication: stack.replication.clone(),
+                    nbd: nbd.clone(),
                     hub,
                     on_quit: Arc::new(move || shutdown.request()),
                 };
                 Some(ControlServer::spawn(path, ctx)?)
-            }
-        };
-        let nbd = match &stack.nbd_export {
-            None => None,
-            Some(export) => {
-                let opts = nbd::ServerOptions {
-                    export_name: export.name.clone(),
-                    ..Default::default()
-                };
-                Some(nbd::Server::start(
-                    &export.listen,
-                    export.dev.clone(),
-                    opts,
-                )?)
             }
         };
         Ok(SideServices { control, nbd })
@@ -265,8 +271,8 @@ impl SideServices {
 
     fn stop(self) {
         // The NBD server first: after it returns no primary write is running.
-        if let Some(server) = self.nbd {
-            server.shutdown();
+        if let Some(exports) = &self.nbd {
+            exports.shutdown();
         }
         drop(self.control);
     }

@@ -83,9 +83,16 @@ async def scenario(ctl_path, proc):
 
     try:
         await qmp.execute("no-such-command")
-        check("unknown command is a GenericError", False)
+        check("unknown command is a CommandNotFound error, as in QEMU", False)
     except ExecuteError as e:
-        check("unknown command is a GenericError", e.error_class == "GenericError", e)
+        check("unknown command is a CommandNotFound error, as in QEMU",
+              e.error_class == "CommandNotFound", e)
+
+    try:
+        await qmp.execute("replication-stop", {"failover": True, "extra": {}})
+        check("an unexpected argument is refused", False)
+    except ExecuteError as e:
+        check("an unexpected argument is refused", str(e) == "Parameter 'extra' is unexpected", e)
 
     with qmp.listener() as listener:
         await qmp.execute("replication-stop", {"failover": True})

@@ -3,10 +3,19 @@
 use crate::replication::{Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode};
 use std::sync::Mutex;
 
-/// Records calls and answers like a node in stage `none`.
+/// Records calls and answers like a secondary in the stage it is given
+/// (`running` unless set).
 #[derive(Default)]
 pub(crate) struct Fake {
     pub(crate) calls: Mutex<Vec<String>>,
+    pub(crate) stage: Mutex<Option<Stage>>,
+    pub(crate) error: Mutex<Option<String>>,
+}
+
+impl Fake {
+    fn stage(&self) -> Stage {
+        self.stage.lock().unwrap().unwrap_or(Stage::Running)
+    }
 }
 
 impl Replication for Fake {
@@ -35,13 +44,21 @@ impl Replication for Fake {
         Ok(())
     }
     fn get_error(&self) -> Result<(), ReplicationError> {
-        Err(ReplicationError::NotRunning)
+        if self.stage.lock().unwrap().is_none() {
+            // The default answer of the older tests.
+            return Err(ReplicationError::NotRunning);
+        }
+        match (self.stage(), self.error.lock().unwrap().clone()) {
+            (Stage::None, _) => Err(ReplicationError::NotRunning),
+            (_, Some(e)) => Err(ReplicationError::Io(e)),
+            _ => Ok(()),
+        }
     }
     fn status(&self) -> Status {
         Status {
             mode: Mode::Secondary,
-            stage: Stage::Running,
-            error: None,
+            stage: self.stage(),
+            error: self.error.lock().unwrap().clone(),
             resync: None,
             commit: Some(Progress { done: 1, total: 2 }),
             dirty_clusters: None,

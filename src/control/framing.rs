@@ -1,19 +1,37 @@
-//! Splits a QMP byte stream into JSON texts without parsing them.
+//! Splits a QMP byte stream into JSON texts without parsing them fully.
 //!
-//! QMP clients do not all end messages with a newline (the `qemu.qmp` library
-//! does not), so the framer tracks brace depth, strings and escapes and yields a
-//! text as soon as its outermost object closes. Bytes outside any object that are
-//! not white space are garbage: they are yielded as one [`Frame::Garbage`] so the
-//! server can answer with an error and carry on, as QEMU does.
+//! QMP input is a stream of JSON values, and clients do not all end messages
+//! with a newline (the `qemu.qmp` library does not), so the framer tracks brace
+//! depth, strings and escapes and yields a text as soon as its outermost object
+//! closes. Message boundaries come from that structure only, never from
+//! newlines: a message over the size limit is skipped up to its own closing
+//! brace (still tracked, no longer buffered), so the client's next message is
+//! answered whether or not a newline follows. Bytes outside any object that
+//! are not white space are garbage, yielded as one [`Frame::Garbage`] up to
+//! the end of the line or the next `{`/`[`, so the server can answer with an
+//! error and carry on, as QEMU does. A raw control character inside a string
+//! is invalid JSON: it ends the message as garbage, which also recovers from a
+//! string that is never closed.
 
 /// One unit cut from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// A complete JSON object or array text.
     Json(Vec<u8>),
-    /// Bytes that cannot start a JSON object, up to the end of the line, or an
-    /// object longer than the limit.
+    /// Bytes that cannot be a JSON message: stray bytes between messages, a
+    /// message with a raw control character in a string, or a message longer
+    /// than the limit (only its first `limit` bytes are kept).
     Garbage(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between messages, or inside one that fits the limit.
+    Normal,
+    /// Stray bytes between messages.
+    Garbage,
+    /// Inside a message over the limit: structure tracked, bytes dropped.
+    Oversized,
 }
 
 /// Incremental framer; feed bytes with [`Framer::push`], then drain frames.
@@ -23,7 +41,7 @@ pub struct Framer {
     depth: usize,
     in_string: bool,
     escaped: bool,
-    garbage: bool,
+    state: State,
     limit: usize,
 }
 
@@ -36,7 +54,7 @@ impl Framer {
             depth: 0,
             in_string: false,
             escaped: false,
-            garbage: false,
+            state: State::Normal,
             limit,
         }
     }
@@ -48,29 +66,48 @@ impl Framer {
         }
     }
 
+    fn reset(&mut self, out: &mut Vec<Frame>) {
+        out.push(Frame::Garbage(std::mem::take(&mut self.buf)));
+        self.depth = 0;
+        self.in_string = false;
+        self.escaped = false;
+        self.state = State::Normal;
+    }
+
     fn push_byte(&mut self, b: u8, out: &mut Vec<Frame>) {
-        if self.garbage {
-            if b == b'\n' {
-                self.garbage = false;
-                out.push(Frame::Garbage(std::mem::take(&mut self.buf)));
-            } else if self.buf.len() < self.limit {
-                self.buf.push(b);
+        if self.state == State::Garbage {
+            match b {
+                b'\n' => return self.reset(out),
+                b'{' | b'[' => self.reset(out),
+                _ => {
+                    if self.buf.len() < self.limit {
+                        self.buf.push(b);
+                    }
+                    return;
+                }
             }
-            return;
         }
         if self.depth == 0 {
             match b {
                 b' ' | b'\t' | b'\r' | b'\n' => return,
                 b'{' | b'[' => {}
                 _ => {
-                    self.garbage = true;
+                    self.state = State::Garbage;
                     self.buf.clear();
                     self.buf.push(b);
                     return;
                 }
             }
         }
-        self.buf.push(b);
+        if self.state == State::Normal {
+            self.buf.push(b);
+            if self.buf.len() > self.limit {
+                // Keep the start for the log; skip the rest by structure.
+                self.buf.truncate(self.limit);
+                self.buf.shrink_to_fit();
+                self.state = State::Oversized;
+            }
+        }
         if self.in_string {
             if self.escaped {
                 self.escaped = false;
@@ -78,6 +115,8 @@ impl Framer {
                 self.escaped = true;
             } else if b == b'"' {
                 self.in_string = false;
+            } else if b < 0x20 {
+                self.reset(out);
             }
         } else {
             match b {
@@ -86,19 +125,14 @@ impl Framer {
                 b'}' | b']' => {
                     self.depth -= 1;
                     if self.depth == 0 {
+                        if self.state == State::Oversized {
+                            return self.reset(out);
+                        }
                         out.push(Frame::Json(std::mem::take(&mut self.buf)));
                     }
                 }
                 _ => {}
             }
-        }
-        if self.depth > 0 && self.buf.len() > self.limit {
-            // Drop the oversized message; the rest of its line is skipped too.
-            self.buf.truncate(self.limit);
-            self.depth = 0;
-            self.in_string = false;
-            self.escaped = false;
-            self.garbage = true;
         }
     }
 }
@@ -155,5 +189,48 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(matches!(&out[0], Frame::Garbage(g) if g.len() <= 64));
         assert_eq!(out[1], Frame::Json(b"{\"ok\":1}".to_vec()));
+    }
+
+    #[test]
+    fn after_an_oversized_message_without_newlines_the_next_message_is_framed() {
+        // qemu.qmp sends no newlines: the boundary is the closing brace.
+        let mut big = b"{\"execute\":\"x\",\"arguments\":{\"a\":[".to_vec();
+        for _ in 0..200 {
+            big.extend(b"{\"k\":\"}{\\\"\"},");
+        }
+        big.extend(b"1]}}{\"execute\":\"next\"}");
+        let out = frames(&[&big[..100], &big[100..]]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[0], Frame::Garbage(g) if g.len() <= 64));
+        assert_eq!(out[1], Frame::Json(b"{\"execute\":\"next\"}".to_vec()));
+    }
+
+    #[test]
+    fn stray_bytes_end_at_the_next_object_and_unclosed_strings_at_a_newline() {
+        let out = frames(&[b"junk{\"a\":1}{\"b\":\"open\n{\"c\":2}"]);
+        assert_eq!(
+            out,
+            vec![
+                Frame::Garbage(b"junk".to_vec()),
+                Frame::Json(b"{\"a\":1}".to_vec()),
+                Frame::Garbage(b"{\"b\":\"open\n".to_vec()),
+                Frame::Json(b"{\"c\":2}".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_limit_is_kept_and_one_byte_more_is_not() {
+        let message = |len: usize| {
+            let mut m = b"{\"a\":\"".to_vec();
+            m.extend(std::iter::repeat_n(b'x', len - 8));
+            m.extend(b"\"}");
+            assert_eq!(m.len(), len);
+            m
+        };
+        let exact = message(64);
+        assert_eq!(frames(&[&exact]), vec![Frame::Json(exact.clone())]);
+        let over = message(65);
+        assert!(matches!(&frames(&[&over])[..], [Frame::Garbage(g)] if g.len() == 64));
     }
 }

@@ -5,13 +5,16 @@
 
 pub mod client;
 pub mod ctl;
+pub mod exports;
 #[cfg(test)]
 mod fake;
-mod framing;
+pub mod framing;
 pub mod protocol;
+mod schema;
 mod server;
 
-pub use server::{ControlContext, ControlServer, EventHub};
+pub use exports::NbdExports;
+pub use server::{ControlContext, ControlServer, EventHub, MAX_CLIENTS, MAX_MESSAGE, OUTPUT_QUEUE};
 
 use std::path::PathBuf;
 use thiserror::Error;

@@ -1,28 +1,53 @@
 //! The control socket: accepts QMP clients, runs their commands, fans out events.
+//!
+//! Memory is bounded per client and in all, as QEMU's monitor bounds it: each
+//! client has one output queue of [`OUTPUT_QUEUE`] messages shared by replies
+//! and events. A reply waits for room, so a client that does not read its
+//! replies stops being read (its commands wait in its own socket buffer); an
+//! event never waits (it comes from a replication thread), so a client whose
+//! queue is full when an event arrives is disconnected, with a log line, rather
+//! than buffered without bound. At most [`MAX_CLIENTS`] clients are served at
+//! once; one message is at most [`MAX_MESSAGE`] bytes.
 
+use super::exports::NbdExports;
 use super::framing::{Frame, Framer};
-use super::protocol::{error_reply, event_json, greeting, After, Session};
+use super::protocol::{error_reply, event_json, greeting, After, ColoHistory, Session, Targets};
 use super::ControlError;
 use crate::replication::{EventSink, Replication};
 use crate::unix_socket::{self, SocketFile};
 use log::{info, warn};
 use serde_json::Value;
 use std::io::{Read, Write};
+use std::net::Shutdown as SocketShutdown;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Longest QMP message accepted; longer ones are answered with an error.
-const MAX_MESSAGE: usize = 1 << 20;
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Messages (replies and events) queued for one client before its commands
+/// stop being read, or, for an event, before it is disconnected.
+pub const OUTPUT_QUEUE: usize = 64;
+
+/// Clients served at once; more are closed at accept (with a log line).
+pub const MAX_CLIENTS: usize = 16;
+
+struct Subscriber {
+    id: u64,
+    tx: SyncSender<Value>,
+    /// To disconnect the client when its queue overflows.
+    stream: UnixStream,
+}
 
 /// Delivers replication events to every negotiated client.
 #[derive(Default)]
 pub struct EventHub {
-    clients: Mutex<Vec<(u64, Sender<Value>)>>,
+    clients: Mutex<Vec<Subscriber>>,
 }
 
 impl EventHub {
@@ -41,20 +66,32 @@ impl EventHub {
         })
     }
 
+    /// Queues `msg` for every client; never blocks.
     fn publish(&self, msg: Value) {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        // A client whose writer has gone is dropped here.
-        clients.retain(|(_, tx)| tx.send(msg.clone()).is_ok());
+        clients.retain(|c| match c.tx.try_send(msg.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(_)) => {
+                warn!(
+                    "control: client {} does not read its output ({OUTPUT_QUEUE} messages \
+                     queued); disconnecting it instead of queueing events without bound",
+                    c.id
+                );
+                let _ = c.stream.shutdown(SocketShutdown::Both);
+                false
+            }
+        });
     }
 
-    fn add(&self, id: u64, tx: Sender<Value>) {
+    fn add(&self, sub: Subscriber) {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.push((id, tx));
+        clients.push(sub);
     }
 
     fn remove(&self, id: u64) {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.retain(|(cid, _)| *cid != id);
+        clients.retain(|c| c.id != id);
     }
 }
 
@@ -63,6 +100,8 @@ impl EventHub {
 pub struct ControlContext {
     /// The replication node, if the daemon runs in a replication mode.
     pub replication: Option<Arc<dyn Replication>>,
+    /// The NBD export QEMU's `nbd-server-*` commands open and close (secondary).
+    pub nbd: Option<Arc<NbdExports>>,
     /// Where events come from.
     pub hub: Arc<EventHub>,
     /// Called after `quit` was answered: starts the daemon's orderly shutdown.
@@ -117,8 +156,20 @@ impl Drop for ControlServer {
     }
 }
 
+/// Shared by every client of one socket.
+struct Shared {
+    ctx: ControlContext,
+    colo: ColoHistory,
+    clients: AtomicUsize,
+}
+
 fn accept_loop(listener: UnixListener, ctx: ControlContext, stopping: Arc<AtomicBool>) {
     let next_id = AtomicU64::new(1);
+    let shared = Arc::new(Shared {
+        ctx,
+        colo: ColoHistory::default(),
+        clients: AtomicUsize::new(0),
+    });
     for conn in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
@@ -126,11 +177,20 @@ fn accept_loop(listener: UnixListener, ctx: ControlContext, stopping: Arc<Atomic
         match conn {
             Ok(stream) => {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let ctx = ctx.clone();
+                if shared.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    warn!("control: {MAX_CLIENTS} clients connected; closing client {id}");
+                    continue;
+                }
+                let sh = Arc::clone(&shared);
                 let spawned = std::thread::Builder::new()
                     .name(format!("control-{id}"))
-                    .spawn(move || serve_client(id, stream, ctx));
+                    .spawn(move || {
+                        serve_client(id, stream, &sh);
+                        sh.clients.fetch_sub(1, Ordering::AcqRel);
+                    });
                 if let Err(e) = spawned {
+                    shared.clients.fetch_sub(1, Ordering::AcqRel);
                     warn!("control: cannot start a client thread: {e}");
                 }
             }
@@ -139,12 +199,12 @@ fn accept_loop(listener: UnixListener, ctx: ControlContext, stopping: Arc<Atomic
     }
 }
 
-fn serve_client(id: u64, stream: UnixStream, ctx: ControlContext) {
+fn serve_client(id: u64, stream: UnixStream, shared: &Shared) {
     info!("control: client {id} connected");
-    let (tx, rx) = channel::<Value>();
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
+    let (tx, rx) = sync_channel::<Value>(OUTPUT_QUEUE);
+    let (mut writer, hub_handle) = match (stream.try_clone(), stream.try_clone()) {
+        (Ok(w), Ok(h)) => (w, h),
+        (Err(e), _) | (_, Err(e)) => {
             warn!("control: client {id}: {e}");
             return;
         }
@@ -160,14 +220,14 @@ fn serve_client(id: u64, stream: UnixStream, ctx: ControlContext) {
         }
     });
     let _ = tx.send(greeting());
-    let quit = read_commands(id, stream, &ctx, &tx);
-    ctx.hub.remove(id);
+    let quit = read_commands(id, stream, hub_handle, shared, &tx);
+    shared.ctx.hub.remove(id);
     drop(tx);
     let _ = writer_thread.join();
     info!("control: client {id} disconnected");
     if quit {
         info!("control: quit requested by client {id}");
-        (ctx.on_quit)();
+        (shared.ctx.on_quit)();
     }
 }
 
@@ -175,14 +235,21 @@ fn serve_client(id: u64, stream: UnixStream, ctx: ControlContext) {
 fn read_commands(
     id: u64,
     mut stream: UnixStream,
-    ctx: &ControlContext,
-    tx: &Sender<Value>,
+    hub_handle: UnixStream,
+    shared: &Shared,
+    tx: &SyncSender<Value>,
 ) -> bool {
+    let ctx = &shared.ctx;
+    let targets = Targets {
+        replication: ctx.replication.as_deref(),
+        nbd: ctx.nbd.as_deref(),
+        colo: Some(&shared.colo),
+    };
     let mut session = Session::default();
     let mut framer = Framer::new(MAX_MESSAGE);
     let mut frames = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut registered = false;
+    let mut hub_handle = Some(hub_handle);
     loop {
         let n = match stream.read(&mut buf) {
             Ok(0) | Err(_) => return false,
@@ -191,21 +258,35 @@ fn read_commands(
         framer.push(&buf[..n], &mut frames);
         for frame in frames.drain(..) {
             let (reply, after) = match frame {
-                Frame::Json(text) => session.handle(&text, ctx.replication.as_deref()),
+                Frame::Json(text) => session.handle(&text, targets),
+                Frame::Garbage(g) if g.len() >= MAX_MESSAGE => (
+                    error_reply(
+                        format!("JSON parse error, message longer than {MAX_MESSAGE} bytes"),
+                        None,
+                    ),
+                    After::Continue,
+                ),
                 Frame::Garbage(_) => (
                     error_reply("JSON parse error, invalid input", None),
                     After::Continue,
                 ),
             };
-            let negotiated_now = !registered && reply.get("return").is_some();
+            let negotiated_now = hub_handle.is_some() && reply.get("return").is_some();
+            // Waits while the client's output queue is full: a client that
+            // does not read is not read either.
             if tx.send(reply).is_err() {
                 return false;
             }
             if negotiated_now {
                 // The first successful reply is qmp_capabilities: from now on the
                 // client is in command mode and receives events.
-                ctx.hub.add(id, tx.clone());
-                registered = true;
+                if let Some(stream) = hub_handle.take() {
+                    ctx.hub.add(Subscriber {
+                        id,
+                        tx: tx.clone(),
+                        stream,
+                    });
+                }
             }
             if after == After::Quit {
                 return true;
@@ -232,6 +313,7 @@ mod tests {
         let q = Arc::clone(&quits);
         let ctx = ControlContext {
             replication: Some(Arc::new(Fake::default())),
+            nbd: None,
             hub: Arc::clone(&hub),
             on_quit: Arc::new(move || {
                 q.fetch_add(1, Ordering::SeqCst);
@@ -305,6 +387,48 @@ mod tests {
     }
 
     #[test]
+    fn events_for_a_client_that_never_reads_are_bounded_by_disconnecting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_srv, hub, _, path) = server(dir.path());
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        s.write_all(b"{\"execute\":\"qmp_capabilities\"}").unwrap();
+        // Wait until the client is subscribed (its negotiation answered).
+        let mut framer = Framer::new(1 << 20);
+        let mut frames = Vec::new();
+        let mut buf = [0u8; 4096];
+        while frames.len() < 2 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            framer.push(&buf[..n], &mut frames);
+        }
+        // Far more events than the socket buffers and the queue hold; the
+        // hub must neither block nor keep them all.
+        let sink = hub.sink();
+        for _ in 0..20_000 {
+            sink(Event::StageChanged {
+                mode: Mode::Secondary,
+                stage: Stage::Running,
+            });
+        }
+        let subscribed = hub.clients.lock().unwrap().len();
+        assert_eq!(subscribed, 0, "the backed-up client was dropped");
+        // Whatever was queued before the cut arrives, then EOF.
+        let mut events = 0usize;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            frames.clear();
+            framer.push(&buf[..n], &mut frames);
+            events += frames.len();
+        }
+        assert!(events < 20_000, "{events} events delivered");
+    }
+
+    #[test]
     fn stopping_does_not_hang_when_the_socket_path_was_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let (srv, _, _, path) = server(dir.path());
@@ -339,6 +463,7 @@ mod tests {
         let (_srv, hub, _, path) = server(dir.path());
         let ctx = ControlContext {
             replication: None,
+            nbd: None,
             hub,
             on_quit: Arc::new(|| {}),
         };
