@@ -18,6 +18,8 @@ command -v cpio >/dev/null || other_pkgs+=(cpio)                # guest initramf
 command -v mke2fs >/dev/null || other_pkgs+=(e2fsprogs)         # guest file systems, debugfs
 command -v debugfs >/dev/null || other_pkgs+=(e2fsprogs)
 command -v gcc >/dev/null || other_pkgs+=(gcc)                  # guest helper (static)
+command -v ip >/dev/null || other_pkgs+=(iproute2)             # two-host fault tests: netns, veth
+command -v nft >/dev/null || other_pkgs+=(nftables)             # two-host fault tests: partitions
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || other_pkgs+=(libc6-dev)
 command -v python3 >/dev/null || other_pkgs+=(python3 python3-pip)
 

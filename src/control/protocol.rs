@@ -224,6 +224,13 @@ pub fn status_json(s: &Status) -> Value {
     if let Some(n) = s.dirty_clusters {
         obj.insert("dirty-clusters".into(), json!(n));
     }
+    if let Some(f) = &s.fence {
+        obj.insert(
+            "fence".into(),
+            json!({"on-fenced": f.policy.as_str(), "reason": f.reason,
+                   "held-writes": f.held_writes, "failed-writes": f.failed_writes}),
+        );
+    }
     v
 }
 
@@ -240,6 +247,10 @@ pub fn event_json(ev: &Event) -> Value {
         ),
         Event::ResyncProgress(p) => ("REPLICATION_RESYNC_PROGRESS", progress_json(*p)),
         Event::CommitProgress(p) => ("REPLICATION_COMMIT_PROGRESS", progress_json(*p)),
+        Event::Fenced { policy, reason } => (
+            "REPLICATION_FENCED",
+            json!({"mode": "primary", "on-fenced": policy.as_str(), "reason": reason}),
+        ),
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -18,6 +18,7 @@
 //! while the secondary handles it, then its reply is awaited (still under the
 //! cluster lock): the local write costs no time on top of the round trip.
 
+use super::fence::{Fence, OnFenced};
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
@@ -30,6 +31,7 @@ use log::{info, warn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vm_memory::VolatileSlice;
 
 /// Opens a connection to the secondary, seen as any block device.
@@ -72,6 +74,10 @@ const RESYNC_WINDOW: u64 = 1 << 20;
 /// Parallel resync copiers: enough to keep an NBD link busy.
 const RESYNC_THREADS: usize = 4;
 
+/// How long `start` waits for the connection to the secondary (TCP connect
+/// and NBD negotiation) unless [`Primary::configure`] says otherwise.
+pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Which copy an operation is applied to.
 #[derive(Clone, Copy)]
 enum Side {
@@ -112,6 +118,12 @@ pub struct Primary {
     resync_cancel: AtomicBool,
     resync_bytes: AtomicU64,
     resync_total: AtomicU64,
+    /// Decides about guest writes once the secondary has fenced us.
+    fence: Fence,
+    /// A `start` is connecting (outside the stage lock).
+    starting: AtomicBool,
+    /// Connect deadline in milliseconds.
+    connect_deadline_ms: AtomicU64,
     events: EventSink,
 }
 
@@ -154,8 +166,24 @@ impl Primary {
             resync_cancel: AtomicBool::new(false),
             resync_bytes: AtomicU64::new(0),
             resync_total: AtomicU64::new(0),
+            fence: Fence::new(OnFenced::default()),
+            starting: AtomicBool::new(false),
+            connect_deadline_ms: AtomicU64::new(DEFAULT_CONNECT_DEADLINE.as_millis() as u64),
             events,
         })
+    }
+
+    /// Sets what guest writes do once fenced, and how long `start` may wait
+    /// to reach the secondary. Call before the guest runs.
+    pub fn configure(&self, on_fenced: OnFenced, connect_deadline: Duration) {
+        self.fence.set_policy(on_fenced);
+        let ms = u64::try_from(connect_deadline.as_millis()).unwrap_or(u64::MAX);
+        self.connect_deadline_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// The fencing state, for a write path that asks it directly.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     fn cluster_size(&self) -> u64 {
@@ -186,7 +214,13 @@ impl Primary {
     }
 
     /// A forwarded I/O failed: keep serving, stop forwarding, tell the tooling.
-    fn forward_failed(&self, what: &str, err: &BlockError) {
+    /// An explicit refusal means the secondary took over: that fences this
+    /// primary (returns true) instead of letting it carry on alone.
+    fn forward_failed(&self, what: &str, err: &BlockError) -> bool {
+        if matches!(err, BlockError::Refused(_)) {
+            self.fenced(what, err);
+            return true;
+        }
         if self.healthy.swap(false, Ordering::AcqRel) {
             let message = format!("forwarding to the secondary failed ({what}): {err}");
             warn!("primary: {message}; carrying on alone, tracking dirty clusters");
@@ -197,6 +231,35 @@ impl Primary {
                 message,
             });
         }
+        false
+    }
+
+    /// The secondary refused a forwarded I/O: it has failed over. The fence
+    /// is tripped before forwarding is switched off, so a write that finds
+    /// forwarding off also finds the fence (see [`Primary::replicate_under`]).
+    fn fenced(&self, what: &str, err: &BlockError) {
+        let reason = format!("the secondary refused a forwarded {what}: {err}");
+        if !self.fence.trip(&reason) {
+            return;
+        }
+        self.healthy.store(false, Ordering::Release);
+        self.resync_cancel.store(true, Ordering::Release);
+        let policy = self.fence.policy();
+        let message = format!(
+            "fenced: {reason}; guest writes are {} from now on",
+            match policy {
+                OnFenced::Hold => "held",
+                OnFenced::Error => "failed",
+            }
+        );
+        log::error!("primary: {message}");
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        self.set_stage(Stage::Fenced);
+        (self.events)(Event::Fenced { policy, reason });
+        (self.events)(Event::Error {
+            mode: Mode::Primary,
+            message,
+        });
     }
 
     fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a ForwardTarget> {
@@ -214,11 +277,20 @@ impl Primary {
         len: u64,
         op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
     ) -> BlockResult<()> {
-        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
-        self.replicate_under(&link, what, offset, len, op)
+        self.fence.wait_admitted()?;
+        let fenced = {
+            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            self.replicate_under(&link, what, offset, len, op)?
+        };
+        // Held (or failed) with no lock held: control commands stay free.
+        if fenced {
+            return self.fence.wait_admitted();
+        }
+        Ok(())
     }
 
     /// [`Primary::replicate`] with the `link` lock already held (shared).
+    /// `Ok(true)`: fenced, the operation must not be acknowledged.
     fn replicate_under(
         &self,
         link: &Link,
@@ -226,31 +298,46 @@ impl Primary {
         offset: u64,
         len: u64,
         op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
-    ) -> BlockResult<()> {
+    ) -> BlockResult<bool> {
         let (first, last) = self.clusters(offset, len);
         match self.forwarding(link) {
             Some(remote) => {
                 let _g = self.locks.exclusive(offset, len.max(1));
                 op(self.local.as_ref(), Side::Local)?;
                 if let Err(e) = op(remote.dev.as_ref(), Side::Remote) {
-                    self.forward_failed(what, &e);
                     self.dirty.set_range(first, last - first + 1);
+                    return Ok(self.forward_failed(what, &e));
                 }
             }
             None => {
+                // Forwarding may have been switched off by a fence after this
+                // write was admitted; the fence is set first, so it shows here.
+                if self.fence.is_fenced() {
+                    return Ok(true);
+                }
                 op(self.local.as_ref(), Side::Local)?;
                 if self.baseline.load(Ordering::Acquire) {
                     self.dirty.set_range(first, last - first + 1);
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A guest write. Over NBD: send it, write the local disk meanwhile, then
     /// wait for the reply, all under the cluster lock, so the secondary applies
     /// same-cluster writes (and resync copies) in the local disk's order.
     fn replicate_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        self.fence.wait_admitted()?;
+        // Held (or failed) with no lock held: control commands stay free.
+        if self.forward_write(offset, bufs)? {
+            return self.fence.wait_admitted();
+        }
+        Ok(())
+    }
+
+    /// The body of [`Primary::replicate_write`]; `Ok(true)`: fenced.
+    fn forward_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<bool> {
         let len = crate::block::iov_len(bufs);
         let link = self.link.read().unwrap_or_else(|e| e.into_inner());
         let Some(client) = self.forwarding(&link).and_then(|t| t.nbd.as_ref()) else {
@@ -269,8 +356,10 @@ impl Primary {
         let local = self.local.write_vectored(offset, bufs);
         match sent.and_then(nbd::SubmittedWrite::wait) {
             Err(e) => {
-                self.forward_failed("write", &e);
                 self.dirty.set_range(first, last - first + 1);
+                if self.forward_failed("write", &e) {
+                    return Ok(true);
+                }
             }
             Ok(()) => {
                 if let Err(e) = &local {
@@ -282,7 +371,7 @@ impl Primary {
                 }
             }
         }
-        local
+        local.map(|()| false)
     }
 
     fn spawn_resync(self: &Arc<Self>, full: bool) -> Result<(), ReplicationError> {
@@ -453,19 +542,70 @@ impl Primary {
     }
 
     /// Starts replication; `self` must be the `Arc` the daemon holds.
+    ///
+    /// Slow work (reaching the secondary, waiting for an old resync) runs with
+    /// no lock held that `query-replication` needs; `starting` keeps a second
+    /// `start` out meanwhile.
     fn start_arc(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
-        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*stage, Stage::None | Stage::Done) {
-            return Err(ReplicationError::AlreadyStarted);
+        {
+            let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+            match *stage {
+                Stage::None | Stage::Done => {}
+                Stage::Fenced => {
+                    return Err(ReplicationError::Invalid(
+                        "this primary is fenced: its secondary took over at failover and \
+                         holds the newer disk; restart this side as the new primary's \
+                         secondary (full resync)"
+                            .into(),
+                    ))
+                }
+                _ => return Err(ReplicationError::AlreadyStarted),
+            }
+            if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
+                return Err(ReplicationError::Invalid(
+                    "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
+                        .into(),
+                ));
+            }
+            if self.starting.swap(true, Ordering::AcqRel) {
+                return Err(ReplicationError::Invalid(
+                    "a replication-start is already in progress".into(),
+                ));
+            }
         }
-        if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
-            return Err(ReplicationError::Invalid(
-                "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
-                    .into(),
-            ));
+        let result = self.start_unlocked(sync);
+        self.starting.store(false, Ordering::Release);
+        result
+    }
+
+    /// Reaches the secondary within the connect deadline. The connector runs
+    /// on its own thread: whatever it blocks in (TCP connect to a dropped
+    /// link, a negotiation with a stopped server), `start` answers in time; a
+    /// connection that completes after the deadline is dropped.
+    fn connect_within_deadline(self: &Arc<Self>) -> Result<ForwardTarget, ReplicationError> {
+        let deadline = Duration::from_millis(self.connect_deadline_ms.load(Ordering::Acquire));
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("connect".into())
+            .spawn(move || {
+                // The receiver may be gone (deadline passed): nothing to do.
+                let _ = tx.send((me.connect)());
+            })
+            .map_err(|e| ReplicationError::Io(format!("cannot start the connect thread: {e}")))?;
+        match rx.recv_timeout(deadline) {
+            Ok(Ok(remote)) => Ok(remote),
+            Ok(Err(e)) => Err(ReplicationError::Io(format!(
+                "cannot reach the secondary: {e}"
+            ))),
+            Err(_) => Err(ReplicationError::Io(format!(
+                "cannot reach the secondary: no connection within {deadline:?}"
+            ))),
         }
-        let remote = (self.connect)()
-            .map_err(|e| ReplicationError::Io(format!("cannot reach the secondary: {e}")))?;
+    }
+
+    fn start_unlocked(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
+        let remote = self.connect_within_deadline()?;
         if remote.dev.size() != self.local.size() {
             return Err(ReplicationError::Invalid(format!(
                 "secondary disk is {} bytes, primary disk is {}",
@@ -474,6 +614,14 @@ impl Primary {
             )));
         }
         self.wait_resync();
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*stage, Stage::None | Stage::Done) {
+            // Fenced while connecting (a late refusal of an older link).
+            return Err(ReplicationError::Invalid(format!(
+                "stage changed to {} while starting",
+                *stage
+            )));
+        }
         {
             let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
             link.remote = Some(remote);
@@ -520,8 +668,14 @@ impl Replication for PrimaryControl {
 
     fn checkpoint(&self) -> Result<(), ReplicationError> {
         let p = &self.0;
-        if p.stage() != Stage::Running {
-            return Err(ReplicationError::NotRunning);
+        match p.stage() {
+            Stage::Running => {}
+            Stage::Fenced => {
+                return Err(ReplicationError::Io(
+                    p.recorded_error().unwrap_or_else(|| "fenced".into()),
+                ))
+            }
+            _ => return Err(ReplicationError::NotRunning),
         }
         p.wait_resync();
         let link = p.link.read().unwrap_or_else(|e| e.into_inner());
@@ -542,8 +696,17 @@ impl Replication for PrimaryControl {
 
     fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
         let p = &self.0;
-        if p.stage() != Stage::Running {
-            return Err(ReplicationError::NotRunning);
+        match p.stage() {
+            Stage::Running => {}
+            Stage::Fenced => {
+                // The tooling has decided about this side: held writes fail
+                // now (so the VM can be shut down), and so does every later
+                // one. The stage stays fenced: this disk is not the newest.
+                info!("primary: stop while fenced: failing held guest writes");
+                p.fence.release();
+                return Ok(());
+            }
+            _ => return Err(ReplicationError::NotRunning),
         }
         p.resync_cancel.store(true, Ordering::Release);
         {
@@ -587,7 +750,12 @@ impl Replication for PrimaryControl {
             }),
             commit: None,
             dirty_clusters: Some(p.dirty.count()),
+            fence: p.fence.status(),
         }
+    }
+
+    fn release_held(&self) {
+        self.0.fence.release();
     }
 }
 
