@@ -28,6 +28,7 @@ use crate::block::{
 };
 use crate::nbd;
 use log::{info, warn};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -70,9 +71,27 @@ impl ForwardTarget {
 const CONCURRENT_WRITES: usize = 16;
 
 /// Largest piece a resync copies in one I/O.
-const RESYNC_WINDOW: u64 = 1 << 20;
-/// Parallel resync copiers: enough to keep an NBD link busy.
+const RESYNC_WINDOW: u64 = 2 << 20;
+/// Parallel resync copiers (local reads overlap).
 const RESYNC_THREADS: usize = 4;
+/// Windows each copier keeps in flight on an NBD link.
+const RESYNC_DEPTH: usize = 8;
+
+/// Where a resync is: the next offset (full) or cluster (dirty), and how far
+/// the local disk is known to hold data from there.
+#[derive(Default)]
+struct Cursor {
+    pos: u64,
+    data_until: u64,
+}
+
+/// A resync window sent, its reply not yet awaited.
+struct InFlightWindow {
+    off: u64,
+    len: u64,
+    write: nbd::SubmittedWrite,
+    remote: ForwardTarget,
+}
 
 /// How long `start` waits for the connection to the secondary (TCP connect
 /// and NBD negotiation) unless [`Primary::configure`] says otherwise.
@@ -118,6 +137,12 @@ pub struct Primary {
     resync_cancel: AtomicBool,
     resync_bytes: AtomicU64,
     resync_total: AtomicU64,
+    /// Clusters of resync windows sent and not yet answered.
+    resync_inflight: Bitmap,
+    /// Clusters a guest write touched while their window was in flight.
+    resync_raced: Bitmap,
+    /// Resync windows in flight (0: guest writes skip the race check).
+    resync_windows: AtomicU64,
     /// Decides about guest writes once the secondary has fenced us.
     fence: Fence,
     /// A `start` is connecting (outside the stage lock).
@@ -166,6 +191,9 @@ impl Primary {
             resync_cancel: AtomicBool::new(false),
             resync_bytes: AtomicU64::new(0),
             resync_total: AtomicU64::new(0),
+            resync_inflight: Bitmap::new(clusters),
+            resync_raced: Bitmap::new(clusters),
+            resync_windows: AtomicU64::new(0),
             fence: Fence::new(OnFenced::default()),
             starting: AtomicBool::new(false),
             connect_deadline_ms: AtomicU64::new(DEFAULT_CONNECT_DEADLINE.as_millis() as u64),
@@ -303,6 +331,7 @@ impl Primary {
         match self.forwarding(link) {
             Some(remote) => {
                 let _g = self.locks.exclusive(offset, len.max(1));
+                self.note_guest_write(first, last);
                 op(self.local.as_ref(), Side::Local)?;
                 if let Err(e) = op(remote.dev.as_ref(), Side::Remote) {
                     self.dirty.set_range(first, last - first + 1);
@@ -352,6 +381,7 @@ impl Primary {
         crate::block::check_range(offset, len, self.local.size())?;
         let (first, last) = self.clusters(offset, len);
         let _g = self.locks.exclusive(offset, len.max(1));
+        self.note_guest_write(first, last);
         let sent = client.submit_write(offset, bufs);
         let local = self.local.write_vectored(offset, bufs);
         match sent.and_then(nbd::SubmittedWrite::wait) {
@@ -383,7 +413,7 @@ impl Primary {
         self.resync_bytes.store(0, Ordering::Release);
         self.resync_total.store(total, Ordering::Release);
         self.resync_cancel.store(false, Ordering::Release);
-        let cursor = Arc::new(Mutex::new(0u64));
+        let cursor = Arc::new(Mutex::new(Cursor::default()));
         self.resync.lock().unwrap_or_else(|e| e.into_inner()).active = true;
         info!(
             "primary: {} resync of {total} bytes started",
@@ -429,19 +459,41 @@ impl Primary {
         }
     }
 
-    /// Hands out the next window to copy: `(offset, len)`.
-    fn next_window(&self, full: bool, cursor: &Mutex<u64>) -> Option<(u64, u64)> {
-        let mut pos = cursor.lock().unwrap_or_else(|e| e.into_inner());
+    /// Hands out the next window to copy: `(offset, len, known_data)`.
+    ///
+    /// A full resync asks the local disk for its extents once per extent, not
+    /// once per window: finding where data ends walks the whole extent (on
+    /// tmpfs, every page up to the next hole), which made per-window queries
+    /// quadratic. Only "data" is trusted from the cache: data read under the
+    /// cluster lock is right whatever happened since; a hole is checked again
+    /// under the lock. Dirty windows are copied as data (a hole reads zeroes).
+    fn next_window(&self, full: bool, cursor: &Mutex<Cursor>) -> Option<(u64, u64, bool)> {
+        let mut cur = cursor.lock().unwrap_or_else(|e| e.into_inner());
         let size = self.local.size();
         if full {
-            if *pos >= size {
+            let off = cur.pos;
+            if off >= size {
                 return None;
             }
-            let off = *pos;
-            let len = (RESYNC_WINDOW - off % RESYNC_WINDOW).min(size - off);
-            *pos = off + len;
-            return Some((off, len));
+            if off >= cur.data_until {
+                // Holes and errors: the window checks under its lock.
+                if let Ok(Extent {
+                    len,
+                    kind: ExtentKind::Data,
+                }) = self.local.block_status(off, size - off)
+                {
+                    cur.data_until = off + len.max(1);
+                }
+            }
+            let known_data = off < cur.data_until;
+            let mut len = (RESYNC_WINDOW - off % RESYNC_WINDOW).min(size - off);
+            if known_data {
+                len = len.min(cur.data_until - off);
+            }
+            cur.pos = off + len;
+            return Some((off, len, known_data));
         }
+        let pos = &mut cur.pos;
         let first = self.dirty.next_set(*pos)?;
         let max = (RESYNC_WINDOW >> self.cluster_shift).max(1);
         let (_, run) = self.dirty.run(first, max);
@@ -449,37 +501,164 @@ impl Primary {
         *pos = last + 1;
         let off = first << self.cluster_shift;
         let end = ((last + 1) << self.cluster_shift).min(size);
-        Some((off, end - off))
+        Some((off, end - off, true))
     }
 
-    fn resync_worker(&self, full: bool, cursor: &Mutex<u64>) {
+    /// One resync copier. Over NBD, a window that is all data is read and
+    /// sent under its cluster lock, and its reply awaited later, with up to
+    /// [`RESYNC_DEPTH`] windows in flight: the copy runs at the link's speed,
+    /// not one round trip per window. A guest write to a window in flight
+    /// (see [`Primary::note_guest_write`]) could be reordered with it on the
+    /// server, so such a window is copied again, synchronously, once its
+    /// reply is in. Other windows (holes, a non-NBD target) are copied
+    /// synchronously under the lock, as the guest writes are.
+    fn resync_worker(&self, full: bool, cursor: &Mutex<Cursor>) {
         let mut buf = vec![0u8; RESYNC_WINDOW as usize];
-        while let Some((off, len)) = self.next_window(full, cursor) {
+        let mut pending: VecDeque<InFlightWindow> = VecDeque::new();
+        let mut failed = false;
+        while !failed {
             if self.resync_cancel.load(Ordering::Acquire) {
-                return;
+                break;
             }
-            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
-            let Some(remote) = self.forwarding(&link) else {
-                return;
+            if pending.len() >= RESYNC_DEPTH {
+                let w = pending.pop_front().expect("non-empty");
+                failed = !self.finish_window(full, w, &mut buf);
+                continue;
+            }
+            let Some((off, len, known_data)) = self.next_window(full, cursor) else {
+                break;
+            };
+            let remote = {
+                let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+                match self.forwarding(&link) {
+                    Some(r) => r.clone(),
+                    None => break,
+                }
             };
             let (first, last) = self.clusters(off, len);
-            let _g = self.locks.exclusive(off, len);
+            let n = last - first + 1;
+            let guard = self.locks.exclusive(off, len);
             if !full {
-                self.dirty.clear_range(first, last - first + 1);
+                self.dirty.clear_range(first, n);
             }
-            if let Err(e) = self.copy_window(remote.dev.as_ref(), off, len, &mut buf) {
+            let sent = match &remote.nbd {
+                Some(client) => self.send_window(client, off, len, known_data, &mut buf),
+                None => Ok(None),
+            };
+            let result = match sent {
+                Ok(Some(write)) => {
+                    self.resync_windows.fetch_add(1, Ordering::AcqRel);
+                    self.resync_inflight.set_range(first, n);
+                    self.resync_raced.clear_range(first, n);
+                    drop(guard);
+                    pending.push_back(InFlightWindow {
+                        off,
+                        len,
+                        write,
+                        remote,
+                    });
+                    continue;
+                }
+                Ok(None) => self.copy_window(remote.dev.as_ref(), off, len, &mut buf),
+                Err(e) => Err(e),
+            };
+            drop(guard);
+            match result {
+                Ok(()) => self.count_resynced(len),
+                Err(e) => {
+                    if !full {
+                        self.dirty.set_range(first, n);
+                    }
+                    self.forward_failed("resync", &e);
+                    failed = true;
+                }
+            }
+        }
+        // Every window sent is accounted for, also after a failure or a stop.
+        while let Some(w) = pending.pop_front() {
+            if failed {
+                let (first, last) = self.clusters(w.off, w.len);
+                self.resync_inflight.clear_range(first, last - first + 1);
+                self.resync_windows.fetch_sub(1, Ordering::AcqRel);
                 if !full {
                     self.dirty.set_range(first, last - first + 1);
                 }
+                continue;
+            }
+            failed = !self.finish_window(full, w, &mut buf);
+        }
+    }
+
+    /// Reads `[off, off + len)` and sends it when it is all data; `None`
+    /// when it holds holes or zeroes (copied synchronously instead).
+    fn send_window(
+        &self,
+        client: &nbd::Client,
+        off: u64,
+        len: u64,
+        known_data: bool,
+        buf: &mut [u8],
+    ) -> BlockResult<Option<nbd::SubmittedWrite>> {
+        if !known_data {
+            let Extent { len: n, kind } = self.local.block_status(off, len)?;
+            if kind != ExtentKind::Data || n < len {
+                return Ok(None);
+            }
+        }
+        let piece = &mut buf[..len as usize];
+        self.local.read_at(off, piece)?;
+        client
+            .submit_write(off, &[VolatileSlice::from(piece)])
+            .map(Some)
+    }
+
+    /// Waits for a window's reply; copies it again if a guest write raced it.
+    /// False when the copy failed (forwarding is then off).
+    fn finish_window(&self, full: bool, w: InFlightWindow, buf: &mut [u8]) -> bool {
+        let (first, last) = self.clusters(w.off, w.len);
+        let n = last - first + 1;
+        let mut result = w.write.wait();
+        if result.is_ok() && self.resync_raced.run(first, n) != (false, n) {
+            let _g = self.locks.exclusive(w.off, w.len);
+            result = self.copy_window(w.remote.dev.as_ref(), w.off, w.len, buf);
+        }
+        self.resync_inflight.clear_range(first, n);
+        self.resync_windows.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(()) => {
+                self.count_resynced(w.len);
+                true
+            }
+            Err(e) => {
+                if !full {
+                    self.dirty.set_range(first, n);
+                }
                 self.forward_failed("resync", &e);
-                return;
+                false
             }
-            let done = self.resync_bytes.fetch_add(len, Ordering::AcqRel) + len;
-            let total = self.resync_total.load(Ordering::Acquire);
-            let step = (total / 10).max(1);
-            if done / step != (done - len) / step {
-                (self.events)(Event::ResyncProgress(Progress { done, total }));
-            }
+        }
+    }
+
+    fn count_resynced(&self, len: u64) {
+        let done = self.resync_bytes.fetch_add(len, Ordering::AcqRel) + len;
+        let total = self.resync_total.load(Ordering::Acquire);
+        let step = (total / 10).max(1);
+        if done / step != (done - len) / step {
+            (self.events)(Event::ResyncProgress(Progress { done, total }));
+        }
+    }
+
+    /// Called by a forwarded guest write, under its cluster lock: when a
+    /// resync window over those clusters is in flight, it must be copied
+    /// again once its reply is in (the server may apply the two in either
+    /// order). One atomic load while no resync runs.
+    fn note_guest_write(&self, first: u64, last: u64) {
+        if self.resync_windows.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let n = last - first + 1;
+        if self.resync_inflight.run(first, n) != (false, n) {
+            self.resync_raced.set_range(first, n);
         }
     }
 
