@@ -175,6 +175,18 @@ fn primary_stack(
         primary.on_fenced,
         timeout.unwrap_or(colo_blk::replication::primary::DEFAULT_CONNECT_DEADLINE),
     );
+    // The write-intent bitmap lives beside the image (IMAGE.colo-intent).
+    let mut intent_path = cfg.disk.clone().into_os_string();
+    intent_path.push(".colo-intent");
+    let shift = cfg
+        .cluster_size
+        .max(512)
+        .next_power_of_two()
+        .trailing_zeros();
+    match colo_blk::replication::WriteIntent::open(intent_path.as_ref(), node.size(), shift) {
+        Ok(wi) => node.attach_intent(wi),
+        Err(e) => log::warn!("primary: {e}; without it a restart needs a full resync"),
+    }
     Ok(Stack {
         guest: node.clone(),
         replication: Some(Arc::new(PrimaryControl(node))),

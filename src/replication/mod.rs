@@ -201,9 +201,11 @@ pub trait Replication: Send + Sync {
 
 pub mod fence;
 mod gate;
+pub mod intent;
 pub mod primary;
 mod secondary;
 
 pub use fence::{Admit, Fence, FenceStatus, OnFenced};
+pub use intent::{IntentError, WriteIntent};
 pub use primary::{Connector, ForwardTarget, Primary, PrimaryControl, TargetConnector};
 pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};

@@ -19,6 +19,7 @@
 //! cluster lock): the local write costs no time on top of the round trip.
 
 use super::fence::{Fence, OnFenced};
+use super::intent::{IntentToken, WriteIntent};
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
@@ -30,7 +31,7 @@ use crate::nbd;
 use log::{info, warn};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
@@ -86,11 +87,12 @@ struct Cursor {
 }
 
 /// A resync window sent, its reply not yet awaited.
-struct InFlightWindow {
+struct InFlightWindow<'a> {
     off: u64,
     len: u64,
     write: nbd::SubmittedWrite,
     remote: ForwardTarget,
+    _intent: Option<IntentToken<'a>>,
 }
 
 /// How long `start` waits for the connection to the secondary (TCP connect
@@ -149,6 +151,8 @@ pub struct Primary {
     starting: AtomicBool,
     /// Connect deadline in milliseconds.
     connect_deadline_ms: AtomicU64,
+    /// The on-disk write-intent bitmap, when the daemon keeps one.
+    intent: OnceLock<WriteIntent>,
     events: EventSink,
 }
 
@@ -197,6 +201,7 @@ impl Primary {
             fence: Fence::new(OnFenced::default()),
             starting: AtomicBool::new(false),
             connect_deadline_ms: AtomicU64::new(DEFAULT_CONNECT_DEADLINE.as_millis() as u64),
+            intent: OnceLock::new(),
             events,
         })
     }
@@ -207,6 +212,78 @@ impl Primary {
         self.fence.set_policy(on_fenced);
         let ms = u64::try_from(connect_deadline.as_millis()).unwrap_or(u64::MAX);
         self.connect_deadline_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// Keeps `intent` as this disk's write-intent bitmap: when it says the
+    /// secondary was in sync, its set clusters become the dirty set (so a
+    /// restarted primary can `start --sync dirty`). Starts the lazy clearer.
+    pub fn attach_intent(self: &Arc<Self>, intent: WriteIntent) {
+        if intent.loaded_baseline() {
+            intent.for_each_set(|first, n| {
+                self.dirty.set_range(first, n);
+            });
+            self.baseline.store(true, Ordering::Release);
+        }
+        if self.intent.set(intent).is_err() {
+            log::warn!("primary: a write-intent bitmap is attached already");
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("intent-clear".into())
+            .spawn(move || intent_clearer(me));
+        if let Err(e) = spawned {
+            log::warn!("primary: no write-intent clearer ({e}): bits stay set until restart");
+        }
+    }
+
+    /// Marks clusters `first..=last` in the write-intent bitmap before a write
+    /// to them starts (locally or on the secondary). Nothing to do without a
+    /// bitmap, or while neither forwarding nor tracking a baseline.
+    pub fn mark_intent(
+        &self,
+        first: u64,
+        last: u64,
+        forwarding: bool,
+    ) -> BlockResult<Option<IntentToken<'_>>> {
+        let Some(wi) = self.intent.get() else {
+            return Ok(None);
+        };
+        if !forwarding && !self.baseline.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        wi.mark(first, last).map(Some).map_err(|e| {
+            BlockError::io("write-intent", first, std::io::Error::other(e.to_string()))
+        })
+    }
+
+    /// Records durably whether the secondary is a dirty-resync baseline.
+    fn persist_baseline(&self, baseline: bool) -> Result<(), ReplicationError> {
+        self.baseline.store(baseline, Ordering::Release);
+        match self.intent.get() {
+            None => Ok(()),
+            Some(wi) => wi
+                .set_baseline(baseline, self.cluster_shift, self.local.size())
+                .map_err(|e| ReplicationError::Io(e.to_string())),
+        }
+    }
+
+    /// One round of the lazy clearer: only while forwarding works.
+    fn clear_intent_once(&self) {
+        let Some(wi) = self.intent.get() else {
+            return;
+        };
+        let remote = {
+            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            match self.forwarding(&link) {
+                Some(r) => r.clone(),
+                None => return,
+            }
+        };
+        let flushed = || self.local.flush().is_ok() && remote.dev.flush().is_ok();
+        if let Err(e) = wi.clear_lazily(&self.dirty, flushed) {
+            log::warn!("primary: {e}");
+        }
     }
 
     /// The fencing state, for a write path that asks it directly.
@@ -332,6 +409,7 @@ impl Primary {
             Some(remote) => {
                 let _g = self.locks.exclusive(offset, len.max(1));
                 self.note_guest_write(first, last);
+                let _intent = self.mark_intent(first, last, true)?;
                 op(self.local.as_ref(), Side::Local)?;
                 if let Err(e) = op(remote.dev.as_ref(), Side::Remote) {
                     self.dirty.set_range(first, last - first + 1);
@@ -344,6 +422,7 @@ impl Primary {
                 if self.fence.is_fenced() {
                     return Ok(true);
                 }
+                let _intent = self.mark_intent(first, last, false)?;
                 op(self.local.as_ref(), Side::Local)?;
                 if self.baseline.load(Ordering::Acquire) {
                     self.dirty.set_range(first, last - first + 1);
@@ -382,6 +461,7 @@ impl Primary {
         let (first, last) = self.clusters(offset, len);
         let _g = self.locks.exclusive(offset, len.max(1));
         self.note_guest_write(first, last);
+        let _intent = self.mark_intent(first, last, true)?;
         let sent = client.submit_write(offset, bufs);
         let local = self.local.write_vectored(offset, bufs);
         match sent.and_then(nbd::SubmittedWrite::wait) {
@@ -538,6 +618,14 @@ impl Primary {
             let (first, last) = self.clusters(off, len);
             let n = last - first + 1;
             let guard = self.locks.exclusive(off, len);
+            let intent = match self.mark_intent(first, last, true) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.forward_failed("resync", &e);
+                    failed = true;
+                    continue;
+                }
+            };
             if !full {
                 self.dirty.clear_range(first, n);
             }
@@ -556,6 +644,7 @@ impl Primary {
                         len,
                         write,
                         remote,
+                        _intent: intent,
                     });
                     continue;
                 }
@@ -563,6 +652,7 @@ impl Primary {
                 Err(e) => Err(e),
             };
             drop(guard);
+            drop(intent);
             match result {
                 Ok(()) => self.count_resynced(len),
                 Err(e) => {
@@ -614,7 +704,7 @@ impl Primary {
 
     /// Waits for a window's reply; copies it again if a guest write raced it.
     /// False when the copy failed (forwarding is then off).
-    fn finish_window(&self, full: bool, w: InFlightWindow, buf: &mut [u8]) -> bool {
+    fn finish_window(&self, full: bool, w: InFlightWindow<'_>, buf: &mut [u8]) -> bool {
         let (first, last) = self.clusters(w.off, w.len);
         let n = last - first + 1;
         let mut result = w.write.wait();
@@ -695,7 +785,9 @@ impl Primary {
             self.healthy.load(Ordering::Acquire) && !self.resync_cancel.load(Ordering::Acquire);
         if ok {
             if full {
-                self.baseline.store(true, Ordering::Release);
+                if let Err(e) = self.persist_baseline(true) {
+                    warn!("primary: {e}; a restart will need a full resync");
+                }
             }
             info!("primary: resync complete, {done} bytes copied; forwarding synchronously");
         } else {
@@ -793,6 +885,11 @@ impl Primary {
             )));
         }
         self.wait_resync();
+        if sync != SyncMode::Dirty {
+            // Durable before anything is copied: a crash during a full copy
+            // must not leave a bitmap that claims a baseline.
+            self.persist_baseline(sync == SyncMode::None)?;
+        }
         let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*stage, Stage::None | Stage::Done) {
             // Fenced while connecting (a late refusal of an older link).
@@ -808,8 +905,6 @@ impl Primary {
             if sync != SyncMode::Dirty {
                 // Full copies everything; none declares the disks equal.
                 self.dirty.clear_all();
-                self.baseline
-                    .store(sync == SyncMode::None, Ordering::Release);
             }
         }
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -999,5 +1094,17 @@ impl std::fmt::Debug for Primary {
             .field("stage", &self.stage())
             .field("cluster_size", &self.cluster_size())
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs the write-intent bitmap's lazy clear about once a second for as long
+/// as the primary lives.
+fn intent_clearer(me: Weak<Primary>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(p) = me.upgrade() else {
+            return;
+        };
+        p.clear_intent_once();
     }
 }

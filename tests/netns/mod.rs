@@ -254,6 +254,35 @@ impl Pair {
         let secondary = TwoHosts::spawn(&hosts.b, &sec_args, &sec_vhost, &dir.join("sec.log"));
         let primary_vhost = dir.join("pri-vhost.sock");
         let primary_ctl = dir.join("pri-ctl.sock");
+        let primary = Self::spawn_primary(hosts, dir, &primary_img, primary_extra);
+        Pair {
+            secondary,
+            primary,
+            primary_vhost,
+            primary_ctl,
+            secondary_ctl,
+            primary_img,
+            secondary_img,
+        }
+    }
+
+    /// Starts the primary again (after it was killed) on the same image.
+    pub fn restart_primary(&mut self, hosts: &TwoHosts, dir: &Path, primary_extra: &[&str]) {
+        // A killed daemon leaves its socket files; waiting on them would
+        // return before the new process listens.
+        let _ = std::fs::remove_file(&self.primary_vhost);
+        let _ = std::fs::remove_file(&self.primary_ctl);
+        self.primary = Self::spawn_primary(hosts, dir, &self.primary_img, primary_extra);
+    }
+
+    fn spawn_primary(
+        hosts: &TwoHosts,
+        dir: &Path,
+        primary_img: &Path,
+        primary_extra: &[&str],
+    ) -> NsDaemon {
+        let primary_vhost = dir.join("pri-vhost.sock");
+        let primary_ctl = dir.join("pri-ctl.sock");
         let uri = format!("nbd://{}:10809/parent0", hosts.ip_b);
         let mut pri_args: Vec<&OsStr> = vec![
             "serve".as_ref(),
@@ -269,15 +298,6 @@ impl Pair {
             uri.as_ref(),
         ];
         pri_args.extend(primary_extra.iter().map(OsStr::new));
-        let primary = TwoHosts::spawn(&hosts.a, &pri_args, &primary_vhost, &dir.join("pri.log"));
-        Pair {
-            secondary,
-            primary,
-            primary_vhost,
-            primary_ctl,
-            secondary_ctl,
-            primary_img,
-            secondary_img,
-        }
+        TwoHosts::spawn(&hosts.a, &pri_args, &primary_vhost, &dir.join("pri.log"))
     }
 }
