@@ -98,6 +98,13 @@ fn main() {
         .max()
         .unwrap_or_default();
     let worst = during.iter().max().copied().unwrap_or_default();
+    // Where in the commit the worst request started (ms from the stop command).
+    let worst_at = log
+        .iter()
+        .filter(|(t, l)| *t + *l >= t0 && *t <= t1 && *l == worst)
+        .map(|(t, _)| t.saturating_duration_since(t0))
+        .next()
+        .unwrap_or_default();
     let mut sorted = during.clone();
     sorted.sort();
     let p99 = sorted
@@ -106,10 +113,11 @@ fn main() {
         .unwrap_or_default();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "RESULT commit {fill_mb} MiB in {:.0} ms, 4k randrw QD{qd}: {} requests during, worst {:.1} ms, p99 {:.2} ms; worst before {:.1} ms",
+        "RESULT commit {fill_mb} MiB in {:.0} ms, 4k randrw QD{qd}: {} requests during, worst {:.1} ms (at +{:.0} ms), p99 {:.2} ms; worst before {:.1} ms",
         ms(t1 - t0),
         during.len(),
         ms(worst),
+        ms(worst_at),
         ms(p99),
         ms(before)
     );
