@@ -123,10 +123,26 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS")]
     pub forward_timeout: Option<u64>,
 
+    /// Primary: what guest writes do once the secondary has taken over (it
+    /// refused a forwarded write as fenced): `hold` keeps them pending until
+    /// the tooling stops this side (like QEMU's werror=stop), `error` fails
+    /// them. Either way none is acknowledged. Default: hold
+    #[arg(long, value_enum, value_name = "hold|error")]
+    pub on_fenced: Option<OnFencedArg>,
+
     /// Replication cluster size (copy-before-write and dirty tracking unit): a
     /// power of two, at least 4096. Accepts K/M suffixes. Default: 64K.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub cluster_size: Option<u64>,
+}
+
+/// `--on-fenced` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFencedArg {
+    /// Hold guest writes.
+    Hold,
+    /// Fail guest writes.
+    Error,
 }
 
 /// COLO replication role.
@@ -189,6 +205,8 @@ pub struct PrimaryConfig {
     pub secondary: NbdUri,
     /// How long a forwarded request may go unanswered (`None`: forever).
     pub forward_timeout: Option<std::time::Duration>,
+    /// What guest writes do once fenced.
+    pub on_fenced: colo_blk::replication::OnFenced,
 }
 
 /// Secondary-only settings.
@@ -341,6 +359,7 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
     let primary_only = [
         ("secondary", a.secondary.is_some()),
         ("forward-timeout", a.forward_timeout.is_some()),
+        ("on-fenced", a.on_fenced.is_some()),
     ];
     let misplaced = |flags: &[(&'static str, bool)], mode| {
         flags
@@ -366,6 +385,10 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
             Ok(ModeConfig::Primary(PrimaryConfig {
                 secondary: parse_nbd_uri(uri).map_err(|why| invalid("secondary", why))?,
                 forward_timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
+                on_fenced: match a.on_fenced {
+                    Some(OnFencedArg::Error) => colo_blk::replication::OnFenced::Error,
+                    None | Some(OnFencedArg::Hold) => colo_blk::replication::OnFenced::Hold,
+                },
             }))
         }
         Some(Mode::Secondary) => {

@@ -71,9 +71,32 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let disk = open_disk(&cfg)?;
     let stack = build_stack(&cfg, disk, hub.sink())?;
     let services = SideServices::start(&cfg, &stack, &shutdown, hub)?;
+    release_held_writes_on_shutdown(&stack, &shutdown);
     let result = vhost::serve(stack.guest.clone(), &serve_options(&cfg), &shutdown);
     services.stop();
     result.map_err(DaemonError::from)
+}
+
+/// A fenced primary may hold guest writes forever; the vhost loop drains
+/// in-flight requests before it returns, so a stop request fails them first.
+fn release_held_writes_on_shutdown(stack: &Stack, shutdown: &Arc<Shutdown>) {
+    let Some(repl) = stack.replication.clone() else {
+        return;
+    };
+    let shutdown = Arc::clone(shutdown);
+    let spawned = std::thread::Builder::new()
+        .name("release-held".into())
+        .spawn(move || {
+            while !shutdown.is_requested() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            repl.release_held();
+        });
+    if let Err(e) = spawned {
+        log::warn!(
+            "no release-held thread ({e}): a fenced primary's SIGTERM may need a second one"
+        );
+    }
 }
 
 /// What a mode builds: the node the guest is served, and what side services
@@ -156,6 +179,22 @@ fn primary_stack(
         Ok(ForwardTarget::nbd(Arc::new(client)))
     });
     let node = Primary::with_target(disk, connect, cfg.cluster_size, events);
+    node.configure(
+        primary.on_fenced,
+        timeout.unwrap_or(colo_blk::replication::primary::DEFAULT_CONNECT_DEADLINE),
+    );
+    // The write-intent bitmap lives beside the image (IMAGE.colo-intent).
+    let mut intent_path = cfg.disk.clone().into_os_string();
+    intent_path.push(".colo-intent");
+    let shift = cfg
+        .cluster_size
+        .max(512)
+        .next_power_of_two()
+        .trailing_zeros();
+    match colo_blk::replication::WriteIntent::open(intent_path.as_ref(), node.size(), shift) {
+        Ok(wi) => node.attach_intent(wi),
+        Err(e) => log::warn!("primary: {e}; without it a restart needs a full resync"),
+    }
     Ok(Stack {
         guest: node.clone(),
         replication: Some(Arc::new(PrimaryControl(node))),

@@ -62,6 +62,7 @@ impl Replication for Fake {
             resync: None,
             commit: Some(Progress { done: 1, total: 2 }),
             dirty_clusters: None,
+            fence: None,
         }
     }
 }

@@ -546,6 +546,8 @@ fn colo_status(t: Targets<'_>) -> Value {
         Stage::Running => (side, last, "none"),
         Stage::Failover => (side, last, "processing"),
         Stage::FailoverFailed => ("none", side, "error"),
+        // Fenced by the new primary: replication ended, not by request.
+        Stage::Fenced => ("none", side, "error"),
         Stage::Done => ("none", side, "request"),
     };
     if last_mode != "none" {
@@ -626,6 +628,13 @@ pub fn status_json(s: &Status) -> Value {
     if let Some(n) = s.dirty_clusters {
         obj.insert("dirty-clusters".into(), json!(n));
     }
+    if let Some(f) = &s.fence {
+        obj.insert(
+            "fence".into(),
+            json!({"on-fenced": f.policy.as_str(), "reason": f.reason,
+                   "held-writes": f.held_writes, "failed-writes": f.failed_writes}),
+        );
+    }
     Value::Object(obj)
 }
 
@@ -642,6 +651,10 @@ pub fn event_json(ev: &Event) -> Value {
         ),
         Event::ResyncProgress(p) => ("REPLICATION_RESYNC_PROGRESS", progress_json(*p)),
         Event::CommitProgress(p) => ("REPLICATION_COMMIT_PROGRESS", progress_json(*p)),
+        Event::Fenced { policy, reason } => (
+            "REPLICATION_FENCED",
+            json!({"mode": "primary", "on-fenced": policy.as_str(), "reason": reason}),
+        ),
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -45,6 +45,9 @@ pub enum Stage {
     FailoverFailed,
     /// Stopped (after a plain stop or a completed failover).
     Done,
+    /// Primary: the secondary took over (it refused a forwarded write as
+    /// fenced); guest writes are held or failed, never acknowledged.
+    Fenced,
 }
 
 impl Stage {
@@ -56,6 +59,7 @@ impl Stage {
             Stage::Failover => "failover",
             Stage::FailoverFailed => "failover-failed",
             Stage::Done => "done",
+            Stage::Fenced => "fenced",
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct Status {
     pub commit: Option<Progress>,
     /// Primary: clusters marked dirty since forwarding stopped.
     pub dirty_clusters: Option<u64>,
+    /// Primary: set once fenced (stage `fenced`).
+    pub fence: Option<FenceStatus>,
 }
 
 /// Something that happened, for the control socket to emit as a QMP event.
@@ -125,6 +131,13 @@ pub enum Event {
     ResyncProgress(Progress),
     /// Commit progressed (secondary).
     CommitProgress(Progress),
+    /// The primary was fenced by its secondary's failover.
+    Fenced {
+        /// What happens to guest writes now.
+        policy: OnFenced,
+        /// The secondary's refusal.
+        reason: String,
+    },
 }
 
 /// Where a replication node sends its [`Event`]s.
@@ -181,11 +194,18 @@ pub trait Replication: Send + Sync {
     fn get_error(&self) -> Result<(), ReplicationError>;
     /// `query-replication`.
     fn status(&self) -> Status;
+    /// The process is stopping: complete (as failures) guest writes a fenced
+    /// primary holds, so in-flight requests can drain. No-op elsewhere.
+    fn release_held(&self) {}
 }
 
+pub mod fence;
 mod gate;
+pub mod intent;
 pub mod primary;
 mod secondary;
 
+pub use fence::{Admit, Fence, FenceStatus, OnFenced};
+pub use intent::{IntentError, WriteIntent};
 pub use primary::{Connector, ForwardTarget, Primary, PrimaryControl, TargetConnector};
 pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};

@@ -18,6 +18,8 @@
 //! while the secondary handles it, then its reply is awaited (still under the
 //! cluster lock): the local write costs no time on top of the round trip.
 
+use super::fence::{Fence, OnFenced};
+use super::intent::{IntentToken, WriteIntent};
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
@@ -27,9 +29,11 @@ use crate::block::{
 };
 use crate::nbd;
 use log::{info, warn};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vm_memory::VolatileSlice;
 
 /// Opens a connection to the secondary, seen as any block device.
@@ -68,9 +72,32 @@ impl ForwardTarget {
 const CONCURRENT_WRITES: usize = 16;
 
 /// Largest piece a resync copies in one I/O.
-const RESYNC_WINDOW: u64 = 1 << 20;
-/// Parallel resync copiers: enough to keep an NBD link busy.
+const RESYNC_WINDOW: u64 = 2 << 20;
+/// Parallel resync copiers (local reads overlap).
 const RESYNC_THREADS: usize = 4;
+/// Windows each copier keeps in flight on an NBD link.
+const RESYNC_DEPTH: usize = 8;
+
+/// Where a resync is: the next offset (full) or cluster (dirty), and how far
+/// the local disk is known to hold data from there.
+#[derive(Default)]
+struct Cursor {
+    pos: u64,
+    data_until: u64,
+}
+
+/// A resync window sent, its reply not yet awaited.
+struct InFlightWindow<'a> {
+    off: u64,
+    len: u64,
+    write: nbd::SubmittedWrite,
+    remote: ForwardTarget,
+    _intent: Option<IntentToken<'a>>,
+}
+
+/// How long `start` waits for the connection to the secondary (TCP connect
+/// and NBD negotiation) unless [`Primary::configure`] says otherwise.
+pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Which copy an operation is applied to.
 #[derive(Clone, Copy)]
@@ -112,6 +139,20 @@ pub struct Primary {
     resync_cancel: AtomicBool,
     resync_bytes: AtomicU64,
     resync_total: AtomicU64,
+    /// Clusters of resync windows sent and not yet answered.
+    resync_inflight: Bitmap,
+    /// Clusters a guest write touched while their window was in flight.
+    resync_raced: Bitmap,
+    /// Resync windows in flight (0: guest writes skip the race check).
+    resync_windows: AtomicU64,
+    /// Decides about guest writes once the secondary has fenced us.
+    fence: Fence,
+    /// A `start` is connecting (outside the stage lock).
+    starting: AtomicBool,
+    /// Connect deadline in milliseconds.
+    connect_deadline_ms: AtomicU64,
+    /// The on-disk write-intent bitmap, when the daemon keeps one.
+    intent: OnceLock<WriteIntent>,
     events: EventSink,
 }
 
@@ -154,8 +195,100 @@ impl Primary {
             resync_cancel: AtomicBool::new(false),
             resync_bytes: AtomicU64::new(0),
             resync_total: AtomicU64::new(0),
+            resync_inflight: Bitmap::new(clusters),
+            resync_raced: Bitmap::new(clusters),
+            resync_windows: AtomicU64::new(0),
+            fence: Fence::new(OnFenced::default()),
+            starting: AtomicBool::new(false),
+            connect_deadline_ms: AtomicU64::new(DEFAULT_CONNECT_DEADLINE.as_millis() as u64),
+            intent: OnceLock::new(),
             events,
         })
+    }
+
+    /// Sets what guest writes do once fenced, and how long `start` may wait
+    /// to reach the secondary. Call before the guest runs.
+    pub fn configure(&self, on_fenced: OnFenced, connect_deadline: Duration) {
+        self.fence.set_policy(on_fenced);
+        let ms = u64::try_from(connect_deadline.as_millis()).unwrap_or(u64::MAX);
+        self.connect_deadline_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// Keeps `intent` as this disk's write-intent bitmap: when it says the
+    /// secondary was in sync, its set clusters become the dirty set (so a
+    /// restarted primary can `start --sync dirty`). Starts the lazy clearer.
+    pub fn attach_intent(self: &Arc<Self>, intent: WriteIntent) {
+        if intent.loaded_baseline() {
+            intent.for_each_set(|first, n| {
+                self.dirty.set_range(first, n);
+            });
+            self.baseline.store(true, Ordering::Release);
+        }
+        if self.intent.set(intent).is_err() {
+            log::warn!("primary: a write-intent bitmap is attached already");
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("intent-clear".into())
+            .spawn(move || intent_clearer(me));
+        if let Err(e) = spawned {
+            log::warn!("primary: no write-intent clearer ({e}): bits stay set until restart");
+        }
+    }
+
+    /// Marks clusters `first..=last` in the write-intent bitmap before a write
+    /// to them starts (locally or on the secondary). Nothing to do without a
+    /// bitmap, or while neither forwarding nor tracking a baseline.
+    pub fn mark_intent(
+        &self,
+        first: u64,
+        last: u64,
+        forwarding: bool,
+    ) -> BlockResult<Option<IntentToken<'_>>> {
+        let Some(wi) = self.intent.get() else {
+            return Ok(None);
+        };
+        if !forwarding && !self.baseline.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        wi.mark(first, last).map(Some).map_err(|e| {
+            BlockError::io("write-intent", first, std::io::Error::other(e.to_string()))
+        })
+    }
+
+    /// Records durably whether the secondary is a dirty-resync baseline.
+    fn persist_baseline(&self, baseline: bool) -> Result<(), ReplicationError> {
+        self.baseline.store(baseline, Ordering::Release);
+        match self.intent.get() {
+            None => Ok(()),
+            Some(wi) => wi
+                .set_baseline(baseline, self.cluster_shift, self.local.size())
+                .map_err(|e| ReplicationError::Io(e.to_string())),
+        }
+    }
+
+    /// One round of the lazy clearer: only while forwarding works.
+    fn clear_intent_once(&self) {
+        let Some(wi) = self.intent.get() else {
+            return;
+        };
+        let remote = {
+            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            match self.forwarding(&link) {
+                Some(r) => r.clone(),
+                None => return,
+            }
+        };
+        let flushed = || self.local.flush().is_ok() && remote.dev.flush().is_ok();
+        if let Err(e) = wi.clear_lazily(&self.dirty, flushed) {
+            log::warn!("primary: {e}");
+        }
+    }
+
+    /// The fencing state, for a write path that asks it directly.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     fn cluster_size(&self) -> u64 {
@@ -186,7 +319,13 @@ impl Primary {
     }
 
     /// A forwarded I/O failed: keep serving, stop forwarding, tell the tooling.
-    fn forward_failed(&self, what: &str, err: &BlockError) {
+    /// An explicit refusal means the secondary took over: that fences this
+    /// primary (returns true) instead of letting it carry on alone.
+    fn forward_failed(&self, what: &str, err: &BlockError) -> bool {
+        if matches!(err, BlockError::Refused(_)) {
+            self.fenced(what, err);
+            return true;
+        }
         if self.healthy.swap(false, Ordering::AcqRel) {
             let message = format!("forwarding to the secondary failed ({what}): {err}");
             warn!("primary: {message}; carrying on alone, tracking dirty clusters");
@@ -197,6 +336,35 @@ impl Primary {
                 message,
             });
         }
+        false
+    }
+
+    /// The secondary refused a forwarded I/O: it has failed over. The fence
+    /// is tripped before forwarding is switched off, so a write that finds
+    /// forwarding off also finds the fence (see [`Primary::replicate_under`]).
+    fn fenced(&self, what: &str, err: &BlockError) {
+        let reason = format!("the secondary refused a forwarded {what}: {err}");
+        if !self.fence.trip(&reason) {
+            return;
+        }
+        self.healthy.store(false, Ordering::Release);
+        self.resync_cancel.store(true, Ordering::Release);
+        let policy = self.fence.policy();
+        let message = format!(
+            "fenced: {reason}; guest writes are {} from now on",
+            match policy {
+                OnFenced::Hold => "held",
+                OnFenced::Error => "failed",
+            }
+        );
+        log::error!("primary: {message}");
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        self.set_stage(Stage::Fenced);
+        (self.events)(Event::Fenced { policy, reason });
+        (self.events)(Event::Error {
+            mode: Mode::Primary,
+            message,
+        });
     }
 
     fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a ForwardTarget> {
@@ -214,11 +382,20 @@ impl Primary {
         len: u64,
         op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
     ) -> BlockResult<()> {
-        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
-        self.replicate_under(&link, what, offset, len, op)
+        self.fence.wait_admitted()?;
+        let fenced = {
+            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            self.replicate_under(&link, what, offset, len, op)?
+        };
+        // Held (or failed) with no lock held: control commands stay free.
+        if fenced {
+            return self.fence.wait_admitted();
+        }
+        Ok(())
     }
 
     /// [`Primary::replicate`] with the `link` lock already held (shared).
+    /// `Ok(true)`: fenced, the operation must not be acknowledged.
     fn replicate_under(
         &self,
         link: &Link,
@@ -226,31 +403,49 @@ impl Primary {
         offset: u64,
         len: u64,
         op: impl Fn(&dyn BlockDev, Side) -> BlockResult<()>,
-    ) -> BlockResult<()> {
+    ) -> BlockResult<bool> {
         let (first, last) = self.clusters(offset, len);
         match self.forwarding(link) {
             Some(remote) => {
                 let _g = self.locks.exclusive(offset, len.max(1));
+                self.note_guest_write(first, last);
+                let _intent = self.mark_intent(first, last, true)?;
                 op(self.local.as_ref(), Side::Local)?;
                 if let Err(e) = op(remote.dev.as_ref(), Side::Remote) {
-                    self.forward_failed(what, &e);
                     self.dirty.set_range(first, last - first + 1);
+                    return Ok(self.forward_failed(what, &e));
                 }
             }
             None => {
+                // Forwarding may have been switched off by a fence after this
+                // write was admitted; the fence is set first, so it shows here.
+                if self.fence.is_fenced() {
+                    return Ok(true);
+                }
+                let _intent = self.mark_intent(first, last, false)?;
                 op(self.local.as_ref(), Side::Local)?;
                 if self.baseline.load(Ordering::Acquire) {
                     self.dirty.set_range(first, last - first + 1);
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A guest write. Over NBD: send it, write the local disk meanwhile, then
     /// wait for the reply, all under the cluster lock, so the secondary applies
     /// same-cluster writes (and resync copies) in the local disk's order.
     fn replicate_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        self.fence.wait_admitted()?;
+        // Held (or failed) with no lock held: control commands stay free.
+        if self.forward_write(offset, bufs)? {
+            return self.fence.wait_admitted();
+        }
+        Ok(())
+    }
+
+    /// The body of [`Primary::replicate_write`]; `Ok(true)`: fenced.
+    fn forward_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<bool> {
         let len = crate::block::iov_len(bufs);
         let link = self.link.read().unwrap_or_else(|e| e.into_inner());
         let Some(client) = self.forwarding(&link).and_then(|t| t.nbd.as_ref()) else {
@@ -265,12 +460,16 @@ impl Primary {
         crate::block::check_range(offset, len, self.local.size())?;
         let (first, last) = self.clusters(offset, len);
         let _g = self.locks.exclusive(offset, len.max(1));
+        self.note_guest_write(first, last);
+        let _intent = self.mark_intent(first, last, true)?;
         let sent = client.submit_write(offset, bufs);
         let local = self.local.write_vectored(offset, bufs);
         match sent.and_then(nbd::SubmittedWrite::wait) {
             Err(e) => {
-                self.forward_failed("write", &e);
                 self.dirty.set_range(first, last - first + 1);
+                if self.forward_failed("write", &e) {
+                    return Ok(true);
+                }
             }
             Ok(()) => {
                 if let Err(e) = &local {
@@ -282,7 +481,7 @@ impl Primary {
                 }
             }
         }
-        local
+        local.map(|()| false)
     }
 
     fn spawn_resync(self: &Arc<Self>, full: bool) -> Result<(), ReplicationError> {
@@ -294,7 +493,7 @@ impl Primary {
         self.resync_bytes.store(0, Ordering::Release);
         self.resync_total.store(total, Ordering::Release);
         self.resync_cancel.store(false, Ordering::Release);
-        let cursor = Arc::new(Mutex::new(0u64));
+        let cursor = Arc::new(Mutex::new(Cursor::default()));
         self.resync.lock().unwrap_or_else(|e| e.into_inner()).active = true;
         info!(
             "primary: {} resync of {total} bytes started",
@@ -340,19 +539,41 @@ impl Primary {
         }
     }
 
-    /// Hands out the next window to copy: `(offset, len)`.
-    fn next_window(&self, full: bool, cursor: &Mutex<u64>) -> Option<(u64, u64)> {
-        let mut pos = cursor.lock().unwrap_or_else(|e| e.into_inner());
+    /// Hands out the next window to copy: `(offset, len, known_data)`.
+    ///
+    /// A full resync asks the local disk for its extents once per extent, not
+    /// once per window: finding where data ends walks the whole extent (on
+    /// tmpfs, every page up to the next hole), which made per-window queries
+    /// quadratic. Only "data" is trusted from the cache: data read under the
+    /// cluster lock is right whatever happened since; a hole is checked again
+    /// under the lock. Dirty windows are copied as data (a hole reads zeroes).
+    fn next_window(&self, full: bool, cursor: &Mutex<Cursor>) -> Option<(u64, u64, bool)> {
+        let mut cur = cursor.lock().unwrap_or_else(|e| e.into_inner());
         let size = self.local.size();
         if full {
-            if *pos >= size {
+            let off = cur.pos;
+            if off >= size {
                 return None;
             }
-            let off = *pos;
-            let len = (RESYNC_WINDOW - off % RESYNC_WINDOW).min(size - off);
-            *pos = off + len;
-            return Some((off, len));
+            if off >= cur.data_until {
+                // Holes and errors: the window checks under its lock.
+                if let Ok(Extent {
+                    len,
+                    kind: ExtentKind::Data,
+                }) = self.local.block_status(off, size - off)
+                {
+                    cur.data_until = off + len.max(1);
+                }
+            }
+            let known_data = off < cur.data_until;
+            let mut len = (RESYNC_WINDOW - off % RESYNC_WINDOW).min(size - off);
+            if known_data {
+                len = len.min(cur.data_until - off);
+            }
+            cur.pos = off + len;
+            return Some((off, len, known_data));
         }
+        let pos = &mut cur.pos;
         let first = self.dirty.next_set(*pos)?;
         let max = (RESYNC_WINDOW >> self.cluster_shift).max(1);
         let (_, run) = self.dirty.run(first, max);
@@ -360,37 +581,174 @@ impl Primary {
         *pos = last + 1;
         let off = first << self.cluster_shift;
         let end = ((last + 1) << self.cluster_shift).min(size);
-        Some((off, end - off))
+        Some((off, end - off, true))
     }
 
-    fn resync_worker(&self, full: bool, cursor: &Mutex<u64>) {
+    /// One resync copier. Over NBD, a window that is all data is read and
+    /// sent under its cluster lock, and its reply awaited later, with up to
+    /// [`RESYNC_DEPTH`] windows in flight: the copy runs at the link's speed,
+    /// not one round trip per window. A guest write to a window in flight
+    /// (see [`Primary::note_guest_write`]) could be reordered with it on the
+    /// server, so such a window is copied again, synchronously, once its
+    /// reply is in. Other windows (holes, a non-NBD target) are copied
+    /// synchronously under the lock, as the guest writes are.
+    fn resync_worker(&self, full: bool, cursor: &Mutex<Cursor>) {
         let mut buf = vec![0u8; RESYNC_WINDOW as usize];
-        while let Some((off, len)) = self.next_window(full, cursor) {
+        let mut pending: VecDeque<InFlightWindow> = VecDeque::new();
+        let mut failed = false;
+        while !failed {
             if self.resync_cancel.load(Ordering::Acquire) {
-                return;
+                break;
             }
-            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
-            let Some(remote) = self.forwarding(&link) else {
-                return;
+            if pending.len() >= RESYNC_DEPTH {
+                let w = pending.pop_front().expect("non-empty");
+                failed = !self.finish_window(full, w, &mut buf);
+                continue;
+            }
+            let Some((off, len, known_data)) = self.next_window(full, cursor) else {
+                break;
+            };
+            let remote = {
+                let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+                match self.forwarding(&link) {
+                    Some(r) => r.clone(),
+                    None => break,
+                }
             };
             let (first, last) = self.clusters(off, len);
-            let _g = self.locks.exclusive(off, len);
+            let n = last - first + 1;
+            let guard = self.locks.exclusive(off, len);
+            let intent = match self.mark_intent(first, last, true) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.forward_failed("resync", &e);
+                    failed = true;
+                    continue;
+                }
+            };
             if !full {
-                self.dirty.clear_range(first, last - first + 1);
+                self.dirty.clear_range(first, n);
             }
-            if let Err(e) = self.copy_window(remote.dev.as_ref(), off, len, &mut buf) {
+            let sent = match &remote.nbd {
+                Some(client) => self.send_window(client, off, len, known_data, &mut buf),
+                None => Ok(None),
+            };
+            let result = match sent {
+                Ok(Some(write)) => {
+                    self.resync_windows.fetch_add(1, Ordering::AcqRel);
+                    self.resync_inflight.set_range(first, n);
+                    self.resync_raced.clear_range(first, n);
+                    drop(guard);
+                    pending.push_back(InFlightWindow {
+                        off,
+                        len,
+                        write,
+                        remote,
+                        _intent: intent,
+                    });
+                    continue;
+                }
+                Ok(None) => self.copy_window(remote.dev.as_ref(), off, len, &mut buf),
+                Err(e) => Err(e),
+            };
+            drop(guard);
+            drop(intent);
+            match result {
+                Ok(()) => self.count_resynced(len),
+                Err(e) => {
+                    if !full {
+                        self.dirty.set_range(first, n);
+                    }
+                    self.forward_failed("resync", &e);
+                    failed = true;
+                }
+            }
+        }
+        // Every window sent is accounted for, also after a failure or a stop.
+        while let Some(w) = pending.pop_front() {
+            if failed {
+                let (first, last) = self.clusters(w.off, w.len);
+                self.resync_inflight.clear_range(first, last - first + 1);
+                self.resync_windows.fetch_sub(1, Ordering::AcqRel);
                 if !full {
                     self.dirty.set_range(first, last - first + 1);
                 }
+                continue;
+            }
+            failed = !self.finish_window(full, w, &mut buf);
+        }
+    }
+
+    /// Reads `[off, off + len)` and sends it when it is all data; `None`
+    /// when it holds holes or zeroes (copied synchronously instead).
+    fn send_window(
+        &self,
+        client: &nbd::Client,
+        off: u64,
+        len: u64,
+        known_data: bool,
+        buf: &mut [u8],
+    ) -> BlockResult<Option<nbd::SubmittedWrite>> {
+        if !known_data {
+            let Extent { len: n, kind } = self.local.block_status(off, len)?;
+            if kind != ExtentKind::Data || n < len {
+                return Ok(None);
+            }
+        }
+        let piece = &mut buf[..len as usize];
+        self.local.read_at(off, piece)?;
+        client
+            .submit_write(off, &[VolatileSlice::from(piece)])
+            .map(Some)
+    }
+
+    /// Waits for a window's reply; copies it again if a guest write raced it.
+    /// False when the copy failed (forwarding is then off).
+    fn finish_window(&self, full: bool, w: InFlightWindow<'_>, buf: &mut [u8]) -> bool {
+        let (first, last) = self.clusters(w.off, w.len);
+        let n = last - first + 1;
+        let mut result = w.write.wait();
+        if result.is_ok() && self.resync_raced.run(first, n) != (false, n) {
+            let _g = self.locks.exclusive(w.off, w.len);
+            result = self.copy_window(w.remote.dev.as_ref(), w.off, w.len, buf);
+        }
+        self.resync_inflight.clear_range(first, n);
+        self.resync_windows.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(()) => {
+                self.count_resynced(w.len);
+                true
+            }
+            Err(e) => {
+                if !full {
+                    self.dirty.set_range(first, n);
+                }
                 self.forward_failed("resync", &e);
-                return;
+                false
             }
-            let done = self.resync_bytes.fetch_add(len, Ordering::AcqRel) + len;
-            let total = self.resync_total.load(Ordering::Acquire);
-            let step = (total / 10).max(1);
-            if done / step != (done - len) / step {
-                (self.events)(Event::ResyncProgress(Progress { done, total }));
-            }
+        }
+    }
+
+    fn count_resynced(&self, len: u64) {
+        let done = self.resync_bytes.fetch_add(len, Ordering::AcqRel) + len;
+        let total = self.resync_total.load(Ordering::Acquire);
+        let step = (total / 10).max(1);
+        if done / step != (done - len) / step {
+            (self.events)(Event::ResyncProgress(Progress { done, total }));
+        }
+    }
+
+    /// Called by a forwarded guest write, under its cluster lock: when a
+    /// resync window over those clusters is in flight, it must be copied
+    /// again once its reply is in (the server may apply the two in either
+    /// order). One atomic load while no resync runs.
+    fn note_guest_write(&self, first: u64, last: u64) {
+        if self.resync_windows.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let n = last - first + 1;
+        if self.resync_inflight.run(first, n) != (false, n) {
+            self.resync_raced.set_range(first, n);
         }
     }
 
@@ -427,7 +785,9 @@ impl Primary {
             self.healthy.load(Ordering::Acquire) && !self.resync_cancel.load(Ordering::Acquire);
         if ok {
             if full {
-                self.baseline.store(true, Ordering::Release);
+                if let Err(e) = self.persist_baseline(true) {
+                    warn!("primary: {e}; a restart will need a full resync");
+                }
             }
             info!("primary: resync complete, {done} bytes copied; forwarding synchronously");
         } else {
@@ -453,19 +813,70 @@ impl Primary {
     }
 
     /// Starts replication; `self` must be the `Arc` the daemon holds.
+    ///
+    /// Slow work (reaching the secondary, waiting for an old resync) runs with
+    /// no lock held that `query-replication` needs; `starting` keeps a second
+    /// `start` out meanwhile.
     fn start_arc(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
-        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*stage, Stage::None | Stage::Done) {
-            return Err(ReplicationError::AlreadyStarted);
+        {
+            let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+            match *stage {
+                Stage::None | Stage::Done => {}
+                Stage::Fenced => {
+                    return Err(ReplicationError::Invalid(
+                        "this primary is fenced: its secondary took over at failover and \
+                         holds the newer disk; restart this side as the new primary's \
+                         secondary (full resync)"
+                            .into(),
+                    ))
+                }
+                _ => return Err(ReplicationError::AlreadyStarted),
+            }
+            if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
+                return Err(ReplicationError::Invalid(
+                    "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
+                        .into(),
+                ));
+            }
+            if self.starting.swap(true, Ordering::AcqRel) {
+                return Err(ReplicationError::Invalid(
+                    "a replication-start is already in progress".into(),
+                ));
+            }
         }
-        if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
-            return Err(ReplicationError::Invalid(
-                "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
-                    .into(),
-            ));
+        let result = self.start_unlocked(sync);
+        self.starting.store(false, Ordering::Release);
+        result
+    }
+
+    /// Reaches the secondary within the connect deadline. The connector runs
+    /// on its own thread: whatever it blocks in (TCP connect to a dropped
+    /// link, a negotiation with a stopped server), `start` answers in time; a
+    /// connection that completes after the deadline is dropped.
+    fn connect_within_deadline(self: &Arc<Self>) -> Result<ForwardTarget, ReplicationError> {
+        let deadline = Duration::from_millis(self.connect_deadline_ms.load(Ordering::Acquire));
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("connect".into())
+            .spawn(move || {
+                // The receiver may be gone (deadline passed): nothing to do.
+                let _ = tx.send((me.connect)());
+            })
+            .map_err(|e| ReplicationError::Io(format!("cannot start the connect thread: {e}")))?;
+        match rx.recv_timeout(deadline) {
+            Ok(Ok(remote)) => Ok(remote),
+            Ok(Err(e)) => Err(ReplicationError::Io(format!(
+                "cannot reach the secondary: {e}"
+            ))),
+            Err(_) => Err(ReplicationError::Io(format!(
+                "cannot reach the secondary: no connection within {deadline:?}"
+            ))),
         }
-        let remote = (self.connect)()
-            .map_err(|e| ReplicationError::Io(format!("cannot reach the secondary: {e}")))?;
+    }
+
+    fn start_unlocked(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
+        let remote = self.connect_within_deadline()?;
         if remote.dev.size() != self.local.size() {
             return Err(ReplicationError::Invalid(format!(
                 "secondary disk is {} bytes, primary disk is {}",
@@ -474,6 +885,19 @@ impl Primary {
             )));
         }
         self.wait_resync();
+        if sync != SyncMode::Dirty {
+            // Durable before anything is copied: a crash during a full copy
+            // must not leave a bitmap that claims a baseline.
+            self.persist_baseline(sync == SyncMode::None)?;
+        }
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*stage, Stage::None | Stage::Done) {
+            // Fenced while connecting (a late refusal of an older link).
+            return Err(ReplicationError::Invalid(format!(
+                "stage changed to {} while starting",
+                *stage
+            )));
+        }
         {
             let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
             link.remote = Some(remote);
@@ -481,8 +905,6 @@ impl Primary {
             if sync != SyncMode::Dirty {
                 // Full copies everything; none declares the disks equal.
                 self.dirty.clear_all();
-                self.baseline
-                    .store(sync == SyncMode::None, Ordering::Release);
             }
         }
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -520,8 +942,14 @@ impl Replication for PrimaryControl {
 
     fn checkpoint(&self) -> Result<(), ReplicationError> {
         let p = &self.0;
-        if p.stage() != Stage::Running {
-            return Err(ReplicationError::NotRunning);
+        match p.stage() {
+            Stage::Running => {}
+            Stage::Fenced => {
+                return Err(ReplicationError::Io(
+                    p.recorded_error().unwrap_or_else(|| "fenced".into()),
+                ))
+            }
+            _ => return Err(ReplicationError::NotRunning),
         }
         p.wait_resync();
         let link = p.link.read().unwrap_or_else(|e| e.into_inner());
@@ -542,8 +970,17 @@ impl Replication for PrimaryControl {
 
     fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
         let p = &self.0;
-        if p.stage() != Stage::Running {
-            return Err(ReplicationError::NotRunning);
+        match p.stage() {
+            Stage::Running => {}
+            Stage::Fenced => {
+                // The tooling has decided about this side: held writes fail
+                // now (so the VM can be shut down), and so does every later
+                // one. The stage stays fenced: this disk is not the newest.
+                info!("primary: stop while fenced: failing held guest writes");
+                p.fence.release();
+                return Ok(());
+            }
+            _ => return Err(ReplicationError::NotRunning),
         }
         p.resync_cancel.store(true, Ordering::Release);
         {
@@ -587,7 +1024,12 @@ impl Replication for PrimaryControl {
             }),
             commit: None,
             dirty_clusters: Some(p.dirty.count()),
+            fence: p.fence.status(),
         }
+    }
+
+    fn release_held(&self) {
+        self.0.fence.release();
     }
 }
 
@@ -652,5 +1094,17 @@ impl std::fmt::Debug for Primary {
             .field("stage", &self.stage())
             .field("cluster_size", &self.cluster_size())
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs the write-intent bitmap's lazy clear about once a second for as long
+/// as the primary lives.
+fn intent_clearer(me: Weak<Primary>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(p) = me.upgrade() else {
+            return;
+        };
+        p.clear_intent_once();
     }
 }

@@ -43,6 +43,8 @@ fn stage_code(s: Stage) -> u8 {
         Stage::Failover => 2,
         Stage::FailoverFailed => 3,
         Stage::Done => 4,
+        // A secondary is never fenced; kept distinct all the same.
+        Stage::Fenced => 5,
     }
 }
 
@@ -52,6 +54,7 @@ fn stage_from(c: u8) -> Stage {
         2 => Stage::Failover,
         3 => Stage::FailoverFailed,
         4 => Stage::Done,
+        5 => Stage::Fenced,
         _ => Stage::None,
     }
 }
@@ -289,7 +292,7 @@ impl Replication for Secondary {
         match self.stage() {
             // A promoted secondary has nothing left to replicate.
             Stage::Failover | Stage::Done => return Ok(()),
-            Stage::None => {}
+            Stage::None | Stage::Fenced => {}
             Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::AlreadyStarted),
         }
         if mode != Mode::Secondary {
@@ -316,7 +319,7 @@ impl Replication for Secondary {
         let _control = locked(&self.control);
         match self.stage() {
             Stage::Failover | Stage::Done => Ok(()),
-            Stage::None => Err(ReplicationError::NotRunning),
+            Stage::None | Stage::Fenced => Err(ReplicationError::NotRunning),
             Stage::FailoverFailed => Err(ReplicationError::Invalid(
                 "Block replication failover failed; the overlays hold data the secondary disk lacks"
                     .into(),
@@ -337,7 +340,9 @@ impl Replication for Secondary {
         match self.stage() {
             Stage::Failover | Stage::Done => return Ok(()),
             Stage::Running => {}
-            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
+            Stage::None | Stage::Fenced | Stage::FailoverFailed => {
+                return Err(ReplicationError::NotRunning)
+            }
         }
         if !failover {
             {
@@ -397,6 +402,7 @@ impl Replication for Secondary {
             resync: None,
             commit: locked(&self.commit).progress,
             dirty_clusters: None,
+            fence: None,
         }
     }
 }

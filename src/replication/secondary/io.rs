@@ -64,7 +64,7 @@ impl Secondary {
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
         match self.stage() {
-            Stage::None => Err(not_started()),
+            Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.read_vectored(offset, bufs),
             Stage::Running | Stage::Failover | Stage::FailoverFailed => {
                 let _held = self.locks.shared(offset, len);
@@ -81,7 +81,7 @@ impl Secondary {
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
         match self.stage() {
-            Stage::None => Err(not_started()),
+            Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.write_vectored(offset, bufs),
             Stage::Running => {
                 // Only a read-modify-write looks below the active disk, where
@@ -126,7 +126,7 @@ impl Secondary {
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
         match self.stage() {
-            Stage::None => Err(not_started()),
+            Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => on_disk(offset, len),
             Stage::Running => {
                 let _held = self.locks.shared(offset, len);
@@ -155,7 +155,7 @@ impl Secondary {
             // A flush exposes nothing and makes the initial sync durable; QEMU's
             // driver passes flushes down in every stage too. It also lets the
             // daemon's final flush at SIGTERM succeed before replication started.
-            Stage::None => self.disk.flush(),
+            Stage::None | Stage::Fenced => self.disk.flush(),
             // The overlays are volatile by design (their bitmaps live in memory):
             // the secondary VM's writes become durable by the failover commit,
             // which flushes the disk. Syncing the overlay files buys nothing.
@@ -171,7 +171,7 @@ impl Secondary {
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
         match self.stage() {
-            Stage::None => Err(not_started()),
+            Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.block_status(offset, len),
             Stage::Running | Stage::Failover | Stage::FailoverFailed => {
                 let _held = self.locks.shared(offset, len);
@@ -186,7 +186,7 @@ impl Secondary {
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
         match self.stage() {
-            Stage::None => op(),
+            Stage::None | Stage::Fenced => op(),
             Stage::Running => {
                 let result = self.with_copy_before_write(offset, len, op);
                 if let Err(e) = &result {
