@@ -20,6 +20,7 @@ command -v debugfs >/dev/null || other_pkgs+=(e2fsprogs)
 command -v gcc >/dev/null || other_pkgs+=(gcc)                  # guest helper (static)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || other_pkgs+=(libc6-dev)
 command -v python3 >/dev/null || other_pkgs+=(python3 python3-pip)
+command -v openssl >/dev/null || other_pkgs+=(openssl)              # integration/tls/make-certs.sh
 
 if [ ${#qemu_pkgs[@]} -gt 0 ] || [ ${#other_pkgs[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
