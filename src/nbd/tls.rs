@@ -110,7 +110,27 @@ impl TlsStream {
     /// Encrypts and sends `parts` as one ordered burst.
     pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut st = lock(&self.send);
-        let st = &mut *st;
+        self.send_locked(&mut st.out, parts)
+    }
+
+    /// Sends `head` then guest memory, through a bounce buffer: guest memory
+    /// may change under us, and rustls wants `&[u8]`.
+    pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        let mut st = lock(&self.send);
+        let SendState { out, bounce } = &mut *st;
+        bounce.clear();
+        bounce.extend_from_slice(head);
+        for b in bufs {
+            let at = bounce.len();
+            bounce.resize(at + b.len(), 0);
+            b.copy_to(&mut bounce[at..]);
+        }
+        self.send_locked(out, &[bounce])
+    }
+
+    /// The send lock is held (its buffer is `out`): records leave in the
+    /// order they were sealed.
+    fn send_locked(&self, out: &mut Vec<u8>, parts: &[&[u8]]) -> io::Result<()> {
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
         let mut pending = 0;
         for p in parts.iter().filter(|p| !p.is_empty()) {
@@ -121,36 +141,30 @@ impl TlsStream {
                 pending += n;
                 rest = &rest[n..];
                 if pending == SEND_CHUNK {
-                    self.encrypt(&slices, &mut st.out)?;
-                    self.flush_out(&mut st.out)?;
+                    self.encrypt(&slices, out)?;
+                    self.flush_out(out)?;
                     slices.clear();
                     pending = 0;
                 }
             }
         }
         if pending > 0 {
-            self.encrypt(&slices, &mut st.out)?;
+            self.encrypt(&slices, out)?;
         }
-        self.flush_out(&mut st.out)
+        self.flush_out(out)?;
+        // The reader may have queued a record (a key-update answer) while we
+        // sent, and left it to us because we held the send lock.
+        self.drain_queued(out)
     }
 
-    /// Sends `head` then guest memory, through a bounce buffer: guest memory
-    /// may change under us, and rustls wants `&[u8]`.
-    pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        let mut bounce = std::mem::take(&mut lock(&self.send).bounce);
-        bounce.clear();
-        bounce.extend_from_slice(head);
-        for b in bufs {
-            let at = bounce.len();
-            bounce.resize(at + b.len(), 0);
-            b.copy_to(&mut bounce[at..]);
+    fn drain_queued(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        {
+            let mut conn = lock(&self.conn);
+            while conn.wants_write() {
+                conn.write_tls(out)?;
+            }
         }
-        let r = self.send_all(&[&bounce]);
-        let mut st = lock(&self.send);
-        if st.bounce.capacity() < bounce.capacity() {
-            st.bounce = bounce;
-        }
-        r
+        self.flush_out(out)
     }
 
     fn encrypt(&self, slices: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
@@ -194,22 +208,21 @@ impl TlsStream {
         r
     }
 
-    /// Sends what rustls queued on its own (alerts, key-update answers).
+    /// Sends what rustls queued on its own (alerts, key-update answers). A
+    /// sender holding the send lock sends it after its own records instead:
+    /// the reader must never wait behind a send that may be blocked on a
+    /// peer that is itself waiting for us to read.
     fn send_queued(&self) {
-        let mut st = lock(&self.send);
-        {
-            let mut conn = lock(&self.conn);
-            while conn.wants_write() {
-                if conn.write_tls(&mut st.out).is_err() {
-                    break;
-                }
-            }
+        if let Ok(mut st) = self.send.try_lock() {
+            // The session is failing or idle: a send error shows up later.
+            let _ = self.drain_queued(&mut st.out);
         }
-        // The session is failing or idle: a send error shows up later.
-        let _ = self.flush_out(&mut st.out);
     }
 
     /// Reads decrypted bytes; `Ok(0)` after the peer's close_notify.
+    /// Decrypts everything already received and returns as much of it as
+    /// fits, so a reader sees a whole batch of small requests at once (the
+    /// server batches its replies on that), not one TLS record per call.
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -218,45 +231,51 @@ impl TlsStream {
         let rs = &mut *rs;
         loop {
             let mut needs_send = false;
-            {
+            let got = {
                 let mut conn = lock(&self.conn);
                 while rs.start < rs.end {
                     let mut avail = &rs.buf[rs.start..rs.end];
-                    let n = match conn.read_tls(&mut avail) {
-                        Ok(n) => n,
-                        // rustls' plaintext buffer is full: drain it first.
-                        Err(_) if rs.start < rs.end => 0,
-                        Err(e) => return Err(e),
+                    // An error here is rustls' plaintext buffer being full:
+                    // the rest waits until the caller drained it.
+                    let Ok(n) = conn.read_tls(&mut avail) else {
+                        break;
                     };
                     rs.start += n;
-                    match conn.process_new_packets() {
-                        Ok(st) => {
-                            needs_send |= conn.wants_write();
-                            if st.plaintext_bytes_to_read() > 0 || n == 0 {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            drop(conn);
-                            self.send_queued();
-                            return Err(tls_io_error(e));
-                        }
-                    }
-                }
-                match conn.reader().read(buf) {
-                    Ok(n) => {
+                    if let Err(e) = conn.process_new_packets() {
                         drop(conn);
-                        if needs_send {
-                            self.send_queued();
-                        }
-                        return Ok(n);
+                        self.send_queued();
+                        return Err(tls_io_error(e));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                    needs_send |= conn.wants_write();
+                    if n == 0 {
+                        break;
+                    }
                 }
-            }
+                let mut got = 0;
+                let mut closed = false;
+                while got < buf.len() {
+                    match conn.reader().read(&mut buf[got..]) {
+                        // The peer's close_notify: a clean end after this data.
+                        Ok(0) => {
+                            closed = true;
+                            break;
+                        }
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if got == 0 => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                if got == 0 && closed {
+                    return Ok(0);
+                }
+                got
+            };
             if needs_send {
                 self.send_queued();
+            }
+            if got > 0 {
+                return Ok(got);
             }
             if rs.start == rs.end {
                 rs.start = 0;
