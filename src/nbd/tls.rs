@@ -13,11 +13,11 @@ use std::io::{self, IoSlice, Read, Write};
 use std::sync::{Mutex, MutexGuard};
 use vm_memory::VolatileSlice;
 
-/// Plaintext handed to rustls per lock: one 64 KiB burst keeps the reader's
-/// wait for the state short and fits rustls' default send-buffer limit.
-const SEND_CHUNK: usize = 64 << 10;
-/// Ciphertext read per socket read (about four full TLS records).
-const RECV_BUF: usize = 64 << 10;
+/// Plaintext handed to rustls per lock and sent per sendmsg: 256 KiB keeps
+/// the reader's wait for the state short and the syscalls few.
+const SEND_CHUNK: usize = 256 << 10;
+/// Ciphertext read per socket read (about sixteen full TLS records).
+const RECV_BUF: usize = 256 << 10;
 
 /// A TLS session (client or server side) on `sock`.
 pub(crate) struct TlsStream {
@@ -78,6 +78,8 @@ impl TlsStream {
         while conn.wants_write() {
             conn.write_tls(&mut io)?;
         }
+        // Room for a whole chunk of sealed records before write_tls drains them.
+        conn.set_buffer_limit(Some(2 * SEND_CHUNK));
         Ok(TlsStream {
             sock,
             conn: Mutex::new(conn),
