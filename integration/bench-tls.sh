@@ -62,7 +62,7 @@ run_primary() {
   cp "$img" "$sec"
   rm -f "$work"/*.sock "$sec.active" "$sec.hidden"
   if [ "$tls" = 1 ]; then
-    stls=(--tls-creds-x509 "$certs/server" --tls-authz "CN=client,O=Example,C=GB")
+    stls=(--tls-creds-x509 "$certs/server" --tls-authz "C=GB,O=Example,CN=client")
     ptls=(--tls-creds-x509 "$certs/client")
   fi
   if [ "$server" = colo ]; then

@@ -126,7 +126,7 @@ pub struct ServeArgs {
     pub tls_hostname: Option<String>,
 
     /// Secondary: client identities allowed in, as certificate subject DNs in
-    /// QEMU's rendering (e.g. "CN=primary,O=Example,C=GB"); @FILE reads one
+    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary"); @FILE reads one
     /// per line. Default: any certificate the CA signed.
     #[arg(long, value_name = "IDENTITY", num_args = 1..)]
     pub tls_authz: Vec<String>,

@@ -159,7 +159,7 @@ impl Pair {
                 "--tls-creds-x509".into(),
                 c.join("server").display().to_string(),
                 "--tls-authz".into(),
-                "CN=client,O=Example,C=GB".into(),
+                "C=GB,O=Example,CN=client".into(),
             ]);
         }
         self.secondary = Some(self.s.spawn(&args));
@@ -245,7 +245,7 @@ fn checkpoints_then_failover(link: Link) {
     if pair.certs.is_some() {
         let log = std::fs::read_to_string(pair.s.dir.join("serve.log")).unwrap();
         assert!(
-            log.contains("TLS established, client \"CN=client,O=Example,C=GB\""),
+            log.contains("TLS established, client \"C=GB,O=Example,CN=client\""),
             "the primary's link is not TLS:\n{log}"
         );
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 16 << 20;
-const CLIENT_ID: &str = "CN=client,O=Example,C=GB";
+const CLIENT_ID: &str = "C=GB,O=Example,CN=client";
 
 /// Fresh credentials from integration/tls/make-certs.sh.
 fn certs(root: &Path) -> PathBuf {
@@ -429,7 +429,7 @@ fn a_tls_secondary_refuses_untrusted_expired_missing_and_unauthorised_clients_an
     attempt("intruder");
     wait_log(
         &d,
-        "client identity \"CN=intruder,O=Example,C=GB\" is not authorised",
+        "client identity \"C=GB,O=Example,CN=intruder\" is not authorised",
     );
 
     // Expired client certificate (QEMU refuses to even load it, so a raw
@@ -750,4 +750,65 @@ fn sighup_reloads_credentials_for_new_sessions_and_keeps_the_established_one() {
     wait_log(&d, "keeping the previous credentials");
     Client::connect_to(&link.uri(), client_tls(&certs.join("other-ca")))
         .expect("still served with the reloaded credentials");
+}
+
+/// The identity string given to --tls-authz is the one QEMU's authz-simple
+/// matches: qemu-nbd with that identity lets our client in and refuses the
+/// intruder, as a colo-blk secondary with the same --tls-authz does.
+#[test]
+fn a_tls_authz_identity_means_the_same_to_qemu_authz_simple() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let image = dir.path().join("qemu.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let link = Link::Tcp(free_port());
+    // QEMU's option syntax doubles the commas inside a value.
+    let authz = format!(
+        "authz-simple,id=auth0,identity={}",
+        CLIENT_ID.replace(',', ",,")
+    );
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args([
+        "--object",
+        &authz,
+        "--object",
+        &x509_object(&certs.join("server"), "server"),
+    ])
+    .args([
+        "--tls-creds",
+        "tls0",
+        "--tls-authz",
+        "auth0",
+        "-b",
+        "127.0.0.1",
+    ])
+    .args([
+        "-p",
+        &free_port_of(&link),
+        "-f",
+        "raw",
+        "-x",
+        "parent0",
+        "-t",
+        "-e",
+        "4",
+    ])
+    .arg(&image)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _server = QemuNbd(cmd.spawn().expect("qemu-nbd"));
+    link.wait_ready();
+    let ok = Client::connect_to(&link.uri(), client_tls(&certs.join("client")))
+        .expect("QEMU's authz-simple accepts the identity colo-blk renders");
+    ok.write_at(0, &[7u8; 4096]).unwrap();
+    drop(ok);
+    let refused = Client::connect_to(&link.uri(), client_tls(&certs.join("intruder")));
+    assert!(refused.is_err(), "QEMU let the intruder in");
+}
+
+fn free_port_of(link: &Link) -> String {
+    match link {
+        Link::Tcp(p) => p.to_string(),
+        Link::Unix(_) => unreachable!("TCP only"),
+    }
 }

@@ -610,7 +610,7 @@ def colo_pair_case(ctx: Context, case: str, tls: bool) -> None:
             port = s.getsockname()[1]
         listen, uri = f"tcp:127.0.0.1:{port}", f"nbd://127.0.0.1:{port}/parent0"
         sec_tls = ["--tls-creds-x509", str(certs / "server"),
-                   "--tls-authz", "CN=client,O=Example,C=GB"]
+                   "--tls-authz", "C=GB,O=Example,CN=client"]
         pri_tls = ["--tls-creds-x509", str(certs / "client")]
     secondary = ctx.backend_for(f"{case}-sec", sec_img, serial="colo-guest-sec", extra=[
         "--mode", "secondary", "--size", str(DISK_SIZE), "--control", str(sec_ctl),

@@ -12,8 +12,8 @@
 # OUTDIR/intruder/ ca-cert.pem client-cert.pem client-key.pem   (trusted CA, identity CN=intruder)
 #
 # Identities (as QEMU and colo-blk --tls-authz render them):
-#   client:   CN=client,O=Example,C=GB
-#   intruder: CN=intruder,O=Example,C=GB
+#   client:   C=GB,O=Example,CN=client
+#   intruder: C=GB,O=Example,CN=intruder
 # The server certificate carries DNS:localhost, DNS:SERVER_NAME (default
 # secondary.example) and IP:127.0.0.1, IP:::1.
 set -euo pipefail

@@ -14,8 +14,9 @@
 //! credentials for later handshakes; established sessions are untouched.
 //!
 //! Client identities for `--tls-authz` are the certificate subject rendered
-//! as GnuTLS (and so QEMU's `authz-simple`) renders it: RFC 4514 order, most
-//! specific attribute first, e.g. `CN=client,O=Example,C=GB`.
+//! as QEMU's `authz-simple` sees it (GnuTLS `gnutls_x509_crt_get_dn`, checked
+//! against qemu-nbd 10 in tests/nbd_tls.rs): the attributes in certificate
+//! order, comma-separated, e.g. `C=GB,O=Example,CN=client`.
 //!
 //! TLS-PSK (`--tls-creds-psk`) is not available: rustls has no external
 //! pre-shared-key support (rustls issue #174); [`psk_unsupported`] says so.
@@ -385,13 +386,14 @@ const SHORT_NAMES: &[(&str, &str)] = &[
     ("1.2.840.113549.1.9.1", "EMAIL"),
 ];
 
-/// A certificate's subject as GnuTLS renders it (RFC 4514: the last RDN of
-/// the sequence first, `+` inside a multi-valued RDN, special characters
-/// escaped with a backslash).
+/// A certificate's subject as QEMU (GnuTLS) renders it for authz: the RDNs
+/// in certificate order (not RFC 4514's reversed order: qemu-nbd reports
+/// `C=GB,O=Example,CN=client`), `+` inside a multi-valued RDN, special
+/// characters escaped with a backslash.
 pub fn subject_dn(der: &[u8]) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let mut rdns = Vec::new();
-    for rdn in cert.subject().iter().collect::<Vec<_>>().into_iter().rev() {
+    for rdn in cert.subject().iter() {
         let mut parts = Vec::new();
         for attr in rdn.iter() {
             let oid = attr.attr_type().to_id_string();
