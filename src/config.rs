@@ -134,6 +134,33 @@ pub struct ServeArgs {
     /// power of two, at least 4096. Accepts K/M suffixes. Default: 64K.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub cluster_size: Option<u64>,
+
+    /// NBD over TLS (STARTTLS) with QEMU's tls-creds-x509 directory layout:
+    /// the secondary reads ca-cert.pem, server-cert.pem, server-key.pem and
+    /// requires a client certificate; the primary reads ca-cert.pem,
+    /// client-cert.pem, client-key.pem. SIGHUP reloads them.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds_x509: Option<PathBuf>,
+
+    /// TLS-PSK credentials in QEMU's keys.psk format. Not supported (rustls
+    /// has no external PSK); accepted so the refusal can say why.
+    #[arg(long, value_name = "FILE")]
+    pub tls_creds_psk: Option<PathBuf>,
+
+    /// Primary: the name the secondary's certificate must carry. Default: the
+    /// host of --secondary (localhost for a Unix socket).
+    #[arg(long, value_name = "NAME")]
+    pub tls_hostname: Option<String>,
+
+    /// Secondary: client identities allowed in, as certificate subject DNs in
+    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary"); @FILE reads one
+    /// per line. Default: any certificate the CA signed.
+    #[arg(long, value_name = "IDENTITY", num_args = 1..)]
+    pub tls_authz: Vec<String>,
+
+    /// Secondary: allow --nbd-listen on a non-loopback TCP address without TLS.
+    #[arg(long)]
+    pub nbd_insecure: bool,
 }
 
 /// `--on-fenced` values.
@@ -185,6 +212,19 @@ pub struct Config {
     pub cluster_size: u64,
     /// Plain backend or replication role.
     pub mode: ModeConfig,
+    /// NBD over TLS on the replication link.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `--tls-*` settings (x509 credentials in QEMU's layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The credentials directory.
+    pub creds_x509: PathBuf,
+    /// Primary: the server name to check.
+    pub hostname: Option<String>,
+    /// Secondary: allowed client identities (empty: any the CA signed).
+    pub authz: Vec<String>,
 }
 
 /// What the daemon stacks on top of the disk.
@@ -330,6 +370,7 @@ impl TryFrom<ServeArgs> for Config {
         if a.readonly && mode != ModeConfig::Plain {
             return Err(invalid("readonly", "replication needs a writable disk"));
         }
+        let tls = tls_config(&a, &mode)?;
         Ok(Config {
             socket: a.socket,
             disk: a.disk,
@@ -345,7 +386,106 @@ impl TryFrom<ServeArgs> for Config {
             control: a.control,
             cluster_size,
             mode,
+            tls,
         })
+    }
+}
+
+fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, ConfigError> {
+    if a.tls_creds_psk.is_some() {
+        return Err(invalid(
+            "tls-creds-psk",
+            "TLS-PSK is not supported: rustls has no external pre-shared-key support \
+             (rustls issue #174); use --tls-creds-x509 with QEMU's certificate layout",
+        ));
+    }
+    if a.tls_hostname.is_some() && !matches!(mode, ModeConfig::Primary(_)) {
+        return Err(ConfigError::WrongMode {
+            flag: "tls-hostname",
+            mode: "primary",
+        });
+    }
+    if !a.tls_authz.is_empty() && !matches!(mode, ModeConfig::Secondary(_)) {
+        return Err(ConfigError::WrongMode {
+            flag: "tls-authz",
+            mode: "secondary",
+        });
+    }
+    if a.nbd_insecure && !matches!(mode, ModeConfig::Secondary(_)) {
+        return Err(ConfigError::WrongMode {
+            flag: "nbd-insecure",
+            mode: "secondary",
+        });
+    }
+    let Some(dir) = a.tls_creds_x509.clone() else {
+        if a.tls_hostname.is_some() || !a.tls_authz.is_empty() {
+            return Err(invalid(
+                if a.tls_hostname.is_some() {
+                    "tls-hostname"
+                } else {
+                    "tls-authz"
+                },
+                "needs --tls-creds-x509",
+            ));
+        }
+        if let ModeConfig::Secondary(SecondaryConfig {
+            nbd_listen: Some(listen),
+            ..
+        }) = mode
+        {
+            if !a.nbd_insecure && !is_loopback_or_unix(listen) {
+                return Err(invalid(
+                    "nbd-listen",
+                    format!(
+                        "{listen} is reachable from the network: give --tls-creds-x509, or \
+                         --nbd-insecure to serve the disk there in plain text"
+                    ),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if *mode == ModeConfig::Plain {
+        return Err(invalid(
+            "tls-creds-x509",
+            "only valid with --mode primary or --mode secondary",
+        ));
+    }
+    let mut authz = Vec::new();
+    for entry in &a.tls_authz {
+        match entry.strip_prefix('@') {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| invalid("tls-authz", format!("{file}: {e}")))?;
+                authz.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            None => authz.push(entry.clone()),
+        }
+    }
+    Ok(Some(TlsConfig {
+        creds_x509: dir,
+        hostname: a.tls_hostname.clone(),
+        authz,
+    }))
+}
+
+/// Unix sockets and loopback TCP stay usable without TLS.
+fn is_loopback_or_unix(addr: &NbdAddr) -> bool {
+    match addr {
+        NbdAddr::Unix(_) => true,
+        NbdAddr::Tcp { host, .. } => {
+            host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
     }
 }
 
@@ -643,6 +783,105 @@ mod tests {
         assert_eq!(
             parse_nbd_listen("unix:/a/b").unwrap(),
             NbdAddr::Unix("/a/b".into())
+        );
+    }
+
+    #[test]
+    fn non_loopback_nbd_listen_needs_tls_or_nbd_insecure() {
+        let sec = |listen: &str, extra: &[&str]| {
+            let mut v = vec!["--mode", "secondary", "--nbd-listen", listen];
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        match sec("tcp:0.0.0.0:10809", &[]) {
+            Err(
+                e @ ConfigError::Invalid {
+                    flag: "nbd-listen", ..
+                },
+            ) => {
+                assert!(e.to_string().contains("--nbd-insecure"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sec("tcp:0.0.0.0:10809", &["--nbd-insecure"]).is_ok());
+        assert!(sec("tcp:0.0.0.0:10809", &["--tls-creds-x509", "/d"]).is_ok());
+        assert!(sec("tcp:127.0.0.1:10809", &[]).is_ok());
+        assert!(sec("tcp:[::1]:10809", &[]).is_ok());
+        assert!(sec("tcp:localhost:10809", &[]).is_ok());
+        assert!(sec("unix:/x", &[]).is_ok());
+    }
+
+    #[test]
+    fn tls_flags_are_checked_against_the_mode() {
+        let psk = parse(&[
+            "--mode",
+            "primary",
+            "--secondary",
+            "nbd://h/e",
+            "--tls-creds-psk",
+            "/k",
+        ]);
+        match psk {
+            Err(
+                e @ ConfigError::Invalid {
+                    flag: "tls-creds-psk",
+                    ..
+                },
+            ) => {
+                assert!(e.to_string().contains("rustls"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&[
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                "unix:/x",
+                "--tls-hostname",
+                "h"
+            ]),
+            Err(ConfigError::WrongMode {
+                flag: "tls-hostname",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&[
+                "--mode",
+                "primary",
+                "--secondary",
+                "nbd://h/e",
+                "--tls-authz",
+                "CN=a"
+            ]),
+            Err(ConfigError::WrongMode {
+                flag: "tls-authz",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["--tls-creds-x509", "/d"]),
+            Err(ConfigError::Invalid {
+                flag: "tls-creds-x509",
+                ..
+            })
+        ));
+        let c = parse(&[
+            "--mode",
+            "secondary",
+            "--nbd-listen",
+            "unix:/x",
+            "--tls-creds-x509",
+            "/d",
+            "--tls-authz",
+            "CN=a,O=B",
+            "CN=c",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tls.unwrap().authz,
+            vec!["CN=a,O=B".to_string(), "CN=c".to_string()]
         );
     }
 

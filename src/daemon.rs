@@ -56,6 +56,9 @@ pub enum DaemonError {
     /// Signal handling could not be set up.
     #[error("signal handling: {0}")]
     Signals(#[source] io::Error),
+    /// TLS credentials could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] colo_blk::tls::TlsError),
     /// The vhost-user loop failed.
     #[error(transparent)]
     Vhost(#[from] VhostError),
@@ -67,10 +70,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let shutdown = Arc::new(Shutdown::new().map_err(DaemonError::Signals)?);
     signals::install(shutdown.clone()).map_err(DaemonError::Signals)?;
 
+    let tls = load_tls(&cfg)?;
     let hub = EventHub::new();
     let disk = open_disk(&cfg)?;
-    let stack = build_stack(&cfg, disk, hub.sink())?;
-    let services = SideServices::start(&cfg, &stack, &shutdown, hub)?;
+    let stack = build_stack(&cfg, disk, hub.sink(), &tls)?;
+    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls)?;
     release_held_writes_on_shutdown(&stack, &shutdown);
     let result = vhost::serve(stack.guest.clone(), &serve_options(&cfg), &shutdown);
     services.stop();
@@ -97,6 +101,54 @@ fn release_held_writes_on_shutdown(stack: &Stack, shutdown: &Arc<Shutdown>) {
             "no release-held thread ({e}): a fenced primary's SIGTERM may need a second one"
         );
     }
+}
+
+/// The loaded `--tls-creds-x509` credentials, per side.
+#[derive(Default)]
+struct LinkTls {
+    server: Option<Arc<colo_blk::tls::ServerTls>>,
+    client: Option<Arc<colo_blk::tls::ClientTls>>,
+}
+
+/// Loads the credentials at start (a bad setup fails here, before the guest
+/// is served) and makes SIGHUP reload them for later handshakes.
+fn load_tls(cfg: &Config) -> Result<LinkTls, DaemonError> {
+    let Some(t) = &cfg.tls else {
+        return Ok(LinkTls::default());
+    };
+    let tls = match &cfg.mode {
+        ModeConfig::Secondary(_) => LinkTls {
+            server: Some(Arc::new(colo_blk::tls::ServerTls::load(
+                &t.creds_x509,
+                t.authz.clone(),
+            )?)),
+            client: None,
+        },
+        _ => LinkTls {
+            server: None,
+            client: Some(Arc::new(colo_blk::tls::ClientTls::load(
+                &t.creds_x509,
+                t.hostname.as_deref(),
+            )?)),
+        },
+    };
+    let (server, client) = (tls.server.clone(), tls.client.clone());
+    let dir = t.creds_x509.clone();
+    signals::on_reload(Box::new(move || {
+        let r = match (&server, &client) {
+            (Some(s), _) => s.reload(),
+            (_, Some(c)) => c.reload(),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => log::info!(
+                "SIGHUP: TLS credentials reloaded from {}; new connections use them",
+                dir.display()
+            ),
+            Err(e) => log::error!("SIGHUP: {e}; keeping the previous credentials"),
+        }
+    }));
+    Ok(tls)
 }
 
 /// What a mode builds: the node the guest is served, and what side services
@@ -141,10 +193,15 @@ fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
 }
 
 /// The block stack the guest sees, per mode.
-fn build_stack(cfg: &Config, disk: Arc<RawFile>, events: EventSink) -> Result<Stack, DaemonError> {
+fn build_stack(
+    cfg: &Config,
+    disk: Arc<RawFile>,
+    events: EventSink,
+    tls: &LinkTls,
+) -> Result<Stack, DaemonError> {
     match &cfg.mode {
         ModeConfig::Plain => Ok(plain_stack(disk)),
-        ModeConfig::Primary(p) => primary_stack(cfg, p, disk, events),
+        ModeConfig::Primary(p) => primary_stack(cfg, p, disk, events, tls.client.clone()),
         ModeConfig::Secondary(s) => secondary_stack(cfg, s, disk, events),
     }
 }
@@ -165,6 +222,7 @@ fn primary_stack(
     primary: &PrimaryConfig,
     disk: Arc<RawFile>,
     events: EventSink,
+    tls: Option<Arc<colo_blk::tls::ClientTls>>,
 ) -> Result<Stack, DaemonError> {
     let uri = primary.secondary.clone();
     let timeout = primary.forward_timeout;
@@ -172,6 +230,7 @@ fn primary_stack(
     let connect: TargetConnector = Box::new(move || {
         let opts = nbd::ClientOptions {
             request_timeout: timeout,
+            tls: tls.clone(),
             ..nbd::ClientOptions::default()
         };
         let client = nbd::Client::connect_to(&uri, opts)
@@ -273,6 +332,7 @@ impl SideServices {
         stack: &Stack,
         shutdown: &Arc<Shutdown>,
         hub: Arc<EventHub>,
+        tls: &LinkTls,
     ) -> Result<Self, DaemonError> {
         // One NBD export, opened by --nbd-listen now or by QEMU's
         // nbd-server-start + nbd-server-add later; QEMU setups name the disk
@@ -284,8 +344,11 @@ impl SideServices {
                 if export.name != nbd::DEFAULT_EXPORT {
                     nodes.push(nbd::DEFAULT_EXPORT.to_string());
                 }
-                let exports =
-                    NbdExports::new(export.dev.clone(), nodes, nbd::ServerOptions::default());
+                let opts = nbd::ServerOptions {
+                    tls: tls.server.clone(),
+                    ..Default::default()
+                };
+                let exports = NbdExports::new(export.dev.clone(), nodes, opts);
                 if let Some(listen) = &export.listen {
                     exports.start_now(listen.clone(), &export.name)?;
                 }
@@ -318,12 +381,21 @@ impl SideServices {
 }
 
 mod signals {
-    //! SIGINT/SIGTERM become a [`Shutdown`] request, handled on a dedicated
-    //! thread with `sigwait` so that no async-signal-safety rules apply.
+    //! SIGINT/SIGTERM become a [`Shutdown`] request, SIGHUP runs the reload
+    //! hook (TLS credentials), both on a dedicated thread with `sigwait` so
+    //! that no async-signal-safety rules apply.
 
     use super::Shutdown;
     use std::io;
-    use std::sync::Arc;
+    use std::sync::{Arc, OnceLock};
+
+    type Reload = Box<dyn Fn() + Send + Sync>;
+    static RELOAD: OnceLock<Reload> = OnceLock::new();
+
+    /// Sets what SIGHUP does (once; later calls are ignored).
+    pub(super) fn on_reload(f: Reload) {
+        let _ = RELOAD.set(f);
+    }
 
     pub(super) fn install(shutdown: Arc<Shutdown>) -> io::Result<()> {
         // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
@@ -332,6 +404,7 @@ mod signals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             set
         };
         // SAFETY: `set` is initialised; a null old-set pointer is allowed.
@@ -351,6 +424,13 @@ mod signals {
             // SAFETY: `set` is initialised and `sig` is a valid out pointer.
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
             if rc != 0 {
+                continue;
+            }
+            if sig == libc::SIGHUP {
+                match RELOAD.get() {
+                    Some(reload) => reload(),
+                    None => log::info!("SIGHUP: nothing to reload"),
+                }
                 continue;
             }
             let name = if sig == libc::SIGINT {

@@ -19,6 +19,9 @@ const CLUSTER: u64 = 64 << 10;
 enum Link {
     Unix,
     Tcp,
+    /// TCP on loopback with NBD over TLS (make-certs.sh credentials, the
+    /// primary's identity required by --tls-authz).
+    TcpTls,
 }
 
 struct Side {
@@ -57,6 +60,20 @@ impl Side {
     }
 }
 
+/// Throwaway credentials from integration/tls/make-certs.sh.
+fn make_certs(root: &Path) -> PathBuf {
+    let out = root.join("certs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/tls/make-certs.sh");
+    let st = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run make-certs.sh");
+    assert!(st.success(), "make-certs.sh failed");
+    out
+}
+
 fn wait_path(p: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.exists() {
@@ -82,6 +99,8 @@ struct Pair {
     uri: String,
     primary: Option<Daemon>,
     secondary: Option<Daemon>,
+    /// TLS credentials directory (TcpTls only).
+    certs: Option<PathBuf>,
 }
 
 impl Pair {
@@ -98,7 +117,7 @@ impl Pair {
                     format!("nbd+unix:///parent0?socket={}", sock.display()),
                 )
             }
-            Link::Tcp => {
+            Link::Tcp | Link::TcpTls => {
                 let port = free_port();
                 (
                     format!("tcp:127.0.0.1:{port}"),
@@ -106,6 +125,7 @@ impl Pair {
                 )
             }
         };
+        let certs = matches!(link, Link::TcpTls).then(|| make_certs(root.path()));
         let mut pair = Pair {
             _root: root,
             p,
@@ -114,16 +134,45 @@ impl Pair {
             uri,
             primary: None,
             secondary: None,
+            certs,
         };
         pair.start_secondary_process();
-        let args = ["--mode", "primary", "--secondary", &pair.uri].map(String::from);
+        let mut args = ["--mode", "primary", "--secondary", &pair.uri]
+            .map(String::from)
+            .to_vec();
+        if let Some(c) = &pair.certs {
+            args.extend([
+                "--tls-creds-x509".into(),
+                c.join("client").display().to_string(),
+            ]);
+        }
         pair.primary = Some(pair.p.spawn(&args));
         pair
     }
 
     fn start_secondary_process(&mut self) {
-        let args = ["--mode", "secondary", "--nbd-listen", &self.listen].map(String::from);
+        let mut args = ["--mode", "secondary", "--nbd-listen", &self.listen]
+            .map(String::from)
+            .to_vec();
+        if let Some(c) = &self.certs {
+            args.extend([
+                "--tls-creds-x509".into(),
+                c.join("server").display().to_string(),
+                "--tls-authz".into(),
+                "C=GB,O=Example,CN=client".into(),
+            ]);
+        }
         self.secondary = Some(self.s.spawn(&args));
+    }
+
+    /// An NBD client like the primary's (with its TLS credentials if any).
+    fn nbd_client(&self) -> Result<nbd::Client, nbd::NbdError> {
+        let mut opts = nbd::ClientOptions::default();
+        if let Some(c) = &self.certs {
+            let tls = colo_blk::tls::ClientTls::load(&c.join("client"), None).unwrap();
+            opts.tls = Some(Arc::new(tls));
+        }
+        nbd::Client::connect_to(&nbd::NbdUri::parse(&self.uri).unwrap(), opts)
     }
 
     fn kill_secondary(&mut self) {
@@ -193,6 +242,13 @@ fn checkpoints_then_failover(link: Link) {
     ctl_ok(&pair.p.control, &["start"]);
     pair.checkpoint();
     pair.assert_disks_equal("after the initial resync");
+    if pair.certs.is_some() {
+        let log = std::fs::read_to_string(pair.s.dir.join("serve.log")).unwrap();
+        assert!(
+            log.contains("TLS established, client \"C=GB,O=Example,CN=client\""),
+            "the primary's link is not TLS:\n{log}"
+        );
+    }
 
     for round in 2..5 {
         random_writes(&mut pg, round, 150);
@@ -223,7 +279,7 @@ fn checkpoints_then_failover(link: Link) {
     assert_bytes_equal("guest view after failover", &read_all(&mut sg), &view);
 
     // Fencing: a write from the old primary's side is refused, the disk untouched.
-    let old_primary = nbd::Client::connect(&pair.uri).expect("NBD still served");
+    let old_primary = pair.nbd_client().expect("NBD still served");
     let err = old_primary.write_at(0, &[0xaa; 4096]).unwrap_err();
     assert_eq!(err.errno(), libc::EPERM, "{err}");
     assert_bytes_equal(
@@ -244,6 +300,11 @@ fn pair_over_unix_socket_stays_equal_at_checkpoints_and_fails_over_to_the_guest_
 #[test]
 fn pair_over_tcp_loopback_stays_equal_at_checkpoints_and_fails_over_to_the_guest_view() {
     checkpoints_then_failover(Link::Tcp);
+}
+
+#[test]
+fn pair_over_tls_on_tcp_loopback_stays_equal_at_checkpoints_and_fails_over_to_the_guest_view() {
+    checkpoints_then_failover(Link::TcpTls);
 }
 
 #[test]

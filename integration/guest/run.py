@@ -22,6 +22,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -582,21 +583,41 @@ COLO_ROUNDS = 3
 def case_colo(ctx: Context) -> None:
     """COLO pair with real guests: checkpoints, primary lost, failover, a guest on
     the promoted secondary finds the file system of the last checkpoint."""
-    case = "colo"
+    colo_pair_case(ctx, "colo", tls=False)
+
+
+def case_colo_tls(ctx: Context) -> None:
+    """The colo case with the replication link over NBD TLS on TCP loopback
+    (integration/tls/make-certs.sh credentials, the primary's identity required)."""
+    colo_pair_case(ctx, "colo-tls", tls=True)
+
+
+def colo_pair_case(ctx: Context, case: str, tls: bool) -> None:
     if ctx.backend != "colo-blk":
         ctx.skip(case, "needs colo-blk's --mode primary/secondary")
         return
     d = ctx.run_dir
-    pri_img, sec_img = new_image(ctx, "colo-primary"), d / "colo-secondary.img"
+    pri_img, sec_img = new_image(ctx, f"{case}-primary"), d / f"{case}-secondary.img"
     mkfs(pri_img, FS_SIZE)
-    sec_ctl, pri_ctl, nbd = d / "colo-sec.ctl", d / "colo-pri.ctl", d / "colo-nbd.sock"
-    secondary = ctx.backend_for("colo-sec", sec_img, serial="colo-guest-sec", extra=[
+    sec_ctl, pri_ctl, nbd = d / f"{case}-sec.ctl", d / f"{case}-pri.ctl", d / f"{case}-nbd.sock"
+    listen, uri, sec_tls, pri_tls = f"unix:{nbd}", f"nbd+unix:///parent0?socket={nbd}", [], []
+    if tls:
+        certs = d / f"{case}-certs"
+        subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "tls" / "make-certs.sh"),
+                        str(certs)], check=True, stdout=subprocess.DEVNULL)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        listen, uri = f"tcp:127.0.0.1:{port}", f"nbd://127.0.0.1:{port}/parent0"
+        sec_tls = ["--tls-creds-x509", str(certs / "server"),
+                   "--tls-authz", "C=GB,O=Example,CN=client"]
+        pri_tls = ["--tls-creds-x509", str(certs / "client")]
+    secondary = ctx.backend_for(f"{case}-sec", sec_img, serial="colo-guest-sec", extra=[
         "--mode", "secondary", "--size", str(DISK_SIZE), "--control", str(sec_ctl),
-        "--nbd-listen", f"unix:{nbd}"])
+        "--nbd-listen", listen, *sec_tls])
     secondary.start()
-    primary = ctx.backend_for("colo-pri", pri_img, serial="colo-guest-pri", extra=[
-        "--mode", "primary", "--control", str(pri_ctl),
-        "--secondary", f"nbd+unix:///parent0?socket={nbd}"])
+    primary = ctx.backend_for(f"{case}-pri", pri_img, serial="colo-guest-pri", extra=[
+        "--mode", "primary", "--control", str(pri_ctl), "--secondary", uri, *pri_tls])
     primary.start()
     for path in (sec_ctl, pri_ctl):
         wait_for_socket(path, secondary.proc if path == sec_ctl else primary.proc, "control")
@@ -609,7 +630,7 @@ def case_colo(ctx: Context) -> None:
 
     # The secondary VM runs beside the primary one and reads its whole disk when
     # told to; it sits at a "command" prompt between reads.
-    sec_guest = Guest(ctx, "colo-secondary", secondary.socket,
+    sec_guest = Guest(ctx, f"{case}-secondary", secondary.socket,
                       ctx.guest_args("colo_secondary", secondary))
     if sec_guest.wait() != "command":
         ctx.report_guest(case, sec_guest.finish(), "secondary-guest-ready", "secondary")
@@ -621,7 +642,7 @@ def case_colo(ctx: Context) -> None:
             return f"no answer ({sec_guest.result.error or 'guest stopped'})"
         return sec_guest.result.info.get(label, "no md5 reported")
 
-    last_checkpoint = d / "colo-checkpoint.img"
+    last_checkpoint = d / f"{case}-checkpoint.img"
     checkpoint_md5 = ""
 
     def checkpoint(k: int) -> Callable[[], None]:
@@ -645,7 +666,7 @@ def case_colo(ctx: Context) -> None:
     actions: dict[str, Callable[[], str | None]] = {
         f"checkpoint-{k}": checkpoint(k) for k in range(1, COLO_ROUNDS + 1)}
     actions["crash"] = crash
-    res = boot_guest(ctx, "colo-primary", primary.socket,
+    res = boot_guest(ctx, f"{case}-primary", primary.socket,
                      ctx.guest_args("colo_primary", primary, rounds=str(COLO_ROUNDS)),
                      on_wait=actions)
     ctx.report_guest(case, res, prefix="primary")
@@ -679,7 +700,7 @@ def case_colo(ctx: Context) -> None:
     args = ctx.guest_args("colo_verify", secondary, rounds=str(COLO_ROUNDS))
     for k in range(1, COLO_ROUNDS + 1):
         args[f"md5_{k}"] = res.info.get(f"md5_{k}", "missing")
-    res = boot_guest(ctx, "colo-verify", secondary.socket, args)
+    res = boot_guest(ctx, f"{case}-verify", secondary.socket, args)
     ctx.report_guest(case, res, "verify-guest-finished", "verify")
     status = secondary.stop()
     ctx.check(case, "secondary-clean-exit", status == 0, f"exit status {status}")
@@ -694,6 +715,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "readonly": case_readonly,
     "reconnect": case_reconnect,
     "colo": case_colo,
+    "colo-tls": case_colo_tls,
 }
 
 

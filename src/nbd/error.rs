@@ -35,6 +35,17 @@ pub enum NbdError {
         /// The server's message, if any.
         message: String,
     },
+    /// TLS credentials or the peer's identity were refused.
+    #[error("NBD TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The TLS handshake after STARTTLS failed (certificate not trusted,
+    /// expired, missing, or the peer broke the protocol).
+    #[error("NBD TLS handshake failed: {0}")]
+    TlsHandshake(#[source] io::Error),
+    /// A TLS client met a server that will not upgrade (or an attacker
+    /// rewrote its answer): the client refuses to go on in plain text.
+    #[error("NBD server refused STARTTLS ({0}); not continuing without TLS")]
+    TlsRefused(String),
     /// The server does not have the export.
     #[error("NBD server has no export named {0:?}")]
     UnknownExport(String),

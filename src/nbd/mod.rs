@@ -15,6 +15,7 @@ mod client;
 mod error;
 mod server;
 mod stream;
+mod tls;
 pub mod uri;
 pub mod wire;
 

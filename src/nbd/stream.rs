@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
 
@@ -19,6 +20,8 @@ const IOV_MAX: usize = 1024;
 pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A TLS session over a plain `Unix` or `Tcp` stream; clones share it.
+    Tls(Arc<super::tls::TlsStream>),
 }
 
 impl Stream {
@@ -38,6 +41,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(t) => Stream::Tls(t.clone()),
         })
     }
 
@@ -48,6 +52,10 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(t) => {
+                t.socket().shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -55,6 +63,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.socket().set_read_timeout(t),
         }
     }
 
@@ -65,11 +74,20 @@ impl Stream {
             Stream::Tcp(s) => s
                 .peer_addr()
                 .map_or_else(|_| "tcp peer".to_string(), |a| a.to_string()),
+            Stream::Tls(t) => format!("{}, TLS", t.socket().peer()),
         }
+    }
+
+    /// True once STARTTLS upgraded the stream.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
 
     /// Sends every byte of `parts`, in order, in as few syscalls as possible.
     pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        if let Stream::Tls(t) = self {
+            return t.send_all(parts);
+        }
         let mut iovs: Vec<libc::iovec> = parts
             .iter()
             .filter(|p| !p.is_empty())
@@ -83,6 +101,9 @@ impl Stream {
 
     /// Sends `head` then the bytes of `bufs` (guest memory), without copying.
     pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        if let Stream::Tls(t) = self {
+            return t.send_volatile(head, bufs);
+        }
         let mut iovs = Vec::with_capacity(1 + bufs.len());
         iovs.push(libc::iovec {
             iov_base: head.as_ptr() as *mut libc::c_void,
@@ -130,6 +151,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(t) => t.socket().as_raw_fd(),
         }
     }
 }
@@ -139,6 +161,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
         }
     }
 }
@@ -148,6 +171,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(t) => (&**t).write(buf),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Client side of the fixed newstyle negotiation.
 
 use crate::nbd::stream::Stream;
+use crate::nbd::tls::TlsStream;
 use crate::nbd::wire::*;
 use crate::nbd::{NbdError, MAX_PAYLOAD};
+use crate::tls::ClientTls;
+use rustls_pki_types::ServerName;
 use std::io::{self, Read};
 
 /// Option replies larger than this are a protocol violation for us.
@@ -34,48 +37,98 @@ impl ExportInfo {
     }
 }
 
-struct Negotiator<'a> {
+struct Negotiator {
     rd: Stream,
-    wr: &'a Stream,
+    wr: Stream,
 }
 
-/// Negotiates `export` on a freshly connected stream.
-pub(super) fn negotiate(stream: &Stream, export: &str) -> Result<ExportInfo, NbdError> {
+/// TLS for a connection: the credentials and the name the server's
+/// certificate must carry.
+pub(super) struct TlsTarget<'a> {
+    pub creds: &'a ClientTls,
+    pub name: ServerName<'static>,
+}
+
+/// Negotiates `export` on a freshly connected stream; with `tls`, upgrades
+/// first and refuses a server that will not. Returns the stream to use.
+pub(super) fn negotiate(
+    stream: Stream,
+    export: &str,
+    tls: Option<TlsTarget<'_>>,
+) -> Result<(ExportInfo, Stream), NbdError> {
     let mut n = Negotiator {
         rd: stream.try_clone()?,
         wr: stream,
     };
-    let mut raw = [0u8; Greeting::LEN];
-    n.rd.read_exact(&mut raw)?;
-    let greeting = Greeting::decode(&raw)?;
-    let no_zeroes = greeting.flags & FLAG_NO_ZEROES != 0;
-    let mut client_flags = 0;
-    if greeting.flags & FLAG_FIXED_NEWSTYLE != 0 {
-        client_flags |= FLAG_C_FIXED_NEWSTYLE;
-    }
-    if no_zeroes {
-        client_flags |= FLAG_C_NO_ZEROES;
-    }
-    n.wr.send_all(&[&client_flags.to_be_bytes()])?;
-    if greeting.flags & FLAG_FIXED_NEWSTYLE == 0 {
-        // Plain newstyle: EXPORT_NAME is the only option there is.
-        return n.export_name(export, no_zeroes);
-    }
-    let structured = n.simple_option(OPT_STRUCTURED_REPLY)?;
-    let base_allocation = if structured {
-        n.select_base_allocation(export)?
-    } else {
-        None
-    };
-    match n.go(export)? {
-        Some((size, flags, sizes)) => finish(size, flags, sizes, structured, base_allocation),
-        None => {
-            // A server without GO: fall back as the protocol asks clients to.
-            let mut info = n.export_name(export, no_zeroes)?;
-            info.structured = structured;
-            info.base_allocation = base_allocation;
-            Ok(info)
+    let info = n.run(export, tls)?;
+    Ok((info, n.wr))
+}
+
+impl Negotiator {
+    fn run(&mut self, export: &str, tls: Option<TlsTarget<'_>>) -> Result<ExportInfo, NbdError> {
+        let n = self;
+        let mut raw = [0u8; Greeting::LEN];
+        n.rd.read_exact(&mut raw)?;
+        let greeting = Greeting::decode(&raw)?;
+        let no_zeroes = greeting.flags & FLAG_NO_ZEROES != 0;
+        let mut client_flags = 0;
+        if greeting.flags & FLAG_FIXED_NEWSTYLE != 0 {
+            client_flags |= FLAG_C_FIXED_NEWSTYLE;
         }
+        if no_zeroes {
+            client_flags |= FLAG_C_NO_ZEROES;
+        }
+        n.wr.send_all(&[&client_flags.to_be_bytes()])?;
+        if let Some(tls) = tls {
+            if greeting.flags & FLAG_FIXED_NEWSTYLE == 0 {
+                return Err(NbdError::TlsRefused(
+                    "the server does not speak fixed newstyle, so it has no STARTTLS".into(),
+                ));
+            }
+            n.starttls(tls)?;
+        }
+        if greeting.flags & FLAG_FIXED_NEWSTYLE == 0 {
+            // Plain newstyle: EXPORT_NAME is the only option there is.
+            return n.export_name(export, no_zeroes);
+        }
+        let structured = n.simple_option(OPT_STRUCTURED_REPLY)?;
+        let base_allocation = if structured {
+            n.select_base_allocation(export)?
+        } else {
+            None
+        };
+        match n.go(export)? {
+            Some((size, flags, sizes)) => finish(size, flags, sizes, structured, base_allocation),
+            None => {
+                // A server without GO: fall back as the protocol asks clients to.
+                let mut info = n.export_name(export, no_zeroes)?;
+                info.structured = structured;
+                info.base_allocation = base_allocation;
+                Ok(info)
+            }
+        }
+    }
+
+    /// NBD_OPT_STARTTLS, then the handshake; anything but ACK is a refusal
+    /// (or a downgrade attempt) and ends the connection.
+    fn starttls(&mut self, tls: TlsTarget<'_>) -> Result<(), NbdError> {
+        self.send_option(OPT_STARTTLS, &[])?;
+        let (h, data) = self.reply(OPT_STARTTLS)?;
+        if h.reply != REP_ACK || !data.is_empty() {
+            let msg = String::from_utf8_lossy(&data);
+            return Err(NbdError::TlsRefused(format!(
+                "reply {:#x} {}{msg}",
+                h.reply,
+                if msg.is_empty() { "" } else { ": " }
+            )));
+        }
+        let conn = rustls::ClientConnection::new(tls.creds.config(), tls.name)
+            .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
+        let session = TlsStream::handshake(self.wr.try_clone()?, conn.into())
+            .map_err(NbdError::TlsHandshake)?;
+        self.wr = Stream::Tls(std::sync::Arc::new(session));
+        self.rd = self.wr.try_clone()?;
+        Ok(())
     }
 }
 
@@ -112,7 +165,7 @@ fn finish(
     })
 }
 
-impl Negotiator<'_> {
+impl Negotiator {
     fn send_option(&self, option: u32, data: &[u8]) -> Result<(), NbdError> {
         let h = OptionHeader {
             option,

@@ -58,6 +58,10 @@ pub struct ClientOptions {
     /// request then fails, as for a lost connection). `None` (the default)
     /// waits forever, as a kernel or QEMU NBD client does.
     pub request_timeout: Option<Duration>,
+    /// TLS credentials: when set the connection is upgraded with
+    /// NBD_OPT_STARTTLS before anything else, and a server that refuses is
+    /// not used. Default none (plain text).
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl Default for ClientOptions {
@@ -66,6 +70,7 @@ impl Default for ClientOptions {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: None,
+            tls: None,
         }
     }
 }
@@ -264,13 +269,27 @@ impl std::fmt::Debug for SubmittedWrite {
 fn open(uri: &NbdUri, opts: &ClientOptions) -> std::result::Result<Conn, NbdError> {
     let stream = Stream::connect(&uri.addr)?;
     stream.set_read_timeout(Some(opts.handshake_timeout))?;
-    let info = handshake::negotiate(&stream, &uri.export)?;
+    let tls = match &opts.tls {
+        None => None,
+        Some(creds) => {
+            let host = match &uri.addr {
+                super::NbdAddr::Tcp { host, .. } => Some(host.as_str()),
+                super::NbdAddr::Unix(_) => None,
+            };
+            Some(handshake::TlsTarget {
+                creds,
+                name: creds.server_name(host)?,
+            })
+        }
+    };
+    let (info, stream) = handshake::negotiate(stream, &uri.export, tls)?;
     stream.set_read_timeout(None)?;
     log::info!(
-        "nbd client: connected to {uri} ({} bytes, flags {:#x}, structured {})",
+        "nbd client: connected to {uri} ({} bytes, flags {:#x}, structured {}{})",
         info.size,
         info.flags,
-        info.structured
+        info.structured,
+        if stream.is_tls() { ", TLS" } else { "" }
     );
     Conn::start(
         stream,

@@ -25,7 +25,10 @@ pub(super) struct Negotiated {
 /// Connection state during option haggling.
 struct Haggle<'a> {
     inner: &'a Inner,
-    stream: &'a Stream,
+    /// Replies go out here; replaced by the TLS session after STARTTLS.
+    stream: Stream,
+    /// Options are read from here (a clone of `stream`).
+    rd: Stream,
     peer: &'a str,
     structured: bool,
     /// Export the last SET_META_CONTEXT selected `base:allocation` for.
@@ -33,11 +36,12 @@ struct Haggle<'a> {
 }
 
 /// Runs the negotiation. `Ok(None)`: the client aborted or went away politely.
+/// The stream returned is the one to serve on (the TLS session after STARTTLS).
 pub(super) fn negotiate(
     inner: &Inner,
-    stream: &Stream,
+    stream: Stream,
     peer: &str,
-) -> Result<Option<Negotiated>, NbdError> {
+) -> Result<Option<(Negotiated, Stream)>, NbdError> {
     // A second handle to read from, so replies go out through `&Stream`.
     let mut rd = stream.try_clone()?;
     stream.set_read_timeout(Some(inner.opts.handshake_timeout))?;
@@ -57,22 +61,83 @@ pub(super) fn negotiate(
     let mut h = Haggle {
         inner,
         stream,
+        rd,
         peer,
         structured: false,
         meta_export: None,
     };
-    let result = h.run(rd, no_zeroes);
-    if let Ok(Some(_)) = result {
-        stream.set_read_timeout(None)?;
+    match h.run(no_zeroes)? {
+        Some(n) => {
+            h.stream.set_read_timeout(None)?;
+            Ok(Some((n, h.stream)))
+        }
+        None => Ok(None),
     }
-    result
 }
 
 impl Haggle<'_> {
-    fn run(&mut self, mut rd: Stream, no_zeroes: bool) -> Result<Option<Negotiated>, NbdError> {
+    /// TLS is configured and the stream is not upgraded yet.
+    fn tls_pending(&self) -> bool {
+        self.inner.opts.tls.is_some() && !self.stream.is_tls()
+    }
+
+    /// Before STARTTLS a TLS server answers nothing but ABORT and STARTTLS
+    /// (doc/proto.md, "TLS support"); returns false when `opt` was refused.
+    fn tls_gate(&mut self, opt: u32) -> Result<bool, NbdError> {
+        if !self.tls_pending() || matches!(opt, OPT_ABORT | OPT_STARTTLS) {
+            return Ok(true);
+        }
+        if opt == OPT_EXPORT_NAME {
+            // No error reply exists for it: the connection ends.
+            return Err(NbdError::Protocol(
+                "NBD_OPT_EXPORT_NAME before STARTTLS, TLS is required; disconnecting".into(),
+            ));
+        }
+        log::warn!(
+            "nbd {}: {} before STARTTLS refused: TLS is required",
+            self.peer,
+            option_name(opt)
+        );
+        self.error(opt, REP_ERR_TLS_REQD, "TLS is required")?;
+        Ok(false)
+    }
+
+    /// NBD_OPT_STARTTLS: ACK, handshake, check the client's identity, then
+    /// the negotiation starts over inside TLS.
+    fn starttls(&mut self, data: &[u8]) -> Result<(), NbdError> {
+        let Some(tls) = self.inner.opts.tls.clone() else {
+            return self.error(OPT_STARTTLS, REP_ERR_UNSUP, "TLS is not configured");
+        };
+        if self.stream.is_tls() {
+            return self.error(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already in use");
+        }
+        if !data.is_empty() {
+            return self.error(
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+        }
+        self.reply(OPT_STARTTLS, REP_ACK, &[])?;
+        let conn = rustls::ServerConnection::new(tls.config())
+            .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
+        let session =
+            super::super::tls::TlsStream::handshake(self.stream.try_clone()?, conn.into())
+                .map_err(NbdError::TlsHandshake)?;
+        let identity = tls.authorise(session.peer_certificates().as_deref())?;
+        log::info!("nbd {}: TLS established, client {identity:?}", self.peer);
+        self.stream = Stream::Tls(std::sync::Arc::new(session));
+        self.rd = self.stream.try_clone()?;
+        // Nothing negotiated in plain text carries over.
+        self.structured = false;
+        self.meta_export = None;
+        Ok(())
+    }
+
+    fn run(&mut self, no_zeroes: bool) -> Result<Option<Negotiated>, NbdError> {
         loop {
             let mut raw = [0u8; OptionHeader::LEN];
-            match rd.read_exact(&mut raw) {
+            match self.rd.read_exact(&mut raw) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
                 Err(e) => return Err(e.into()),
@@ -87,7 +152,7 @@ impl Haggle<'_> {
                         header.len
                     )));
                 }
-                io::copy(&mut (&mut rd).take(header.len.into()), &mut io::sink())?;
+                io::copy(&mut (&mut self.rd).take(header.len.into()), &mut io::sink())?;
                 log::warn!(
                     "nbd {}: {} with {} bytes of data refused",
                     self.peer,
@@ -98,8 +163,12 @@ impl Haggle<'_> {
                 continue;
             }
             let mut data = vec![0u8; header.len as usize];
-            rd.read_exact(&mut data)?;
+            self.rd.read_exact(&mut data)?;
+            if !self.tls_gate(opt)? {
+                continue;
+            }
             match opt {
+                OPT_STARTTLS => self.starttls(&data)?,
                 OPT_EXPORT_NAME => {
                     let name = decode_export_name(&data)?;
                     if !self.is_our_export(&name) {

@@ -52,6 +52,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// A client must finish negotiating within this time. Default 30 s.
     pub handshake_timeout: Duration,
+    /// TLS credentials: when set, TLS is required (every option before
+    /// NBD_OPT_STARTTLS is refused with NBD_REP_ERR_TLS_REQD). Default none.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl Default for ServerOptions {
@@ -64,6 +67,7 @@ impl Default for ServerOptions {
             max_in_flight_bytes: 64 << 20,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -119,9 +123,14 @@ impl Server {
                 .spawn(move || accept_loop(&inner, listener, wake_rx))?
         };
         log::info!(
-            "nbd: serving export {:?} ({} bytes) on {addr}",
+            "nbd: serving export {:?} ({} bytes) on {addr}{}",
             inner.opts.export_name,
-            inner.dev.size()
+            inner.dev.size(),
+            if inner.opts.tls.is_some() {
+                ", TLS required"
+            } else {
+                ""
+            }
         );
         Ok(Server {
             inner,
@@ -276,16 +285,23 @@ fn admit(inner: &Arc<Inner>, stream: Stream) {
 fn serve_connection(inner: &Inner, stream: Stream, id: u64) {
     let peer = format!("#{id} ({})", stream.peer());
     log::info!("nbd: connection {peer} opened");
-    let negotiated = match handshake::negotiate(inner, &stream, &peer) {
+    let control = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("nbd: connection {peer}: {e}");
+            return;
+        }
+    };
+    let (negotiated, stream) = match handshake::negotiate(inner, stream, &peer) {
         Ok(Some(n)) => n,
         Ok(None) => {
             log::info!("nbd: connection {peer} ended during negotiation");
-            stream.shutdown();
+            control.shutdown();
             return;
         }
         Err(e) => {
             log::warn!("nbd: connection {peer}: negotiation failed: {e}");
-            stream.shutdown();
+            control.shutdown();
             return;
         }
     };
