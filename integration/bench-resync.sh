@@ -55,7 +55,7 @@ fresh_target() {
 start_secondary() {
   bench_start secondary ip netns exec "$nsb" "$bin" serve --mode secondary \
     --socket "$work/sec-vhost.sock" --disk "$sec" --control "$work/sec-ctl.sock" \
-    --nbd-listen "tcp:$ipb:10809"
+    --nbd-listen "tcp:$ipb:10809" --nbd-insecure
   sec_pid=$bench_pid
   bench_wait_socket "$work/sec-ctl.sock"
   # The control socket appears last but one; the NBD listener is up before serve runs.

@@ -250,6 +250,8 @@ impl Pair {
             secondary_ctl.as_os_str(),
             "--nbd-listen".as_ref(),
             listen.as_ref(),
+            // A veth address in a namespace the test made: plain text on purpose.
+            "--nbd-insecure".as_ref(),
         ];
         let secondary = TwoHosts::spawn(&hosts.b, &sec_args, &sec_vhost, &dir.join("sec.log"));
         let primary_vhost = dir.join("pri-vhost.sock");
