@@ -22,6 +22,7 @@ command -v ip >/dev/null || other_pkgs+=(iproute2)             # two-host fault 
 command -v nft >/dev/null || other_pkgs+=(nftables)             # two-host fault tests: partitions
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || other_pkgs+=(libc6-dev)
 command -v python3 >/dev/null || other_pkgs+=(python3 python3-pip)
+command -v fio >/dev/null || other_pkgs+=(fio)                  # bench-peers.sh: the device's limit
 
 if [ ${#qemu_pkgs[@]} -gt 0 ] || [ ${#other_pkgs[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

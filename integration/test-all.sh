@@ -13,6 +13,9 @@ log "cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 
+log "unit tests in a debug build (overflow checks on: guest input must never wrap)"
+cargo test --lib --quiet
+
 log "cargo test (unit + integration, real binary through libblkio)"
 cargo test --release --all-targets 2>&1 | tee target/cargo-test.log
 

@@ -5,6 +5,7 @@
 //! and exit code 2 before anything is opened.
 
 use clap::{Args, ValueEnum};
+use colo_blk::block::channel::Engine;
 use colo_blk::nbd::{NbdAddr, NbdUri};
 use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
@@ -18,6 +19,11 @@ pub use colo_blk::replication::DEFAULT_CLUSTER_SIZE;
 pub const DEFAULT_FORWARD_TIMEOUT_SECS: u64 = 15;
 
 const MAX_QUEUES: u16 = 64;
+/// Default `--poll-us` (bench-peers.sh: wins the QD1 rows; the adaptive window
+/// keeps an idle disk at no CPU).
+pub const DEFAULT_POLL_US: u32 = 50;
+/// Longest accepted `--poll-us`: beyond this a worker would rather sleep.
+const MAX_POLL_US: u32 = 10_000;
 const MAX_QUEUE_SIZE: u16 = 32768;
 const MAX_CLUSTER_SIZE: u64 = 64 << 20;
 
@@ -55,6 +61,19 @@ pub struct ServeArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
+
+    /// How requests reach the image. auto: io_uring with --direct (the device
+    /// then sees the guest's queue depth), synchronous preadv/pwritev on the
+    /// queue worker otherwise (page-cache hits are cheapest inline). uring or
+    /// sync force one.
+    #[arg(long, value_enum, value_name = "auto|uring|sync", default_value_t = Engine::Auto)]
+    pub io_engine: Engine,
+
+    /// After serving work, a queue worker polls its ring and its completions
+    /// for up to this many microseconds before it sleeps; the window adapts
+    /// (it shrinks on an idle disk, so idle costs no CPU). 0 disables polling.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u32,
 
     /// Disk serial number returned to GET_ID (at most 20 bytes).
     #[arg(long, value_name = "STR", default_value = "")]
@@ -151,6 +170,10 @@ pub struct Config {
     pub queue_size: u16,
     /// O_DIRECT.
     pub direct: bool,
+    /// Synchronous or io_uring.
+    pub io_engine: Engine,
+    /// Adaptive polling window, at most this many µs (0: never poll).
+    pub poll_us: u32,
     /// GET_ID answer (≤ 20 bytes).
     pub serial: String,
     /// 512 or 4096.
@@ -273,6 +296,12 @@ impl TryFrom<ServeArgs> for Config {
                 format!("{} is not in 1..={MAX_QUEUES}", a.num_queues),
             ));
         }
+        if a.poll_us > MAX_POLL_US {
+            return Err(invalid(
+                "poll-us",
+                format!("{} is more than {MAX_POLL_US} microseconds", a.poll_us),
+            ));
+        }
         if !a.queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
             return Err(invalid(
                 "queue-size",
@@ -307,6 +336,8 @@ impl TryFrom<ServeArgs> for Config {
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             direct: a.direct,
+            io_engine: a.io_engine,
+            poll_us: a.poll_us,
             serial: a.serial,
             logical_block_size: a.logical_block_size,
             control: a.control,

@@ -6,7 +6,9 @@
 //! NBD server) live as long as the vhost loop and stop after it.
 
 use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
-use colo_blk::block::{BlockDev, BlockError, Overlay, RawFile, RawFileOptions, SharedDev};
+use colo_blk::block::{
+    BlockDev, BlockError, Overlay, Parallel, RawFile, RawFileOptions, SharedDev,
+};
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub};
 use colo_blk::nbd;
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
@@ -15,6 +17,10 @@ use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Secondary guest requests kept in flight per queue on an O_DIRECT disk (pool
+/// threads; the overlay path has no asynchronous channel yet).
+const SECONDARY_DIRECT_DEPTH: usize = 32;
 use thiserror::Error;
 
 /// Why the daemon could not run or stopped with an error.
@@ -116,6 +122,7 @@ fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
         read_only: cfg.read_only,
         direct: cfg.direct,
         create_size: cfg.size,
+        engine: cfg.io_engine,
     };
     let disk = RawFile::open(&cfg.disk, &opts).map_err(|source| DaemonError::OpenDisk {
         path: cfg.disk.clone(),
@@ -206,8 +213,15 @@ fn secondary_stack(
     let active = open_overlay(&secondary.active, size)?;
     let hidden = open_overlay(&secondary.hidden, size)?;
     let node = Secondary::new(disk, active, hidden, cfg.cluster_size, events)?;
+    // The guest's path through the overlays is synchronous; on an O_DIRECT
+    // disk it runs on the queue's pool so the disk still sees queue depth.
+    let guest = if cfg.direct {
+        Arc::new(Parallel::new(node.guest(), SECONDARY_DIRECT_DEPTH)) as SharedDev
+    } else {
+        node.guest()
+    };
     Ok(Stack {
-        guest: node.guest(),
+        guest,
         nbd_export: Some(NbdExport {
             listen: secondary.nbd_listen.clone(),
             name: secondary.nbd_export.clone(),
@@ -241,6 +255,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
         queue_size: cfg.queue_size,
         logical_block_size: cfg.logical_block_size,
         serial: cfg.serial.clone(),
+        poll_us: cfg.poll_us,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The benchmark workloads and the closed-loop runner that measures them.
 
-use super::client::{BenchClient, Done};
+use super::client::{BenchClient, BenchQueue, Done};
+use super::probe::Probe;
 use super::BenchError;
 use std::time::{Duration, Instant};
 
@@ -11,59 +12,53 @@ pub struct Workload {
     pub name: &'static str,
     /// Bytes per request.
     pub block: usize,
-    /// Requests kept in flight.
+    /// Requests kept in flight per queue.
     pub depth: usize,
+    /// Queues driven at once, one thread each (the device must offer them).
+    pub queues: usize,
     /// Writes (else reads).
     pub write: bool,
     /// Random offsets (else sequential, wrapping at the end of the disk).
     pub random: bool,
+    /// Run when no `--workloads` list is given.
+    pub default: bool,
+}
+
+const fn wl(
+    name: &'static str,
+    block: usize,
+    depth: usize,
+    queues: usize,
+    write: bool,
+    random: bool,
+    default: bool,
+) -> Workload {
+    Workload {
+        name,
+        block,
+        depth,
+        queues,
+        write,
+        random,
+        default,
+    }
 }
 
 /// Every workload, in the order they run: sequential writes first, so that
-/// reads never hit unallocated (and artificially fast) ranges.
-pub const ALL: [Workload; 6] = [
-    Workload {
-        name: "seqwrite-1m-qd8",
-        block: 1 << 20,
-        depth: 8,
-        write: true,
-        random: false,
-    },
-    Workload {
-        name: "seqread-1m-qd8",
-        block: 1 << 20,
-        depth: 8,
-        write: false,
-        random: false,
-    },
-    Workload {
-        name: "randread-4k-qd1",
-        block: 4096,
-        depth: 1,
-        write: false,
-        random: true,
-    },
-    Workload {
-        name: "randwrite-4k-qd1",
-        block: 4096,
-        depth: 1,
-        write: true,
-        random: true,
-    },
-    Workload {
-        name: "randread-4k-qd32",
-        block: 4096,
-        depth: 32,
-        write: false,
-        random: true,
-    },
-    Workload {
-        name: "randwrite-4k-qd32",
-        block: 4096,
-        depth: 32,
-        write: true,
-        random: true,
-    },
+/// reads never hit unallocated (and artificially fast) ranges. The first six
+/// are the default set (one queue, depth at most 32, any queue size); the
+/// others need `--queue-size 256` or more (QD128) or a device with 2 queues.
+pub const ALL: [Workload; 10] = [
+    wl("seqwrite-1m-qd8", 1 << 20, 8, 1, true, false, true),
+    wl("seqread-1m-qd8", 1 << 20, 8, 1, false, false, true),
+    wl("randread-4k-qd1", 4096, 1, 1, false, true, true),
+    wl("randwrite-4k-qd1", 4096, 1, 1, true, true, true),
+    wl("randread-4k-qd32", 4096, 32, 1, false, true, true),
+    wl("randwrite-4k-qd32", 4096, 32, 1, true, true, true),
+    wl("randread-4k-qd128", 4096, 128, 1, false, true, false),
+    wl("randwrite-4k-qd128", 4096, 128, 1, true, true, false),
+    wl("randread-4k-2q-qd32", 4096, 32, 2, false, true, false),
+    wl("randwrite-4k-2q-qd32", 4096, 32, 2, true, true, false),
 ];
 
 /// What one run measured.
@@ -79,6 +74,10 @@ pub struct Outcome {
     pub p50: Duration,
     /// 99th percentile completion latency.
     pub p99: Duration,
+    /// CPU time the probed process used, as a fraction of one core.
+    pub cpu: Option<f64>,
+    /// Threads of the probed process, sampled half-way through the run.
+    pub threads: Option<usize>,
 }
 
 impl Outcome {
@@ -93,19 +92,102 @@ impl Outcome {
     }
 }
 
-/// Runs `w` for `duration` on `client` (a closed loop: every completion is
-/// replaced by a new request until time is up).
+/// Runs `w` for `duration` on `client`: on each of its `w.queues` queues (one
+/// thread each) a closed loop replaces every completion by a new request until
+/// time is up. With a probe, the process's CPU time over the run and its
+/// thread count half-way through are reported too.
 pub fn run(
     client: &mut BenchClient,
     w: Workload,
     duration: Duration,
+    probe: Option<&Probe>,
 ) -> Result<Outcome, BenchError> {
     let blocks = client.capacity / w.block as u64;
-    if blocks < w.depth as u64 {
+    if blocks < (w.depth * w.queues) as u64 {
         return Err(BenchError::TooSmall(client.capacity));
     }
+    let queues = client
+        .queues_mut()
+        .get_mut(..w.queues)
+        .ok_or_else(|| BenchError::Usage(format!("{} needs {} queues", w.name, w.queues)))?;
+    let cpu0 = probe.and_then(Probe::cpu_seconds);
+    let t0 = Instant::now();
+    let runs: Vec<Result<QueueRun, BenchError>> = if let [queue] = queues {
+        vec![run_queue(queue, w, blocks, 0, duration, probe)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = queues
+                .iter_mut()
+                .enumerate()
+                .map(|(i, queue)| {
+                    let sampler = if i == 0 { probe } else { None };
+                    s.spawn(move || run_queue(queue, w, blocks, i as u64, duration, sampler))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BenchError::Blkio("thread", "queue thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    };
+    let wall = t0.elapsed();
+    let cpu = match (cpu0, probe.and_then(Probe::cpu_seconds)) {
+        (Some(a), Some(b)) => Some((b - a) / wall.as_secs_f64()),
+        _ => None,
+    };
+    let mut ops = 0;
+    let mut elapsed = Duration::ZERO;
+    let mut threads = None;
+    let mut latencies = Vec::new();
+    for r in runs {
+        let r = r?;
+        ops += r.ops;
+        elapsed = elapsed.max(r.elapsed);
+        threads = threads.or(r.threads);
+        latencies.extend_from_slice(&r.latencies);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
+        Duration::from_nanos(latencies.get(i).copied().unwrap_or(0).into())
+    };
+    Ok(Outcome {
+        workload: w,
+        ops,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        cpu,
+        threads,
+    })
+}
+
+/// What one queue's loop measured.
+struct QueueRun {
+    ops: u64,
+    elapsed: Duration,
+    /// Completion latencies in nanoseconds, unsorted.
+    latencies: Vec<u32>,
+    threads: Option<usize>,
+}
+
+/// The closed loop on one queue. `index` varies the offsets between queues;
+/// `sampler` (if any) counts the probed process's threads once, half-way.
+fn run_queue(
+    queue: &mut BenchQueue,
+    w: Workload,
+    blocks: u64,
+    index: u64,
+    duration: Duration,
+    sampler: Option<&Probe>,
+) -> Result<QueueRun, BenchError> {
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ w.block as u64 ^ (w.depth as u64) << 32;
-    let mut seq = 0u64;
+    rng ^= index.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    let mut seq = index * (blocks / w.queues as u64);
     let mut next_offset = || {
         let block = if w.random {
             rng ^= rng << 13;
@@ -122,17 +204,23 @@ pub fn run(
     let mut started = vec![Instant::now(); w.depth];
     let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
     let mut done: Vec<Done> = Vec::with_capacity(super::client::BATCH);
+    let mut threads = None;
+    let half = duration / 2;
     let t0 = Instant::now();
     for (slot, start) in started.iter_mut().enumerate() {
         *start = Instant::now();
-        client.submit(w.write, next_offset(), w.block, slot);
+        queue.submit(w.write, next_offset(), w.block, slot);
     }
     let mut in_flight = w.depth;
     let mut ops = 0u64;
     while in_flight > 0 {
-        client.reap(&mut done)?;
+        queue.reap(&mut done)?;
         let now = Instant::now();
-        let more = now.duration_since(t0) < duration;
+        let since = now.duration_since(t0);
+        let more = since < duration;
+        if let Some(p) = sampler.filter(|_| threads.is_none() && since >= half) {
+            threads = p.threads();
+        }
         for d in &done {
             if d.ret < 0 {
                 return Err(BenchError::Request(w.name, -d.ret));
@@ -142,23 +230,16 @@ pub fn run(
             ops += 1;
             if more {
                 started[d.slot] = now;
-                client.submit(w.write, next_offset(), w.block, d.slot);
+                queue.submit(w.write, next_offset(), w.block, d.slot);
             } else {
                 in_flight -= 1;
             }
         }
     }
-    let elapsed = t0.elapsed();
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
-        Duration::from_nanos(latencies.get(i).copied().unwrap_or(0).into())
-    };
-    Ok(Outcome {
-        workload: w,
+    Ok(QueueRun {
         ops,
-        elapsed,
-        p50: pct(0.50),
-        p99: pct(0.99),
+        elapsed: t0.elapsed(),
+        latencies,
+        threads,
     })
 }

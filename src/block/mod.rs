@@ -12,10 +12,12 @@
 
 mod bitmap;
 mod chain;
+pub mod channel;
 mod error;
 mod iov;
 mod mem;
 mod overlay;
+mod parallel;
 mod rangelock;
 mod raw;
 
@@ -25,6 +27,7 @@ pub use error::BlockError;
 pub(crate) use iov::{iov_window, iovecs_advance};
 pub use mem::{MemDev, MemStats};
 pub use overlay::{Below, Emptied, Overlay, DEFAULT_GRANULE};
+pub use parallel::Parallel;
 pub use rangelock::{RangeGuard, RangeLocks, DEFAULT_STRIPES};
 pub use raw::{RawFile, RawFileOptions};
 
@@ -105,6 +108,22 @@ pub trait BlockDev: Send + Sync {
     /// to its secondary) returns how many it can usefully keep in flight.
     fn concurrent_writes(&self) -> usize {
         0
+    }
+
+    /// How many reads this node benefits from running at once on threads
+    /// (it has no channel, but each read waits on a device). 0, the default:
+    /// reads run inline on the queue worker, only large ones in its pool. Not
+    /// 0: every request goes to the queue's pool.
+    fn concurrent_reads(&self) -> usize {
+        0
+    }
+
+    /// An asynchronous channel to this node for one queue, holding up to
+    /// `depth` requests in flight; `None` when the node is served
+    /// synchronously (see [`channel::Engine`] for the rule).
+    fn open_channel(&self, depth: u32) -> Option<std::io::Result<Box<dyn channel::IoChannel>>> {
+        let _ = depth;
+        None
     }
 }
 

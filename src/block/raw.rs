@@ -1,5 +1,6 @@
 //! A raw image file (or block device) as a node.
 
+use super::channel::{Engine, IoChannel, UringChannel};
 use super::iov::iovecs_advance;
 use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
 use std::fs::{File, OpenOptions};
@@ -20,6 +21,8 @@ pub struct RawFileOptions {
     /// Create a sparse file of this size when the path does not exist; extend a
     /// shorter regular file to it.
     pub create_size: Option<u64>,
+    /// Synchronous or io_uring (see [`Engine`] for the rule).
+    pub engine: Engine,
 }
 
 /// A raw image: byte `n` of the device is byte `n` of the file.
@@ -29,6 +32,7 @@ pub struct RawFile {
     size: u64,
     read_only: bool,
     direct: bool,
+    engine: Engine,
 }
 
 /// Alignment O_DIRECT needs for buffers, offsets and lengths on the devices we
@@ -67,6 +71,7 @@ impl RawFile {
             size,
             read_only: opts.read_only,
             direct: opts.direct,
+            engine: opts.engine,
         })
     }
 
@@ -78,6 +83,33 @@ impl RawFile {
             size,
             read_only,
             direct: false,
+            engine: Engine::Sync,
+        })
+    }
+
+    /// Chooses the I/O engine for channels opened on this file.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Alignment O_DIRECT needs for buffers, offsets and lengths.
+    pub const DIRECT_ALIGN: usize = DIRECT_ALIGN;
+
+    /// True when the file bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// A second handle on the same open file (a dup of its descriptor) with the
+    /// same size and flags.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(RawFile {
+            file: self.file.try_clone()?,
+            size: self.size,
+            read_only: self.read_only,
+            direct: self.direct,
+            engine: self.engine,
         })
     }
 
@@ -231,9 +263,26 @@ impl Dir {
     }
 }
 
+impl AsRawFd for RawFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 impl BlockDev for RawFile {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn open_channel(&self, depth: u32) -> Option<io::Result<Box<dyn IoChannel>>> {
+        if !self.engine.uses_uring(self.direct) {
+            return None;
+        }
+        Some(
+            self.try_clone()
+                .and_then(|f| UringChannel::new(f, depth))
+                .map(|c| Box::new(c) as Box<dyn IoChannel>),
+        )
     }
 
     fn read_only(&self) -> bool {

@@ -1,14 +1,18 @@
 //! The `VhostUserBackend` implementation: feature negotiation, config space, and
 //! one worker thread per queue.
 
-use super::offload::IoPool;
+use super::queue_io::QueueIo;
+use super::vring::Vring;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::io;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::GuestMemoryAtomic;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -18,12 +22,16 @@ use vmm_sys_util::event::{
 pub(crate) struct BlkBackend {
     device: Arc<BlkDevice>,
     /// One per queue, indexed like the queues (and the worker threads).
-    pools: Vec<IoPool>,
+    queues: Vec<QueueIo>,
     /// The same object the vhost-user handler updates on SET_MEM_TABLE /
     /// ADD_MEM_REGION, so workers always see the current map.
     mem: GuestMemoryAtomic<GuestMem>,
     num_queues: usize,
     queue_size: usize,
+    /// Exit-event consumers handed to vhost-user-backend: its event loop takes
+    /// them with `into_raw_fd` and never closes them, so the backend does,
+    /// once the loops (and their epoll sets) are gone.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl BlkBackend {
@@ -32,16 +40,24 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMem>,
         num_queues: usize,
         queue_size: usize,
+        poll_us: u32,
     ) -> io::Result<Self> {
-        let pools = (0..num_queues)
-            .map(|q| IoPool::new(device.clone(), q))
-            .collect::<io::Result<_>>()?;
+        let depth = u16::try_from(queue_size).unwrap_or(u16::MAX);
+        let queues = (0..num_queues)
+            .map(|q| QueueIo::new(device.clone(), q, depth, poll_us))
+            .collect::<io::Result<Vec<_>>>()?;
+        if queues.first().is_some_and(QueueIo::is_async) {
+            log::info!("I/O engine: io_uring, up to {queue_size} requests in flight per queue");
+        } else {
+            log::info!("I/O engine: synchronous on the queue workers");
+        }
         Ok(BlkBackend {
             device,
-            pools,
+            queues,
             mem,
             num_queues,
             queue_size,
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -51,15 +67,15 @@ impl BlkBackend {
         self.num_queues as u64 + 1
     }
 
-    /// The I/O pool of queue `q`.
-    pub(crate) fn pool(&self, q: usize) -> Option<&IoPool> {
-        self.pools.get(q)
+    /// The I/O side of queue `q`.
+    pub(crate) fn queue(&self, q: usize) -> Option<&QueueIo> {
+        self.queues.get(q)
     }
 }
 
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -114,8 +130,19 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        // `self.mem` is a clone of the atomic the handler just updated.
-        Ok(())
+        // `self.mem` is a clone of the atomic the handler just updated. A
+        // region that claims more bytes than its file holds would kill the
+        // process with SIGBUS at the first ring or buffer past the file's end:
+        // unmap all guest memory instead (every request then fails) until the
+        // frontend sends a table that holds.
+        let Err(why) = memory_fits_files(&self.mem.memory()) else {
+            return Ok(());
+        };
+        log::error!("refusing the frontend's memory table: {why}; guest memory unmapped");
+        if let Ok(guard) = self.mem.lock() {
+            guard.replace(GuestMem::new());
+        }
+        Err(io::Error::new(io::ErrorKind::InvalidInput, why))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -123,8 +150,8 @@ impl VhostUserBackend for BlkBackend {
         // request handed to the pool, and no write may still be landing on the
         // disk once the queue is stopped (the frontend may then migrate or
         // snapshot it).
-        if let Some(pool) = self.pools.get(queue_index as usize) {
-            pool.wait_idle();
+        if let Some(io) = self.queues.get(queue_index as usize) {
+            io.wait_idle();
         }
         Ok(())
     }
@@ -138,7 +165,13 @@ impl VhostUserBackend for BlkBackend {
         // Without an exit event the handler could not stop (and join) the
         // workers when the connection ends.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create a worker exit event: {e}");
                 None
@@ -150,26 +183,65 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         // Each worker owns exactly one vring, so its kick is event 0, and its
-        // pool's completions arrive as `completion_event`. An error returned
-        // here would stop the worker for good, so guest-caused problems are
-        // logged by the device model and never returned.
-        let (Some(vring), pool) = (vrings.first(), self.pools.get(thread_id)) else {
+        // channel's or pool's completions arrive as `completion_event`; both
+        // are served the same way. An error returned here would stop the
+        // worker for good, so guest-caused problems are logged by the device
+        // model and never returned.
+        let (Some(vring), Some(io)) = (vrings.first(), self.queues.get(thread_id)) else {
             log::warn!("queue worker {thread_id}: no vring");
             return Ok(());
         };
-        if u64::from(device_event) == self.completion_event() {
-            if let Some(pool) = pool {
-                worker::complete_deferred(vring, &self.mem, &self.device, pool, thread_id);
-            }
-        } else if device_event == 0 {
-            worker::serve_vring(vring, &self.mem, &self.device, pool, thread_id);
+        if device_event == 0 || u64::from(device_event) == self.completion_event() {
+            worker::serve(vring, &self.mem, &self.device, io);
         } else {
             log::warn!("queue worker {thread_id}: unexpected event {device_event}");
         }
         Ok(())
+    }
+}
+
+/// Checks that every region's file holds the bytes the region maps.
+fn memory_fits_files(mem: &GuestMem) -> Result<(), String> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata().map_err(|e| format!("fstat: {e}"))?;
+        // Only regular files (memfd, shm, hugetlbfs) end: device files do not.
+        if !meta.is_file() {
+            continue;
+        }
+        let end = fo.start().saturating_add(region.len());
+        if meta.len() < end {
+            return Err(format!(
+                "region at guest address {:#x} maps {} bytes at offset {} of a {}-byte file",
+                region.start_addr().raw_value(),
+                region.len(),
+                fo.start(),
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // The last reference goes when the daemon and its worker threads are
+        // gone: nothing polls these descriptors any more.
+        let fds = self
+            .exit_consumers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for fd in fds.drain(..) {
+            // SAFETY: `fd` came from an EventConsumer whose ownership
+            // vhost-user-backend took with into_raw_fd and never closes; no
+            // one else refers to it now.
+            unsafe { libc::close(fd) };
+        }
     }
 }

@@ -5,8 +5,13 @@
 //! replication filter for COLO. It knows nothing of modes.
 
 mod backend;
+#[cfg(test)]
+mod engine_tests;
 mod offload;
+mod poll;
+mod queue_io;
 mod shutdown;
+mod vring;
 mod worker;
 
 pub use shutdown::Shutdown;
@@ -38,6 +43,8 @@ pub struct ServeOptions {
     pub logical_block_size: u32,
     /// Answer to GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// Most microseconds a queue worker polls before it sleeps (0: never).
+    pub poll_us: u32,
 }
 
 /// Why [`serve`] stopped with an error.
@@ -109,20 +116,21 @@ fn accept_loop(
                 mem.clone(),
                 usize::from(opts.num_queues),
                 usize::from(opts.queue_size),
+                opts.poll_us,
             )
             .map_err(|e| VhostError::Daemon(e.to_string()))?,
         );
         let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend.clone(), mem)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
-        // Each queue worker also watches its I/O pool's completions.
+        // Each queue worker also watches its channel's and pool's completions.
         for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(pool) = backend.pool(q) {
+            for fd in backend
+                .queue(q)
+                .map(|io| io.notify_fds())
+                .unwrap_or_default()
+            {
                 handler
-                    .register_listener(
-                        pool.notify_fd().as_raw_fd(),
-                        EventSet::IN,
-                        backend.completion_event(),
-                    )
+                    .register_listener(fd, EventSet::IN, backend.completion_event())
                     .map_err(|e| VhostError::Daemon(format!("queue {q} completions: {e}")))?;
             }
         }

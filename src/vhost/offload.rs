@@ -33,6 +33,8 @@ pub(crate) struct IoPool {
     threads_wanted: usize,
     /// Writes, discards and write-zeroes are handed over too.
     takes_writes: bool,
+    /// Every request is handed over (the node asked for concurrent reads).
+    takes_all: bool,
     jobs: OnceLock<Sender<Deferred>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     done_tx: Sender<Completion>,
@@ -53,11 +55,13 @@ impl IoPool {
     pub(crate) fn new(device: Arc<BlkDevice>, queue_index: usize) -> std::io::Result<Self> {
         let (done_tx, done_rx) = channel();
         let writes = device.concurrent_writes().min(MAX_WRITE_THREADS);
+        let reads = device.concurrent_reads().min(MAX_WRITE_THREADS);
         Ok(IoPool {
             device,
             queue_index,
-            threads_wanted: POOL_THREADS.max(writes),
+            threads_wanted: POOL_THREADS.max(writes).max(reads),
             takes_writes: writes > 0,
+            takes_all: reads > 0,
             jobs: OnceLock::new(),
             threads: Mutex::new(Vec::new()),
             done_tx,
@@ -135,6 +139,11 @@ impl IoPool {
         let _ = self.notify.write(1);
     }
 
+    /// True while requests handed over are not yet retired.
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
     /// Takes every waiting completion (after resetting the eventfd, so that a
     /// completion queued while draining wakes the worker again).
     pub(crate) fn drain(&self, out: &mut Vec<Completion>) {
@@ -189,6 +198,10 @@ impl Offload for Submitter<'_> {
 
     fn takes_writes(&self) -> bool {
         self.pool.takes_writes
+    }
+
+    fn takes_all(&self) -> bool {
+        self.pool.takes_all
     }
 
     fn submit(&mut self, request: Deferred) {

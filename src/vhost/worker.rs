@@ -1,112 +1,160 @@
-//! A queue worker's reaction to a kick: drain the ring, notify once, and re-arm
-//! notifications without losing a request that raced with re-arming.
+//! A queue worker's reaction to an event (a kick, or completions): drain the
+//! ring, start or run the requests, reap what finished, notify once, poll for
+//! more while polling pays, and re-arm notifications without losing a request
+//! that raced with re-arming.
 
-use super::offload::IoPool;
-use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Scratch};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
+use super::queue_io::QueueIo;
+use super::vring::Vring;
+use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Offload, Scratch};
+use std::num::Wrapping;
+use std::time::Instant;
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
-/// Serves everything available on `vring`.
+/// Serves queue `io.index`: everything available on `vring`, and every
+/// completion waiting on the queue's channel or pool.
 ///
 /// The vring lock is held for the whole pass: it is per queue, so only the
 /// control thread (e.g. GET_VRING_BASE, which must wait for in-flight requests
-/// anyway) can wait on it.
+/// anyway) can wait on it, for at most one polling window.
 ///
-/// Driver notifications are suppressed while draining and re-enabled at the end;
-/// `enable_notification` reports entries that arrived in between, and then the
-/// loop drains again, so no request is left waiting for a kick that will never
-/// come. With EVENT_IDX this publishes `avail_event`; without it it toggles
-/// VRING_USED_F_NO_NOTIFY. The used-buffer notification is sent once per pass,
-/// and only when `needs_notification` (the driver's `used_event`) asks for it.
-pub(crate) fn serve_vring(
-    vring: &VringRwLock,
+/// Driver notifications are suppressed while draining (and polling) and
+/// re-enabled at the end; `enable_notification` reports entries that arrived in
+/// between, and then the loop drains again, so no request is left waiting for a
+/// kick that will never come. With EVENT_IDX this publishes `avail_event`;
+/// without it it toggles VRING_USED_F_NO_NOTIFY. Used-buffer notifications go
+/// out once per batch, and only when `needs_notification` (the driver's
+/// `used_event`) asks for them.
+pub(crate) fn serve(
+    vring: &Vring,
     mem: &GuestMemoryAtomic<GuestMem>,
     device: &BlkDevice,
-    pool: Option<&IoPool>,
-    queue_index: usize,
+    io: &QueueIo,
 ) {
+    let mut st = io.lock();
+    let st = &mut *st;
+    st.poller.woke();
     let mut state = vring.get_mut();
-    if !state.get_queue().ready() {
-        return;
-    }
     let guard = mem.memory();
-    let mut offload = pool.map(|p| p.offload(&guard));
-    let mem: &GuestMem = &guard;
+    let m: &GuestMem = &guard;
+    let q = io.index;
+    // A stopped queue (GET_VRING_BASE) only retires what is in flight.
+    let ready = state.get_queue().ready();
+    // The first pass after the ring (re)started notifies unconditionally.
+    let mut force_notify = ready && vring.take_started();
+    let window = st.poller.window();
     let mut scratch = Scratch::default();
+    let mut done: Vec<Completion> = Vec::new();
+    let mut pool_done: Vec<Completion> = Vec::new();
+    let mut last_work = Instant::now();
     let mut idle_passes = 0;
     loop {
-        let queue = state.get_queue_mut();
-        if let Err(e) = queue.disable_notification(mem) {
-            device.report_ring_error(queue_index, "cannot disable notifications", e);
-        }
-        let done = device.process_queue(
-            queue,
-            mem,
-            &mut scratch,
-            offload
-                .as_mut()
-                .map(|o| o as &mut dyn crate::virtio_blk::Offload),
-        );
-        idle_passes = if done == 0 { idle_passes + 1 } else { 0 };
-        if done > 0 {
-            match queue.needs_notification(mem) {
-                Ok(false) => {}
-                Ok(true) => {
-                    if let Err(e) = state.signal_used_queue() {
-                        log::warn!("queue {queue_index}: cannot notify the driver: {e}");
-                    }
+        let mut work = 0;
+        let mut completed = 0;
+        if ready {
+            let queue = state.get_queue_mut();
+            if let Err(e) = queue.disable_notification(m) {
+                device.report_ring_error(q, "cannot disable notifications", e);
+            }
+            let before = queue.next_avail();
+            completed += match st.channel.as_mut() {
+                Some(ch) => {
+                    let mut sub = ch.submitter(device, &guard, &mut done);
+                    device.process_queue(queue, m, &mut scratch, Some(&mut sub as &mut dyn Offload))
                 }
-                Err(e) => device.report_ring_error(queue_index, "used_event unreadable", e),
+                None => {
+                    let mut off = io.pool.offload(&guard);
+                    device.process_queue(queue, m, &mut scratch, Some(&mut off as &mut dyn Offload))
+                }
+            };
+            work += usize::from((Wrapping(queue.next_avail()) - Wrapping(before)).0);
+        }
+        if let Some(ch) = st.channel.as_mut() {
+            ch.submit();
+            if ch.has_completions() {
+                work += ch.reap(device, &mut done);
             }
         }
-        match state.get_queue_mut().enable_notification(mem) {
+        if io.pool.busy() {
+            io.pool.drain(&mut pool_done);
+            work += pool_done.len();
+        }
+        completed += add_used(&mut state, m, device, q, &done);
+        completed += add_used(&mut state, m, device, q, &pool_done);
+        if completed > 0 || force_notify {
+            notify(&mut state, m, device, q, std::mem::take(&mut force_notify));
+        }
+        done.clear();
+        io.pool.retire(pool_done.len());
+        pool_done.clear();
+
+        if work > 0 {
+            idle_passes = 0;
+            if !window.is_zero() {
+                last_work = Instant::now();
+            }
+            continue;
+        }
+        if ready && !window.is_zero() && last_work.elapsed() < window {
+            std::hint::spin_loop();
+            continue;
+        }
+        if !ready {
+            break;
+        }
+        idle_passes += 1;
+        match state.get_queue_mut().enable_notification(m) {
             // A ring that claims entries but yields none twice in a row is broken;
             // wait for the next kick rather than spin.
             Ok(true) if idle_passes < 2 => continue,
             Ok(_) => break,
             Err(e) => {
-                device.report_ring_error(queue_index, "cannot enable notifications", e);
+                device.report_ring_error(q, "cannot enable notifications", e);
                 break;
             }
         }
     }
+    st.poller.sleeping();
 }
 
-/// Puts the requests the pool finished into the used ring and notifies the
-/// driver once for all of them.
-pub(crate) fn complete_deferred(
-    vring: &VringRwLock,
-    mem: &GuestMemoryAtomic<GuestMem>,
+/// Puts finished requests in the used ring; returns how many went in.
+fn add_used(
+    state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    mem: &GuestMem,
     device: &BlkDevice,
-    pool: &IoPool,
-    queue_index: usize,
-) {
-    let mut done: Vec<Completion> = Vec::new();
-    pool.drain(&mut done);
-    if done.is_empty() {
-        return;
-    }
-    let mut state = vring.get_mut();
-    let guard = mem.memory();
-    let mem: &GuestMem = &guard;
-    let queue = state.get_queue_mut();
-    for c in &done {
+    q: usize,
+    done: &[Completion],
+) -> usize {
+    let queue: &mut Queue = state.get_queue_mut();
+    for c in done {
         if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
-            device.report_ring_error(queue_index, "cannot complete a deferred request", e);
+            device.report_ring_error(q, "cannot complete a request", e);
         }
     }
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) => {
-            if let Err(e) = state.signal_used_queue() {
-                log::warn!("queue {queue_index}: cannot notify the driver: {e}");
-            }
+    done.len()
+}
+
+/// Notifies the driver, if its `used_event` asks for it (or `always`).
+fn notify(
+    state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    mem: &GuestMem,
+    device: &BlkDevice,
+    q: usize,
+    always: bool,
+) {
+    let wanted = match state.get_queue_mut().needs_notification(mem) {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            device.report_ring_error(q, "used_event unreadable", e);
+            false
         }
-        Err(e) => device.report_ring_error(queue_index, "used_event unreadable", e),
+    };
+    if wanted || always {
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!("queue {q}: cannot notify the driver: {e}");
+        }
     }
-    drop(state);
-    pool.retire(done.len());
 }
 
 #[cfg(test)]
@@ -169,15 +217,51 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_ring_notifies_once_even_when_used_event_says_not_yet() {
+        let disk = temp_disk();
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
+        let atomic = guest_memory();
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+        vring.set_call(Some(dup));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: as above. Setting the kick fd is what (re)starts a ring.
+        let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+        vring.set_kick(Some(dup));
+
+        // A driver whose used_event lags far behind a ring rewound on
+        // reconnect: by EVENT_IDX rules it wants no interrupt yet.
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
+        mem.write_obj(10u16, used_event).unwrap();
+        add_flushes(mem, &vq, 0, 1);
+        serve(&vring, &atomic, &device, &io);
+        assert_eq!(call.read().unwrap(), 1, "first pass after start notifies");
+    }
+
+    #[test]
     fn a_pass_notifies_once_per_batch_and_rearms_event_idx() {
         let disk = temp_disk();
-        let device = BlkDevice::new(disk, geometry(), "");
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -199,7 +283,7 @@ mod tests {
         // The driver wants an interrupt as soon as the first request completes.
         mem.write_obj(0u16, used_event).unwrap();
         add_flushes(mem, &vq, 0, 3);
-        serve_vring(&vring, &atomic, &device, None, 0);
+        serve(&vring, &atomic, &device, &io);
         assert_eq!(read16(used_idx), 3);
         assert_eq!(call.read().unwrap(), 1, "one interrupt for the whole batch");
         assert_eq!(read16(avail_event), 3, "re-armed: the next request kicks");
@@ -207,7 +291,7 @@ mod tests {
         // The driver asks for an interrupt only after 10 completions.
         mem.write_obj(10u16, used_event).unwrap();
         add_flushes(mem, &vq, 3, 1);
-        serve_vring(&vring, &atomic, &device, None, 0);
+        serve(&vring, &atomic, &device, &io);
         assert_eq!(read16(used_idx), 4);
         assert!(call.read().is_err(), "no interrupt before used_event");
         assert_eq!(read16(avail_event), 4);
@@ -215,18 +299,17 @@ mod tests {
 
     #[test]
     fn deferred_reads_complete_through_the_pool_and_the_worker() {
-        use super::super::offload::IoPool;
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
         let disk = temp_disk();
         let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
-        let pool = IoPool::new(device.clone(), 0).unwrap();
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
         let vq = MockSplitQueue::new(mem, SIZE);
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -251,24 +334,24 @@ mod tests {
         mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
         let used_idx = vq.used_addr().unchecked_add(2);
 
-        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        serve(&vring, &atomic, &device, &io);
         // The worker returns without waiting for the read; only the worker puts
         // it in the used ring, once the pool says it is done.
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
         let mut pfd = libc::pollfd {
-            fd: pool.notify_fd().as_raw_fd(),
+            fd: io.pool.notify_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, -1) }, 1);
-        complete_deferred(&vring, &atomic, &device, &pool, 0);
+        serve(&vring, &atomic, &device, &io);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 1);
         let elem = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!((elem.id(), elem.len()), (0, len + 1));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
         // Nothing is left in flight: GET_VRING_BASE would not block.
-        pool.wait_idle();
+        io.wait_idle();
     }
 
     /// A disk whose writes wait at a gate, and that asks for writes to run
@@ -359,11 +442,8 @@ mod tests {
         vq.add_desc_chains(&descs, 3 * first).unwrap();
     }
 
-    fn ready_vring(
-        atomic: &GuestMemoryAtomic<GuestMem>,
-        vq: &MockSplitQueue<GuestMem>,
-    ) -> VringRwLock {
-        let vring = VringRwLock::new(atomic.clone(), SIZE).unwrap();
+    fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMem>) -> Vring {
+        let vring = Vring::new(atomic.clone(), SIZE).unwrap();
         vring.set_queue_size(SIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -375,7 +455,6 @@ mod tests {
 
     #[test]
     fn writes_run_in_the_pool_when_the_node_asks_and_a_stop_waits_for_them() {
-        use super::super::offload::IoPool;
         use crate::block::BlockDevExt;
 
         let raw = temp_disk();
@@ -386,7 +465,7 @@ mod tests {
             waiting: std::sync::atomic::AtomicUsize::new(0),
         });
         let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
-        let pool = Arc::new(IoPool::new(device.clone(), 0).unwrap());
+        let io = Arc::new(QueueIo::new(device.clone(), 0, SIZE, 0).unwrap());
 
         let atomic = guest_memory();
         let guard = atomic.memory();
@@ -396,7 +475,7 @@ mod tests {
         let used_idx = vq.used_addr().unchecked_add(2);
 
         add_writes(mem, &vq, 0, 3);
-        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        serve(&vring, &atomic, &device, &io);
         // The worker is free again while all three writes are in progress at
         // once, on the pool's threads.
         disk.wait_for_writers(3);
@@ -406,9 +485,9 @@ mod tests {
         // not merely until the disk has it.
         let (stopped_tx, stopped) = std::sync::mpsc::channel();
         let stopper = {
-            let pool = pool.clone();
+            let io = io.clone();
             std::thread::spawn(move || {
-                pool.wait_idle();
+                io.wait_idle();
                 stopped_tx.send(()).unwrap();
             })
         };
@@ -416,7 +495,7 @@ mod tests {
         let mut done = 0;
         while done < 3 {
             let mut pfd = libc::pollfd {
-                fd: pool.notify_fd().as_raw_fd(),
+                fd: io.pool.notify_fd().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -426,7 +505,7 @@ mod tests {
                 stopped.try_recv().is_err(),
                 "stop returned before completion"
             );
-            complete_deferred(&vring, &atomic, &device, &pool, 0);
+            serve(&vring, &atomic, &device, &io);
             done = mem.read_obj::<u16>(used_idx).unwrap();
         }
         stopper.join().unwrap();
@@ -442,11 +521,9 @@ mod tests {
 
     #[test]
     fn a_plain_disk_still_writes_inline_on_the_worker() {
-        use super::super::offload::IoPool;
-
         let disk = temp_disk();
         let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
-        let pool = IoPool::new(device.clone(), 0).unwrap();
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
         let atomic = guest_memory();
         let guard = atomic.memory();
         let mem: &GuestMem = &guard;
@@ -454,7 +531,7 @@ mod tests {
         let vring = ready_vring(&atomic, &vq);
 
         add_writes(mem, &vq, 0, 2);
-        serve_vring(&vring, &atomic, &device, Some(&pool), 0);
+        serve(&vring, &atomic, &device, &io);
         let used_idx = vq.used_addr().unchecked_add(2);
         assert_eq!(
             mem.read_obj::<u16>(used_idx).unwrap(),
@@ -462,7 +539,7 @@ mod tests {
             "completed in the pass"
         );
         let mut pfd = libc::pollfd {
-            fd: pool.notify_fd().as_raw_fd(),
+            fd: io.pool.notify_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };

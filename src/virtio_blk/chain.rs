@@ -92,7 +92,8 @@ impl Layout {
                     skip -= s.len;
                     return None;
                 }
-                let r = (s.addr + skip, s.len - skip);
+                // An address near the top wraps nowhere: it fails translation.
+                let r = (s.addr.saturating_add(skip), s.len - skip);
                 skip = 0;
                 Some(r)
             })
@@ -107,7 +108,12 @@ impl Layout {
             .enumerate()
             .filter(|(_, s)| s.writable)
             .map(move |(i, s)| {
-                let len = if i == last { s.len - 1 } else { s.len };
+                // A truncated chain's last kept descriptor may be empty.
+                let len = if i == last {
+                    s.len.saturating_sub(1)
+                } else {
+                    s.len
+                };
                 (s.addr, len)
             })
             .filter(|&(_, len)| len > 0)

@@ -39,10 +39,11 @@ pub const OFFLOAD_MIN: u64 = 128 << 10;
 /// large reads always, and writes, discards and write-zeroes when
 /// [`takes_writes`](Offload::takes_writes) says so.
 ///
-/// Flushes always run inline, without waiting for writes handed over: virtio
-/// only promises that writes completed (in the used ring) before a flush was
+/// Flushes run inline (or, with [`takes_all`](Offload::takes_all), beside the
+/// writes in flight), without waiting for writes handed over: virtio only
+/// promises that writes completed (in the used ring) before a flush was
 /// submitted are durable after it, and a deferred write is not completed
-/// before its pool thread has finished it.
+/// before its I/O has finished.
 pub trait Offload {
     /// The guest memory map the current chains were parsed against; a deferred
     /// request holds it so that its buffers stay mapped until it completes.
@@ -54,6 +55,12 @@ pub trait Offload {
         false
     }
 
+    /// True when every request is handed over: reads of any size and flushes
+    /// too (an asynchronous channel, which keeps them all in flight at once).
+    fn takes_all(&self) -> bool {
+        false
+    }
+
     /// Takes a validated request. The implementation must eventually
     /// [`run`](Deferred::run) it and put the returned completion in the used
     /// ring.
@@ -61,7 +68,7 @@ pub trait Offload {
 }
 
 /// What a deferred request does.
-enum DeferredOp {
+pub(super) enum DeferredOp {
     /// Fill the device-writable `ranges` (guest address, length).
     Read {
         offset: u64,
@@ -75,18 +82,20 @@ enum DeferredOp {
     },
     /// Discard or zero these validated segments.
     Ranges { zeroes: bool, ranges: Vec<Range> },
+    /// Make completed writes durable.
+    Flush,
 }
 
 /// A validated request whose I/O has not happened yet.
 pub struct Deferred {
-    head: u16,
-    op: DeferredOp,
-    status_addr: u64,
+    pub(super) head: u16,
+    pub(super) op: DeferredOp,
+    pub(super) status_addr: u64,
     /// Flush after a write or write-zeroes (write-through cache), as decided
     /// when the request was validated.
-    flush: bool,
+    pub(super) flush: bool,
     dev: SharedDev,
-    mem: Arc<GuestMem>,
+    pub(super) mem: Arc<GuestMem>,
 }
 
 impl Deferred {
@@ -116,6 +125,7 @@ impl Deferred {
             DeferredOp::Ranges { zeroes, ranges } => {
                 apply_ranges(dev, *zeroes, ranges, self.flush).map(Exec::Done)
             }
+            DeferredOp::Flush => dev.flush().map(|()| Exec::Done(0)).map_err(Into::into),
         };
         drop(bufs);
         device
@@ -128,7 +138,7 @@ impl Deferred {
 }
 
 /// What executing a request led to.
-enum Exec {
+pub(super) enum Exec {
     /// Finished; this many data bytes were written to the guest.
     Done(u64),
     /// Handed to an [`Offload`]; it completes later.
@@ -166,10 +176,10 @@ struct Header {
 
 /// One discard / write-zeroes segment.
 #[derive(Debug, Clone, Copy)]
-struct Range {
-    offset: u64,
-    len: u64,
-    unmap: bool,
+pub(super) struct Range {
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) unmap: bool,
 }
 
 impl BlkDevice {
@@ -189,9 +199,23 @@ impl BlkDevice {
         }
     }
 
+    /// The served node's [`BlockDev::concurrent_reads`] hint.
+    pub fn concurrent_reads(&self) -> usize {
+        self.dev.concurrent_reads()
+    }
+
     /// The served node's [`BlockDev::concurrent_writes`] hint.
     pub fn concurrent_writes(&self) -> usize {
         self.dev.concurrent_writes()
+    }
+
+    /// An asynchronous channel to the served node for one queue (see
+    /// [`BlockDev::open_channel`]).
+    pub fn open_channel(
+        &self,
+        depth: u32,
+    ) -> Option<std::io::Result<Box<dyn crate::block::channel::IoChannel>>> {
+        self.dev.open_channel(depth)
     }
 
     /// What the guest is told about the disk.
@@ -277,7 +301,7 @@ impl BlkDevice {
     }
 
     /// Writes the status byte of a finished request (`None` when deferred).
-    fn finish(
+    pub(super) fn finish(
         &self,
         mem: &GuestMem,
         head: u16,
@@ -363,10 +387,23 @@ impl BlkDevice {
             VIRTIO_BLK_T_OUT => {
                 return self.write(mem, header, scratch, head, status_addr, offload);
             }
-            VIRTIO_BLK_T_FLUSH => {
-                self.dev.flush()?;
-                Ok(0)
-            }
+            VIRTIO_BLK_T_FLUSH => match offload.filter(|o| o.takes_all()) {
+                Some(offload) => {
+                    offload.submit(Deferred {
+                        head,
+                        op: DeferredOp::Flush,
+                        status_addr,
+                        flush: false,
+                        dev: self.dev.clone(),
+                        mem: offload.memory(),
+                    });
+                    return Ok(Exec::Deferred);
+                }
+                None => {
+                    self.dev.flush()?;
+                    Ok(0)
+                }
+            },
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout),
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 return self.discard_or_zero(mem, header.kind, layout, head, status_addr, offload);
@@ -394,7 +431,7 @@ impl BlkDevice {
         let offset = self.check_data(header.sector, len, "read")?;
         // Resolving the buffers also validates them, before any hand-off.
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
-        if let Some(offload) = offload.filter(|_| len >= OFFLOAD_MIN) {
+        if let Some(offload) = offload.filter(|o| len >= OFFLOAD_MIN || o.takes_all()) {
             scratch.slices.clear();
             offload.submit(Deferred {
                 head,
@@ -434,7 +471,7 @@ impl BlkDevice {
         let len = layout.readable_payload().map(|(_, l)| l).sum();
         let offset = self.check_data(header.sector, len, "write")?;
         slices(mem, layout.readable_payload(), &mut scratch.slices)?;
-        if let Some(offload) = offload.filter(|o| o.takes_writes()) {
+        if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
             scratch.slices.clear();
             offload.submit(Deferred {
                 head,
@@ -583,7 +620,7 @@ impl BlkDevice {
         }
         let ranges = &ranges[..count as usize];
         let flush = zeroes && self.write_through();
-        if let Some(offload) = offload.filter(|o| o.takes_writes()) {
+        if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
             offload.submit(Deferred {
                 head,
                 op: DeferredOp::Ranges {

@@ -3,6 +3,7 @@
 //! Pure device model: it knows guest memory and descriptor chains but nothing of
 //! vhost-user, so unit tests drive it with `virtio_queue::mock` queues.
 
+mod async_queue;
 mod chain;
 mod config;
 mod device;
@@ -10,6 +11,7 @@ mod error;
 mod queue;
 mod ratelimit;
 
+pub use async_queue::{AsyncQueue, Submitter as AsyncSubmitter};
 pub use chain::GuestMem;
 pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
 pub use device::{BlkDevice, Completion, Deferred, Offload, Scratch, OFFLOAD_MIN};

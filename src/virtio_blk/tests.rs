@@ -684,3 +684,32 @@ fn writes_discards_and_zeroes_are_deferred_when_the_offload_takes_writes() {
     assert_eq!((c.map(|c| c.used_len), st), (Some(1), OK));
     assert!(off.reads.is_empty());
 }
+
+#[test]
+fn a_truncated_chain_ending_in_a_zero_length_writable_descriptor_is_ioerr() {
+    // seg_max 14 keeps 17 descriptors; the 17th kept one is writable and
+    // empty, and more follow (the status last). Every request type must answer
+    // without arithmetic on that empty descriptor's length going below zero.
+    let rig = Rig::with_queue_size(false, 16);
+    for kind in [
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    ] {
+        let mut descs = vec![(HDR, 16, R)];
+        descs.extend((0..15u64).map(|i| (DATA + i * 512, 512, W)));
+        descs.push((DATA + 15 * 512, 0, W));
+        descs.extend((16..20u64).map(|i| (DATA + i * 512, 512, W)));
+        descs.push((STATUS, 1, W));
+        rig.header(kind, 0);
+        let (c, st) = rig.run(&descs);
+        assert_ne!(st, OK, "type {kind}");
+        assert!(
+            c.used_len <= 1,
+            "type {kind}: nothing but the status written"
+        );
+    }
+    assert!(rig.unchanged());
+}

@@ -1,0 +1,87 @@
+//! Everything one queue worker owns besides its vring: the asynchronous
+//! channel to the node (when it has one), the thread pool for large reads and
+//! slow writes (when it has none), and the polling state. Nothing here is
+//! shared between queues.
+
+use super::offload::IoPool;
+use super::poll::Poller;
+use crate::virtio_blk::{AsyncQueue, BlkDevice};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// What a queue worker holds while it serves (behind one mutex that only the
+/// worker, and a stopping control thread, ever take).
+pub(crate) struct QueueState {
+    /// The node's asynchronous channel; `None` means requests run inline on
+    /// the worker (or in the pool).
+    pub(crate) channel: Option<AsyncQueue>,
+    pub(crate) poller: Poller,
+}
+
+/// The I/O side of one queue.
+pub(crate) struct QueueIo {
+    pub(crate) index: usize,
+    pub(crate) pool: IoPool,
+    state: Mutex<QueueState>,
+}
+
+impl QueueIo {
+    /// Opens queue `index`'s channel on the device's node (for up to `depth`
+    /// requests in flight) and its pool.
+    pub(crate) fn new(
+        device: Arc<BlkDevice>,
+        index: usize,
+        depth: u16,
+        poll_us: u32,
+    ) -> io::Result<Self> {
+        let channel = device
+            .open_channel(u32::from(depth))
+            .transpose()?
+            .map(AsyncQueue::new);
+        Ok(QueueIo {
+            index,
+            pool: IoPool::new(device, index)?,
+            state: Mutex::new(QueueState {
+                channel,
+                poller: Poller::new(poll_us),
+            }),
+        })
+    }
+
+    /// The worker's state, for one pass.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The eventfds that signal completions: the pool's, and the channel's.
+    pub(crate) fn notify_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(self.pool.notify_fd())];
+        if let Some(ch) = &self.lock().channel {
+            fds.push(ch.notify_fd());
+        }
+        fds
+    }
+
+    /// True when the node is driven through an asynchronous channel.
+    pub(crate) fn is_async(&self) -> bool {
+        self.lock().channel.is_some()
+    }
+
+    /// Blocks until every request picked up is in the used ring
+    /// (GET_VRING_BASE must not report a ring position with requests still
+    /// running, and no write may land on the disk after the queue stopped).
+    /// The worker completes them: it keeps reaping on its completion eventfd
+    /// while the queue is stopped.
+    pub(crate) fn wait_idle(&self) {
+        self.pool.wait_idle();
+        loop {
+            match &self.lock().channel {
+                Some(ch) if ch.in_flight() > 0 => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
