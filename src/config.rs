@@ -19,9 +19,11 @@ pub use colo_blk::replication::DEFAULT_CLUSTER_SIZE;
 pub const DEFAULT_FORWARD_TIMEOUT_SECS: u64 = 15;
 
 const MAX_QUEUES: u16 = 64;
-/// Default `--poll-us` (bench-peers.sh: wins the QD1 rows; the adaptive window
-/// keeps an idle disk at no CPU).
-pub const DEFAULT_POLL_US: u32 = 50;
+/// Default `--poll-us`: off. On the 2-core machines benchmarked
+/// (bench-peers.sh), polling did not win the QD1 rows (the worker's spin
+/// competes with the guest for the cores); on hosts with a core to spare per
+/// queue, `--poll-us 50` is the setting to try.
+pub const DEFAULT_POLL_US: u32 = 0;
 /// Longest accepted `--poll-us`: beyond this a worker would rather sleep.
 const MAX_POLL_US: u32 = 10_000;
 const MAX_QUEUE_SIZE: u16 = 32768;
