@@ -301,8 +301,8 @@ mod tests {
     fn deferred_reads_complete_through_the_pool_and_the_worker() {
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
-        let disk = temp_disk();
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let disk = Arc::new(GatedDisk::closed(temp_disk()));
+        let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
@@ -335,9 +335,12 @@ mod tests {
         let used_idx = vq.used_addr().unchecked_add(2);
 
         serve(&vring, &atomic, &device, &io);
-        // The worker returns without waiting for the read; only the worker puts
-        // it in the used ring, once the pool says it is done.
+        // The worker returns while the read is still held at the gate in the
+        // pool; only the worker puts it in the used ring, once the pool says
+        // it is done.
+        disk.wait_for_callers(1);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
+        disk.open_gate();
         let mut pfd = libc::pollfd {
             fd: io.pool.notify_fd().as_raw_fd(),
             events: libc::POLLIN,
@@ -354,8 +357,8 @@ mod tests {
         io.wait_idle();
     }
 
-    /// A disk whose writes wait at a gate, and that asks for writes to run
-    /// concurrently (as a forwarding primary does).
+    /// A disk whose reads and writes wait at a gate, and that asks for writes
+    /// to run concurrently (as a forwarding primary does).
     struct GatedDisk {
         inner: Arc<RawFile>,
         open: std::sync::Mutex<bool>,
@@ -364,7 +367,7 @@ mod tests {
     }
 
     impl GatedDisk {
-        fn wait_for_writers(&self, n: usize) {
+        fn wait_for_callers(&self, n: usize) {
             let mut open = self.open.lock().unwrap();
             while self.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
                 open = self.changed.wait(open).unwrap();
@@ -374,6 +377,26 @@ mod tests {
         fn open_gate(&self) {
             *self.open.lock().unwrap() = true;
             self.changed.notify_all();
+        }
+
+        /// Counts the caller as waiting, then blocks until the gate opens.
+        fn pass_gate(&self) {
+            let mut open = self.open.lock().unwrap();
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.changed.notify_all();
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
+        }
+
+        fn closed(inner: Arc<RawFile>) -> Self {
+            GatedDisk {
+                inner,
+                open: std::sync::Mutex::new(false),
+                changed: std::sync::Condvar::new(),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
+            }
         }
     }
 
@@ -386,6 +409,7 @@ mod tests {
             o: u64,
             b: &[vm_memory::VolatileSlice<'_>],
         ) -> crate::block::Result<()> {
+            self.pass_gate();
             self.inner.read_vectored(o, b)
         }
         fn write_vectored(
@@ -393,14 +417,7 @@ mod tests {
             o: u64,
             b: &[vm_memory::VolatileSlice<'_>],
         ) -> crate::block::Result<()> {
-            let mut open = self.open.lock().unwrap();
-            self.waiting
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.changed.notify_all();
-            while !*open {
-                open = self.changed.wait(open).unwrap();
-            }
-            drop(open);
+            self.pass_gate();
             self.inner.write_vectored(o, b)
         }
         fn flush(&self) -> crate::block::Result<()> {
@@ -458,12 +475,7 @@ mod tests {
         use crate::block::BlockDevExt;
 
         let raw = temp_disk();
-        let disk = Arc::new(GatedDisk {
-            inner: raw.clone(),
-            open: std::sync::Mutex::new(false),
-            changed: std::sync::Condvar::new(),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
-        });
+        let disk = Arc::new(GatedDisk::closed(raw.clone()));
         let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
         let io = Arc::new(QueueIo::new(device.clone(), 0, SIZE, 0).unwrap());
 
@@ -478,7 +490,7 @@ mod tests {
         serve(&vring, &atomic, &device, &io);
         // The worker is free again while all three writes are in progress at
         // once, on the pool's threads.
-        disk.wait_for_writers(3);
+        disk.wait_for_callers(3);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
 
         // A stop (GET_VRING_BASE) waits until every write is in the used ring,
