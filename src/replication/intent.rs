@@ -52,6 +52,18 @@ pub enum IntentError {
 #[must_use = "the write must run while the token is held"]
 pub struct IntentToken<'a> {
     counter: &'a AtomicU64,
+    slot: usize,
+}
+
+impl IntentToken<'_> {
+    /// Gives up the borrow for a request that outlives the caller's frame:
+    /// the returned slot must be handed to [`WriteIntent::release`] once the
+    /// write is done (until then the clusters stay marked).
+    pub(crate) fn detach(self) -> usize {
+        let slot = self.slot;
+        std::mem::forget(self);
+        slot
+    }
 }
 
 impl Drop for IntentToken<'_> {
@@ -186,6 +198,7 @@ impl WriteIntent {
         self.in_flight[slot].fetch_add(1, Ordering::AcqRel);
         let token = IntentToken {
             counter: &self.in_flight[slot],
+            slot,
         };
         self.marked[slot].set_range(first, n);
         if self.on_disk.run(first, n) != (true, n) {
@@ -196,6 +209,11 @@ impl WriteIntent {
             }
         }
         Ok(token)
+    }
+
+    /// Ends a write whose token was [detached](IntentToken::detach).
+    pub(crate) fn release(&self, slot: usize) {
+        self.in_flight[slot & 1].fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Clears the bits of clusters that only writes before the previous

@@ -18,11 +18,16 @@
 //! while the secondary handles it, then its reply is awaited (still under the
 //! cluster lock): the local write costs no time on top of the round trip.
 
+mod channel;
+
+pub use channel::PrimaryChannel;
+
 use super::fence::{Fence, OnFenced};
 use super::intent::{IntentToken, WriteIntent};
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
+use crate::block::channel::{IoChannel, Waiters};
 use crate::block::{
     Bitmap, BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RangeLocks,
     Result as BlockResult, SharedDev, DEFAULT_STRIPES,
@@ -30,8 +35,8 @@ use crate::block::{
 use crate::nbd;
 use log::{info, warn};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
@@ -66,9 +71,10 @@ impl ForwardTarget {
     }
 }
 
-/// Guest writes worth keeping in flight at once (see
-/// [`BlockDev::concurrent_writes`]): each waits on a round trip to the
-/// secondary, and the NBD client multiplexes them on one connection.
+/// Guest writes worth keeping in flight at once on the threaded path (see
+/// [`BlockDev::concurrent_writes`]), used only when a queue cannot have a
+/// [`PrimaryChannel`]: each waits on a round trip to the secondary, and the
+/// NBD client multiplexes them on one connection.
 const CONCURRENT_WRITES: usize = 16;
 
 /// Largest piece a resync copies in one I/O.
@@ -123,10 +129,18 @@ pub struct Primary {
     local: SharedDev,
     connect: TargetConnector,
     cluster_shift: u32,
-    locks: RangeLocks,
+    locks: Arc<RangeLocks>,
     /// One bit per cluster changed while not forwarding.
     dirty: Bitmap,
     link: RwLock<Link>,
+    /// Requests of queue channels that took a view of the link (under the
+    /// shared lock, let go at once) and have not completed; a switch waits
+    /// for none under the exclusive lock (see [`PrimaryChannel`]).
+    link_users: AtomicUsize,
+    /// Channels that found the link being switched.
+    link_bells: Mutex<Waiters>,
+    /// This primary, for the channels it opens.
+    me: Weak<Primary>,
     /// False once a forwarded I/O failed; writes then mark clusters dirty.
     healthy: AtomicBool,
     /// True while the secondary is known equal to the local disk except for the
@@ -179,13 +193,16 @@ impl Primary {
     ) -> Arc<Self> {
         let cluster_size = cluster_size.max(512).next_power_of_two();
         let clusters = local.size().div_ceil(cluster_size);
-        Arc::new(Primary {
+        Arc::new_cyclic(|me| Primary {
             local,
             connect,
             cluster_shift: cluster_size.trailing_zeros(),
-            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            locks: Arc::new(RangeLocks::new(cluster_size, DEFAULT_STRIPES)),
             dirty: Bitmap::new(clusters),
             link: RwLock::new(Link::default()),
+            link_users: AtomicUsize::new(0),
+            link_bells: Mutex::new(Waiters::default()),
+            me: me.clone(),
             healthy: AtomicBool::new(false),
             baseline: AtomicBool::new(false),
             stage: Mutex::new(Stage::None),
@@ -365,6 +382,22 @@ impl Primary {
             mode: Mode::Primary,
             message,
         });
+    }
+
+    /// The link, alone, once no channel request still uses its old state.
+    /// Channels that find it switching wait and are rung when this ends.
+    fn switch_link(&self) -> LinkSwitch<'_> {
+        let guard = self.link.write().unwrap_or_else(|e| e.into_inner());
+        // Completions need no lock this thread holds (queue workers never
+        // wait on `link`), so this ends; bounded by the NBD request timeout
+        // when the secondary hangs, as a threaded write would be.
+        while self.link_users.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        LinkSwitch {
+            guard: Some(guard),
+            bells: &self.link_bells,
+        }
     }
 
     fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a ForwardTarget> {
@@ -890,6 +923,8 @@ impl Primary {
             // must not leave a bitmap that claims a baseline.
             self.persist_baseline(sync == SyncMode::None)?;
         }
+        // The link before the stage, as a failing write takes them.
+        let mut link = self.switch_link();
         let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*stage, Stage::None | Stage::Done) {
             // Fenced while connecting (a late refusal of an older link).
@@ -898,15 +933,13 @@ impl Primary {
                 *stage
             )));
         }
-        {
-            let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
-            link.remote = Some(remote);
-            self.healthy.store(true, Ordering::Release);
-            if sync != SyncMode::Dirty {
-                // Full copies everything; none declares the disks equal.
-                self.dirty.clear_all();
-            }
+        link.remote = Some(remote);
+        self.healthy.store(true, Ordering::Release);
+        if sync != SyncMode::Dirty {
+            // Full copies everything; none declares the disks equal.
+            self.dirty.clear_all();
         }
+        drop(link);
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *stage = Stage::Running;
         drop(stage);
@@ -984,7 +1017,7 @@ impl Replication for PrimaryControl {
         }
         p.resync_cancel.store(true, Ordering::Release);
         {
-            let mut link = p.link.write().unwrap_or_else(|e| e.into_inner());
+            let mut link = p.switch_link();
             link.remote = None;
             p.healthy.store(false, Ordering::Release);
         }
@@ -1079,6 +1112,11 @@ impl BlockDev for Primary {
         self.local.block_status(offset, len)
     }
 
+    fn open_channel(&self, depth: u32) -> Option<std::io::Result<Box<dyn IoChannel>>> {
+        let me = self.me.upgrade()?;
+        Some(PrimaryChannel::new(me, depth).map(|c| Box::new(c) as Box<dyn IoChannel>))
+    }
+
     fn concurrent_writes(&self) -> usize {
         // Asked once per frontend connection, so not only while forwarding:
         // with forwarding off the writes are merely local ones run beside the
@@ -1094,6 +1132,36 @@ impl std::fmt::Debug for Primary {
             .field("stage", &self.stage())
             .field("cluster_size", &self.cluster_size())
             .finish_non_exhaustive()
+    }
+}
+
+/// The link held alone by `start`/`stop`; channels that waited are rung
+/// once it is let go.
+struct LinkSwitch<'a> {
+    guard: Option<RwLockWriteGuard<'a, Link>>,
+    bells: &'a Mutex<Waiters>,
+}
+
+impl std::ops::Deref for LinkSwitch<'_> {
+    type Target = Link;
+    fn deref(&self) -> &Link {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for LinkSwitch<'_> {
+    fn deref_mut(&mut self) -> &mut Link {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for LinkSwitch<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring_all();
     }
 }
 
