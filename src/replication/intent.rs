@@ -12,6 +12,12 @@
 //! one. The hot set of a busy guest stays set, so steady writes to it cost no
 //! extra sync.
 //!
+//! A queue worker cannot wait for that sync with other requests in flight: it
+//! asks for the bits ([`WriteIntent::mark_or_request`]) and retries the write
+//! once the syncer thread ([`WriteIntent::run_syncer`]) has made every bit
+//! asked for since its last round durable with one `fdatasync` and rung the
+//! askers (group commit, as md plugs bitmap updates).
+//!
 //! Marks and clears are told apart by epochs: a mark counts itself in the
 //! current epoch until its token drops; a clear first moves to a new epoch,
 //! waits for the old one to drain, flushes, then clears what only older epochs
@@ -21,12 +27,13 @@
 //! "baseline" flag: the secondary was once equal to this disk), then the bits,
 //! LSB first.
 
+use crate::block::channel::{Doorbell, Waiters};
 use crate::block::Bitmap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -88,6 +95,26 @@ pub struct WriteIntent {
     /// Serialises file writes.
     io: Mutex<()>,
     loaded_baseline: bool,
+    /// Bits asked for by workers, for the syncer.
+    asked: Mutex<Asked>,
+    asked_cv: Condvar,
+}
+
+/// What workers asked the syncer for since its last round.
+#[derive(Default)]
+struct Asked {
+    ranges: Vec<(u64, u64)>,
+    bells: Waiters,
+    /// The last round failed: askers mark synchronously (and get the error).
+    failed: bool,
+}
+
+/// The answer of [`WriteIntent::mark_or_request`].
+pub enum Marked<'a> {
+    /// Durable: the write may start, holding the token.
+    Now(IntentToken<'a>),
+    /// Asked for: retry once the doorbell rings.
+    Later,
 }
 
 impl std::fmt::Debug for WriteIntent {
@@ -127,6 +154,8 @@ impl WriteIntent {
             switch: RwLock::new(()),
             io: Mutex::new(()),
             loaded_baseline: false,
+            asked: Mutex::new(Asked::default()),
+            asked_cv: Condvar::new(),
         };
         let mut header = [0u8; 32];
         let valid = wi.file.read_exact_at(&mut header, 0).is_ok()
@@ -209,6 +238,78 @@ impl WriteIntent {
             }
         }
         Ok(token)
+    }
+
+    /// [`WriteIntent::mark`] for a caller that must not wait for a sync: the
+    /// token when the bits are durable already, else the bits are asked of
+    /// the syncer and `bell` rings once they are durable.
+    pub fn mark_or_request(
+        &self,
+        first: u64,
+        last: u64,
+        bell: &Arc<Doorbell>,
+    ) -> Result<Marked<'_>, IntentError> {
+        let last = last.min(self.clusters.saturating_sub(1));
+        let n = last.saturating_sub(first) + 1;
+        if self.on_disk.run(first, n) == (true, n) {
+            return self.mark(first, last).map(Marked::Now);
+        }
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        if asked.failed {
+            drop(asked);
+            return self.mark(first, last).map(Marked::Now);
+        }
+        asked.ranges.push((first, n));
+        asked.bells.add(bell);
+        self.asked_cv.notify_one();
+        Ok(Marked::Later)
+    }
+
+    /// One round of the syncer: waits up to `idle` for asks, makes them
+    /// durable with one sync, rings the askers. Returns whether it did work.
+    pub(crate) fn sync_asked(&self, idle: Duration) -> bool {
+        let (ranges, mut bells) = {
+            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            if asked.ranges.is_empty() {
+                asked = self
+                    .asked_cv
+                    .wait_timeout(asked, idle)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if asked.ranges.is_empty() {
+                return false;
+            }
+            (
+                std::mem::take(&mut asked.ranges),
+                std::mem::take(&mut asked.bells),
+            )
+        };
+        let result = (|| {
+            let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let mut changed = false;
+            for &(first, n) in &ranges {
+                if self.on_disk.set_range(first, n) > 0 {
+                    self.write_bits(first, n)?;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.sync()?;
+            }
+            Ok::<(), IntentError>(())
+        })();
+        if let Err(e) = result {
+            log::error!("primary: {e}; writes mark the bitmap one by one from now on");
+            self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        }
+        bells.ring_all();
+        true
+    }
+
+    /// No syncer will run: askers mark synchronously.
+    pub(crate) fn no_syncer(&self) {
+        self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
     }
 
     /// Ends a write whose token was [detached](IntentToken::detach).
@@ -311,6 +412,36 @@ impl WriteIntent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asked_bits_become_durable_in_one_round_and_ring_every_asker() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wib");
+        let wi = WriteIntent::open(&path, 64 << 16, 16).unwrap();
+        let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let a = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        let b = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        assert!(matches!(
+            wi.mark_or_request(3, 4, &a).unwrap(),
+            Marked::Later
+        ));
+        assert!(matches!(
+            wi.mark_or_request(9, 9, &b).unwrap(),
+            Marked::Later
+        ));
+        assert!(!a.is_rung() && !b.is_rung());
+        assert!(wi.sync_asked(Duration::ZERO));
+        assert!(a.take() && b.take(), "both askers rung");
+        // Durable: a crash now keeps them, and asking again is immediate.
+        let reopened = WriteIntent::open(&path, 64 << 16, 16).unwrap();
+        assert_eq!(reopened.count(), 3);
+        assert!(matches!(
+            wi.mark_or_request(3, 4, &a).unwrap(),
+            Marked::Now(_)
+        ));
+        assert!(!wi.sync_asked(Duration::ZERO), "nothing left to sync");
+    }
 
     #[test]
     fn marks_survive_reopen_and_lazy_clear_spares_recent_and_kept_clusters() {

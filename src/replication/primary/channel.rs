@@ -23,9 +23,12 @@
 //! Whatever is in the way (a link switch, a busy cluster) leaves the doorbell
 //! with the holder and the request waits in `waiting`, retried on every pass.
 //!
-//! Steps that stay synchronous on the worker, and why they are short: marking
-//! the write-intent bitmap (one `fdatasync` of the bitmap file only the first
-//! time a cluster is written after a clear); a local write or flush on a disk
+//! The write-intent bitmap's sync is off the worker too: bits not yet durable
+//! are asked of the primary's syncer thread, which makes a batch durable with
+//! one `fdatasync` and rings; the write waits in `waiting` meanwhile.
+//!
+//! Steps that stay synchronous on the worker, and why they are short: a
+//! local write or flush on a disk
 //! without io_uring (a page-cache copy, or the `fdatasync` a guest flush asks
 //! for); a write-zeroes to a server without WRITE_ZEROES; and, on a secondary
 //! that is not an NBD client (tests, in-process pairs), the whole forward.
@@ -265,7 +268,8 @@ impl PrimaryChannel {
                 return self.start_write(op);
             }
             let intent = match self.mark_intent(first, last, false) {
-                Ok(i) => i,
+                Ok(Some(i)) => i,
+                Ok(None) => return Some(op),
                 Err(e) => {
                     self.complete(op.id, Err(e));
                     return None;
@@ -292,14 +296,16 @@ impl PrimaryChannel {
         else {
             return Some(op);
         };
-        self.p.note_guest_write(first, last);
         let intent = match self.mark_intent(first, last, true) {
-            Ok(i) => i,
+            Ok(Some(i)) => i,
+            // The cluster lock and the link view go with `range` and `link`.
+            Ok(None) => return Some(op),
             Err(e) => {
                 self.complete(op.id, Err(e));
                 return None;
             }
         };
+        self.p.note_guest_write(first, last);
         let slot = self.slot();
         let (local, remote) = match &target.nbd {
             Some(client) => {
@@ -365,16 +371,19 @@ impl PrimaryChannel {
         self.parked.push(id);
     }
 
+    /// The write-intent mark: `Ok(Some(..))` to go on, `Ok(None)` when the
+    /// syncer has been asked for the bits (wait for the doorbell).
+    #[allow(clippy::option_option)]
     fn mark_intent(
         &self,
         first: u64,
         last: u64,
         forwarding: bool,
-    ) -> BlockResult<Option<IntentUse>> {
+    ) -> BlockResult<Option<Option<IntentUse>>> {
         Ok(self
             .p
-            .mark_intent(first, last, forwarding)?
-            .map(|t| IntentUse(self.p.clone(), t.detach())))
+            .mark_intent_async(first, last, forwarding, &self.bell)?
+            .map(|t| t.map(|t| IntentUse(self.p.clone(), t.detach()))))
     }
 
     /// The link as a request sees it for its whole life, or `None` while a
@@ -584,11 +593,9 @@ impl PrimaryChannel {
             len,
             iovs: iovs.to_vec(),
         };
-        // Behind what already waits: no overtaking of an older request.
-        if !self.waiting.is_empty() {
-            self.waiting.push_back(op);
-            return;
-        }
+        // A request may overtake one that waits: they touch other clusters
+        // (same-cluster order is the range locks' job), and virtio does not
+        // order requests in flight together.
         if let Some(op) = self.start(op) {
             self.waiting.push_back(op);
         }

@@ -252,6 +252,42 @@ impl Primary {
         if let Err(e) = spawned {
             log::warn!("primary: no write-intent clearer ({e}): bits stay set until restart");
         }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("intent-sync".into())
+            .spawn(move || intent_syncer(me));
+        if let Err(e) = spawned {
+            log::warn!("primary: no write-intent syncer ({e}): writes mark one by one");
+            if let Some(wi) = self.intent.get() {
+                wi.no_syncer();
+            }
+        }
+    }
+
+    /// [`Primary::mark_intent`] for a queue channel: `Ok(None)` when the
+    /// bits are asked of the syncer (retry once `bell` rings).
+    fn mark_intent_async(
+        &self,
+        first: u64,
+        last: u64,
+        forwarding: bool,
+        bell: &Arc<crate::block::channel::Doorbell>,
+    ) -> BlockResult<Option<Option<IntentToken<'_>>>> {
+        let Some(wi) = self.intent.get() else {
+            return Ok(Some(None));
+        };
+        if !forwarding && !self.baseline.load(Ordering::Acquire) {
+            return Ok(Some(None));
+        }
+        match wi.mark_or_request(first, last, bell) {
+            Ok(super::intent::Marked::Now(t)) => Ok(Some(Some(t))),
+            Ok(super::intent::Marked::Later) => Ok(None),
+            Err(e) => Err(BlockError::io(
+                "write-intent",
+                first,
+                std::io::Error::other(e.to_string()),
+            )),
+        }
     }
 
     /// Marks clusters `first..=last` in the write-intent bitmap before a write
@@ -1162,6 +1198,22 @@ impl Drop for LinkSwitch<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ring_all();
+    }
+}
+
+/// Makes the bits queue channels ask for durable, a batch per sync, for as
+/// long as the primary lives.
+fn intent_syncer(me: Weak<Primary>) {
+    loop {
+        let Some(p) = me.upgrade() else {
+            return;
+        };
+        let Some(wi) = p.intent.get() else {
+            return;
+        };
+        // Waits (a while) inside; the primary is not kept alive meanwhile
+        // longer than that.
+        wi.sync_asked(Duration::from_millis(500));
     }
 }
 
