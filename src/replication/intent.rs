@@ -83,7 +83,9 @@ impl Drop for IntentToken<'_> {
 pub struct WriteIntent {
     path: PathBuf,
     file: File,
+    /// Bits in the map; each covers `1 << shift` bytes of the disk.
     clusters: u64,
+    shift: u32,
     /// What the file says (once synced).
     on_disk: Bitmap,
     /// Clusters marked per epoch slot.
@@ -147,6 +149,7 @@ impl WriteIntent {
             path: path.to_path_buf(),
             file,
             clusters,
+            shift: cluster_shift,
             on_disk: Bitmap::new(clusters),
             marked: [Bitmap::new(clusters), Bitmap::new(clusters)],
             in_flight: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -193,6 +196,11 @@ impl WriteIntent {
     /// set bits are then exactly what a dirty resync must copy.
     pub fn loaded_baseline(&self) -> bool {
         self.loaded_baseline
+    }
+
+    /// Log2 of the bytes one bit covers.
+    pub fn shift(&self) -> u32 {
+        self.shift
     }
 
     /// Calls `f(first, count)` for every run of set bits.
@@ -318,12 +326,12 @@ impl WriteIntent {
     }
 
     /// Clears the bits of clusters that only writes before the previous
-    /// call touched, except those in `keep` (clusters the secondary lacks).
+    /// call touched, except those `keep` names (the secondary lacks them).
     /// `flush_both` must make every completed write durable on both copies.
     /// Skips (returns `Ok(false)`) when older writes are still in flight.
     pub(crate) fn clear_lazily(
         &self,
-        keep: &Bitmap,
+        keep: impl Fn(u64) -> bool,
         flush_both: impl FnOnce() -> bool,
     ) -> Result<bool, IntentError> {
         let old = {
@@ -355,7 +363,7 @@ impl WriteIntent {
         self.on_disk.for_each_run(|first, n| runs.push((first, n)));
         for (first, n) in runs {
             for c in first..first + n {
-                if !current.get(c) && !keep.get(c) {
+                if !current.get(c) && !keep(c) {
                     self.on_disk.clear_range(c, 1);
                     changed = true;
                 }
@@ -459,10 +467,13 @@ mod tests {
         let keep = Bitmap::new(64);
         keep.set_range(4, 1);
         let cleared = reopened
-            .clear_lazily(&keep, || {
-                drop(reopened.mark(40, 40).unwrap());
-                true
-            })
+            .clear_lazily(
+                |c| keep.get(c),
+                || {
+                    drop(reopened.mark(40, 40).unwrap());
+                    true
+                },
+            )
             .unwrap();
         assert!(cleared);
         let again = WriteIntent::open(&path, 64 << 16, 16).unwrap();

@@ -77,6 +77,12 @@ impl ForwardTarget {
 /// NBD client multiplexes them on one connection.
 const CONCURRENT_WRITES: usize = 16;
 
+/// Bytes one write-intent bit covers at least (DRBD's activity-log extent):
+/// the first write to an extent after a clear costs a sync of the bitmap
+/// file, so extents much larger than a cluster keep a random-write workload
+/// from paying one per write; a restart resyncs whole extents.
+pub const INTENT_EXTENT: u64 = 4 << 20;
+
 /// Largest piece a resync copies in one I/O.
 const RESYNC_WINDOW: u64 = 2 << 20;
 /// Parallel resync copiers (local reads overlap).
@@ -236,8 +242,9 @@ impl Primary {
     /// restarted primary can `start --sync dirty`). Starts the lazy clearer.
     pub fn attach_intent(self: &Arc<Self>, intent: WriteIntent) {
         if intent.loaded_baseline() {
-            intent.for_each_set(|first, n| {
-                self.dirty.set_range(first, n);
+            intent.for_each_set(|bit, n| {
+                let (c0, nc) = self.bit_clusters(&intent, bit, n);
+                self.dirty.set_range(c0, nc);
             });
             self.baseline.store(true, Ordering::Release);
         }
@@ -279,6 +286,7 @@ impl Primary {
         if !forwarding && !self.baseline.load(Ordering::Acquire) {
             return Ok(Some(None));
         }
+        let (first, last) = self.intent_bits(wi, first, last);
         match wi.mark_or_request(first, last, bell) {
             Ok(super::intent::Marked::Now(t)) => Ok(Some(Some(t))),
             Ok(super::intent::Marked::Later) => Ok(None),
@@ -305,9 +313,30 @@ impl Primary {
         if !forwarding && !self.baseline.load(Ordering::Acquire) {
             return Ok(None);
         }
+        let (first, last) = self.intent_bits(wi, first, last);
         wi.mark(first, last).map(Some).map_err(|e| {
             BlockError::io("write-intent", first, std::io::Error::other(e.to_string()))
         })
+    }
+
+    /// The bitmap bits that cover clusters `first..=last` (a bit may cover
+    /// many clusters: see [`INTENT_EXTENT`]).
+    fn intent_bits(&self, wi: &WriteIntent, first: u64, last: u64) -> (u64, u64) {
+        let cs = self.cluster_shift;
+        let ws = wi.shift();
+        let byte = |c: u64| c.checked_shl(cs).unwrap_or(u64::MAX);
+        let end = byte(last.saturating_add(1)).saturating_sub(1);
+        (byte(first) >> ws, end >> ws)
+    }
+
+    /// The clusters that bits `bit..bit + n` cover, clamped to the disk.
+    fn bit_clusters(&self, wi: &WriteIntent, bit: u64, n: u64) -> (u64, u64) {
+        let (cs, ws) = (self.cluster_shift, wi.shift());
+        let byte = |b: u64| b.checked_shl(ws).unwrap_or(u64::MAX);
+        let total = self.local.size().div_ceil(1 << cs);
+        let c0 = (byte(bit) >> cs).min(total);
+        let c1 = (byte(bit.saturating_add(n)) >> cs).clamp(c0, total);
+        (c0, c1 - c0)
     }
 
     /// Records durably whether the secondary is a dirty-resync baseline.
@@ -316,7 +345,7 @@ impl Primary {
         match self.intent.get() {
             None => Ok(()),
             Some(wi) => wi
-                .set_baseline(baseline, self.cluster_shift, self.local.size())
+                .set_baseline(baseline, wi.shift(), self.local.size())
                 .map_err(|e| ReplicationError::Io(e.to_string())),
         }
     }
@@ -334,7 +363,12 @@ impl Primary {
             }
         };
         let flushed = || self.local.flush().is_ok() && remote.dev.flush().is_ok();
-        if let Err(e) = wi.clear_lazily(&self.dirty, flushed) {
+        // A bit is kept while any of its clusters is dirty.
+        let keep = |bit: u64| {
+            let (c0, n) = self.bit_clusters(wi, bit, 1);
+            n > 0 && self.dirty.run(c0, n) != (false, n)
+        };
+        if let Err(e) = wi.clear_lazily(keep, flushed) {
             log::warn!("primary: {e}");
         }
     }
