@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`vhost`] → [`virtio_blk`] → [`block`] (the node stack,
 //! where [`replication`] sits) → files or [`nbd`]. [`control`] drives the
-//! replication state machine from outside.
+//! replication state machine from outside. ARCHITECTURE.md at the root of the
+//! repository maps the modules, the replication invariants and the threads.
 
 pub mod block;
 pub mod control;
