@@ -176,26 +176,12 @@ fn wait_readable(fd: RawFd, ms: i32) {
     unsafe { libc::poll(&mut pfd, 1, ms) };
 }
 
-/// Runs the channel as a worker would until `want` completions (bounded).
-fn reap(ch: &mut dyn IoChannel, want: usize) -> Vec<IoCompletion> {
+/// Runs the channel as a worker would until `want` completions or `limit`,
+/// and returns what completed.
+fn drive(ch: &mut dyn IoChannel, want: usize, limit: Duration) -> Vec<IoCompletion> {
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + limit;
     while out.len() < want && Instant::now() < deadline {
-        ch.submit();
-        if ch.has_completions() {
-            ch.poll(&mut out);
-        } else {
-            wait_readable(ch.notify_fd(), 50);
-        }
-    }
-    out
-}
-
-/// Polls for `for_ms` and returns what completed meanwhile.
-fn reap_for(ch: &mut dyn IoChannel, for_ms: u64) -> Vec<IoCompletion> {
-    let mut out = Vec::new();
-    let until = Instant::now() + Duration::from_millis(for_ms);
-    while Instant::now() < until {
         ch.submit();
         if ch.has_completions() {
             ch.poll(&mut out);
@@ -204,6 +190,16 @@ fn reap_for(ch: &mut dyn IoChannel, for_ms: u64) -> Vec<IoCompletion> {
         }
     }
     out
+}
+
+/// Until `want` completions (bounded).
+fn reap(ch: &mut dyn IoChannel, want: usize) -> Vec<IoCompletion> {
+    drive(ch, want, Duration::from_secs(20))
+}
+
+/// What completes within `for_ms`.
+fn reap_for(ch: &mut dyn IoChannel, for_ms: u64) -> Vec<IoCompletion> {
+    drive(ch, usize::MAX, Duration::from_millis(for_ms))
 }
 
 fn channel(p: &Pair) -> Box<dyn IoChannel> {

@@ -22,6 +22,29 @@ pub use uring::UringChannel;
 use super::Result;
 use std::os::fd::RawFd;
 
+/// What an operation added to a channel does (for channels' own tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    Zeroes { unmap: bool },
+}
+
+impl Kind {
+    /// The operation's name in error messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Flush => "flush",
+            Kind::Discard => "discard",
+            Kind::Zeroes { .. } => "write-zeroes",
+        }
+    }
+}
+
 /// The completion of one operation added to a channel.
 #[derive(Debug)]
 pub struct IoCompletion {

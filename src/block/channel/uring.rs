@@ -3,7 +3,7 @@
 //! write-zeroes, as many in flight as the queue holds.
 
 use super::transfer::Transfer;
-use super::{IoChannel, IoCompletion};
+use super::{IoChannel, IoCompletion, Kind};
 use crate::block::{check_range, BlockDev, BlockError, RawFile, Result};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
@@ -15,27 +15,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 /// Ring entries at most (a queue holds at most 32768 requests; more than this
 /// many in flight on one file gains nothing).
 const MAX_ENTRIES: u32 = 4096;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Read,
-    Write,
-    Flush,
-    Discard,
-    Zeroes { unmap: bool },
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Read => "read",
-            Kind::Write => "write",
-            Kind::Flush => "flush",
-            Kind::Discard => "discard",
-            Kind::Zeroes { .. } => "write-zeroes",
-        }
-    }
-}
 
 /// One operation in flight.
 #[derive(Debug)]

@@ -39,7 +39,7 @@
 //! [`RangeLocks::try_exclusive`]: crate::block::RangeLocks::try_exclusive
 
 use super::{ForwardTarget, Primary};
-use crate::block::channel::{Doorbell, IoChannel, IoCompletion};
+use crate::block::channel::{Doorbell, IoChannel, IoCompletion, Kind};
 use crate::block::{check_range, BlockDev, BlockError, OwnedRangeGuard, Result as BlockResult};
 use crate::nbd;
 use crate::replication::fence::Admit;
@@ -49,28 +49,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, TryLockError};
 use vm_memory::VolatileSlice;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
-
-/// What an operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Read,
-    Write,
-    Flush,
-    Discard,
-    Zeroes { unmap: bool },
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Read => "read",
-            Kind::Write => "write",
-            Kind::Flush => "flush",
-            Kind::Discard => "discard",
-            Kind::Zeroes { .. } => "write-zeroes",
-        }
-    }
-}
 
 /// An operation as added by the queue's request table.
 struct Op {
