@@ -46,12 +46,11 @@ impl BlkBackend {
         let queues = (0..num_queues)
             .map(|q| QueueIo::new(device.clone(), q, depth, poll_us))
             .collect::<io::Result<Vec<_>>>()?;
-        if queues.first().is_some_and(QueueIo::is_async) {
-            log::info!(
-                "I/O engine: asynchronous channel per queue, up to {queue_size} requests in flight"
-            );
-        } else {
-            log::info!("I/O engine: synchronous on the queue workers");
+        match queues.first().and_then(QueueIo::channel_name) {
+            Some(name) => {
+                log::info!("I/O engine: {name}, up to {queue_size} requests in flight per queue")
+            }
+            None => log::info!("I/O engine: synchronous on the queue workers"),
         }
         Ok(BlkBackend {
             device,

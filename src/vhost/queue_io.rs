@@ -64,9 +64,9 @@ impl QueueIo {
         fds
     }
 
-    /// True when the node is driven through an asynchronous channel.
-    pub(crate) fn is_async(&self) -> bool {
-        self.lock().channel.is_some()
+    /// What drives the node asynchronously, if anything does (for the log).
+    pub(crate) fn channel_name(&self) -> Option<&'static str> {
+        self.lock().channel.as_ref().map(AsyncQueue::channel_name)
     }
 
     /// Blocks until every request picked up is in the used ring

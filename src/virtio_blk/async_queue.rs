@@ -64,6 +64,11 @@ impl AsyncQueue {
         self.in_flight
     }
 
+    /// What the channel is, for the log.
+    pub fn channel_name(&self) -> &'static str {
+        self.channel.name()
+    }
+
     /// The channel's completion eventfd.
     pub fn notify_fd(&self) -> RawFd {
         self.channel.notify_fd()

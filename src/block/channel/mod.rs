@@ -100,6 +100,11 @@ pub trait IoChannel: Send {
 
     /// An eventfd that becomes readable when completions are waiting.
     fn notify_fd(&self) -> RawFd;
+
+    /// What drives the operations, for logs ("io_uring", ...).
+    fn name(&self) -> &'static str {
+        "asynchronous channel"
+    }
 }
 
 /// How a raw file is driven: the single place that chooses between the

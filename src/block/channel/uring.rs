@@ -374,6 +374,10 @@ impl IoChannel for UringChannel {
     fn notify_fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
 }
 
 impl Drop for UringChannel {

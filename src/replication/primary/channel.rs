@@ -650,6 +650,13 @@ impl IoChannel for PrimaryChannel {
         self.active + self.waiting.len() + self.parked.len() + self.done.len()
     }
 
+    fn name(&self) -> &'static str {
+        match self.local {
+            Some(_) => "primary channel (NBD forward, local io_uring)",
+            None => "primary channel (NBD forward, local writes inline)",
+        }
+    }
+
     fn notify_fd(&self) -> RawFd {
         match (&self.local, &self.event) {
             (Some(ch), _) => ch.notify_fd(),
