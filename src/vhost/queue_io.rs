@@ -3,6 +3,7 @@
 //! slow writes (when it has none), and the polling state. Nothing here is
 //! shared between queues.
 
+use super::inflight::QueueRegion;
 use super::offload::IoPool;
 use super::poll::Poller;
 use crate::virtio_blk::{AsyncQueue, BlkDevice};
@@ -18,6 +19,8 @@ pub(crate) struct QueueState {
     /// the worker (or in the pool).
     pub(crate) channel: Option<AsyncQueue>,
     pub(crate) poller: Poller,
+    /// This queue's part of the frontend's inflight buffer, once it sent one.
+    pub(crate) inflight: Option<QueueRegion>,
 }
 
 /// The I/O side of one queue.
@@ -46,6 +49,7 @@ impl QueueIo {
             state: Mutex::new(QueueState {
                 channel,
                 poller: Poller::new(poll_us),
+                inflight: None,
             }),
         })
     }
@@ -62,6 +66,12 @@ impl QueueIo {
             fds.push(ch.notify_fd());
         }
         fds
+    }
+
+    /// Tracks the queue's requests in `region` from its next start on (`None`:
+    /// stop tracking).
+    pub(crate) fn set_inflight(&self, region: Option<QueueRegion>) {
+        self.lock().inflight = region;
     }
 
     /// True when the node is driven through an asynchronous channel.

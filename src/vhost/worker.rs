@@ -4,8 +4,9 @@
 //! that raced with re-arming.
 
 use super::queue_io::QueueIo;
+use super::resume;
 use super::vring::Vring;
-use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Offload, Scratch};
+use crate::virtio_blk::{BlkDevice, Completion, GuestMem, NoLog, Offload, RingLog, Scratch};
 use std::num::Wrapping;
 use std::time::Instant;
 use vhost_user_backend::{VringState, VringT};
@@ -49,9 +50,31 @@ pub(crate) fn serve(
     let mut pool_done: Vec<Completion> = Vec::new();
     let mut last_work = Instant::now();
     let mut idle_passes = 0;
+    let mut no_log = NoLog;
+    // Before anything is taken from a (re)started ring: what a predecessor
+    // took and never completed is served again, and the ring resumes after it.
+    if force_notify {
+        if let Some(region) = st.inflight.as_mut() {
+            let queue = state.get_queue_mut();
+            match st.channel.as_mut() {
+                Some(ch) => {
+                    let mut sub = ch.submitter(device, &guard, &mut done);
+                    resume::resume(queue, m, device, q, region, &mut scratch, Some(&mut sub));
+                }
+                None => {
+                    let mut off = io.pool.offload(&guard);
+                    resume::resume(queue, m, device, q, region, &mut scratch, Some(&mut off));
+                }
+            }
+        }
+    }
     loop {
         let mut work = 0;
         let mut completed = 0;
+        let log: &mut dyn RingLog = match st.inflight.as_mut() {
+            Some(region) => region,
+            None => &mut no_log,
+        };
         if ready {
             let queue = state.get_queue_mut();
             if let Err(e) = queue.disable_notification(m) {
@@ -61,11 +84,13 @@ pub(crate) fn serve(
             completed += match st.channel.as_mut() {
                 Some(ch) => {
                     let mut sub = ch.submitter(device, &guard, &mut done);
-                    device.process_queue(queue, m, &mut scratch, Some(&mut sub as &mut dyn Offload))
+                    let off = Some(&mut sub as &mut dyn Offload);
+                    device.process_queue_logged(queue, m, &mut scratch, off, log)
                 }
                 None => {
                     let mut off = io.pool.offload(&guard);
-                    device.process_queue(queue, m, &mut scratch, Some(&mut off as &mut dyn Offload))
+                    let off = Some(&mut off as &mut dyn Offload);
+                    device.process_queue_logged(queue, m, &mut scratch, off, log)
                 }
             };
             work += usize::from((Wrapping(queue.next_avail()) - Wrapping(before)).0);
@@ -80,8 +105,8 @@ pub(crate) fn serve(
             io.pool.drain(&mut pool_done);
             work += pool_done.len();
         }
-        completed += add_used(&mut state, m, device, q, &done);
-        completed += add_used(&mut state, m, device, q, &pool_done);
+        completed += add_used(&mut state, m, device, q, &done, log);
+        completed += add_used(&mut state, m, device, q, &pool_done, log);
         if completed > 0 || force_notify {
             notify(&mut state, m, device, q, std::mem::take(&mut force_notify));
         }
@@ -125,10 +150,11 @@ fn add_used(
     device: &BlkDevice,
     q: usize,
     done: &[Completion],
+    log: &mut dyn RingLog,
 ) -> usize {
     let queue: &mut Queue = state.get_queue_mut();
     for c in done {
-        if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
+        if let Err(e) = log.add_used(queue, mem, c.head, c.used_len) {
             device.report_ring_error(q, "cannot complete a request", e);
         }
     }
