@@ -21,6 +21,10 @@ pub(crate) struct QueueState {
     pub(crate) poller: Poller,
     /// This queue's part of the frontend's inflight buffer, once it sent one.
     pub(crate) inflight: Option<QueueRegion>,
+    /// A buffer sent (SET_INFLIGHT_FD) since the ring last started: it takes
+    /// over at the next start, never under a running ring, whose requests in
+    /// flight it knows nothing of.
+    pub(crate) inflight_next: Option<Option<QueueRegion>>,
 }
 
 /// The I/O side of one queue.
@@ -50,6 +54,7 @@ impl QueueIo {
                 channel,
                 poller: Poller::new(poll_us),
                 inflight: None,
+                inflight_next: None,
             }),
         })
     }
@@ -69,9 +74,9 @@ impl QueueIo {
     }
 
     /// Tracks the queue's requests in `region` from its next start on (`None`:
-    /// stop tracking).
+    /// stop tracking then).
     pub(crate) fn set_inflight(&self, region: Option<QueueRegion>) {
-        self.lock().inflight = region;
+        self.lock().inflight_next = Some(region);
     }
 
     /// True when the node is driven through an asynchronous channel.

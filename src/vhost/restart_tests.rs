@@ -141,3 +141,46 @@ fn out_of_order_completions_stay_exact_across_a_backend_crash() {
         assert_eq!(status(mem, i), VIRTIO_BLK_S_OK as u8, "request {i}");
     }
 }
+
+#[test]
+fn a_buffer_sent_while_the_ring_runs_takes_over_only_at_the_next_start() {
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMem = &guard;
+    let vq = MockSplitQueue::new(mem, QSIZE);
+    let ask = VhostUserInflight::new(0, 0, 1, QSIZE);
+    let (msg, file) = inflight::create(&ask, 1, usize::from(QSIZE)).unwrap();
+    let peek = || {
+        InflightBuffer::open(&msg, &file, 1, usize::from(QSIZE))
+            .unwrap()
+            .queue(0)
+            .unwrap()
+    };
+
+    // Started without a buffer, two requests in flight that nothing records.
+    let b = start(&atomic, &vq, (&file, &msg), 0);
+    b.io.set_inflight(None);
+    let mut st = b.io.lock();
+    st.inflight = None;
+    st.inflight_next = None;
+    drop(st);
+    add_requests(mem, &vq, &reads(2));
+    serve(&b.vring, &atomic, &b.device, &b.io);
+
+    // The buffer arrives now: were it used at once, a crash would have a
+    // successor resume at used + 1 with request 0 and 1 forgotten.
+    b.io.set_inflight(Some(peek()));
+    add_requests_at(mem, &vq, 2, &reads(3)[2..]);
+    serve(&b.vring, &atomic, &b.device, &b.io);
+    assert_eq!(b.shared.lock().unwrap().pending.len(), 3);
+    assert!(
+        !peek().is_inflight(6),
+        "request 2 recorded under a running ring"
+    );
+
+    // At the next start it tracks.
+    drop(b);
+    let b = start(&atomic, &vq, (&file, &msg), 0);
+    serve(&b.vring, &atomic, &b.device, &b.io);
+    assert!(peek().is_inflight(0), "tracked from the start on");
+}

@@ -54,6 +54,9 @@ pub(crate) fn serve(
     // Before anything is taken from a (re)started ring: what a predecessor
     // took and never completed is served again, and the ring resumes after it.
     if force_notify {
+        if let Some(next) = st.inflight_next.take() {
+            st.inflight = next;
+        }
         if let Some(region) = st.inflight.as_mut() {
             let queue = state.get_queue_mut();
             match st.channel.as_mut() {
