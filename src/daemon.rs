@@ -247,7 +247,7 @@ fn primary_stack(
     intent_path.push(".colo-intent");
     let shift = cfg
         .cluster_size
-        .max(512)
+        .max(colo_blk::replication::primary::INTENT_EXTENT)
         .next_power_of_two()
         .trailing_zeros();
     match colo_blk::replication::WriteIntent::open(intent_path.as_ref(), node.size(), shift) {

@@ -28,7 +28,7 @@ pub(crate) use iov::{iov_window, iovecs_advance};
 pub use mem::{MemDev, MemStats};
 pub use overlay::{Below, Emptied, Overlay, DEFAULT_GRANULE};
 pub use parallel::Parallel;
-pub use rangelock::{RangeGuard, RangeLocks, DEFAULT_STRIPES};
+pub use rangelock::{OwnedRangeGuard, RangeGuard, RangeLocks, DEFAULT_STRIPES};
 pub use raw::{RawFile, RawFileOptions};
 
 use std::sync::Arc;

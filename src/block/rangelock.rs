@@ -2,39 +2,177 @@
 //! unit `u` of the disk is guarded by reader-writer lock `u % stripes`.
 //!
 //! A request locks every stripe its units map to, in ascending stripe order, so two
-//! requests can never wait for each other in a cycle. Uncontended, a shared lock
-//! costs one atomic operation per stripe touched; unrelated ranges contend only
-//! when they map to the same stripe (`stripes` × granularity apart).
+//! requests can never wait for each other in a cycle. Unrelated ranges contend
+//! only when they map to the same stripe (`stripes` × granularity apart).
+//!
+//! Threads block ([`RangeLocks::shared`], [`RangeLocks::exclusive`]); a queue
+//! worker that keeps many requests in flight must not, so it tries
+//! ([`RangeLocks::try_exclusive`]), leaves a [`Doorbell`] on the stripe that is
+//! busy, and tries again when the holder releases it and rings. Its guard is
+//! owned (it lives in the request until the request completes). Writers are
+//! preferred: a waiting exclusive holder keeps new shared ones out, so a
+//! copy-before-write or a commit is not starved by a stream of guest reads.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use super::channel::{Doorbell, Waiters};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 /// Default number of stripes.
 pub const DEFAULT_STRIPES: usize = 1024;
 
+#[derive(Default)]
+struct StripeState {
+    readers: u32,
+    writer: bool,
+    /// Blocked exclusive lockers (they keep new shared ones out).
+    writers_waiting: u32,
+    /// Threads asleep on the condvar.
+    sleepers: u32,
+    /// Workers to ring once the stripe is released.
+    bells: Waiters,
+}
+
+#[derive(Default)]
+struct Stripe {
+    state: Mutex<StripeState>,
+    cv: Condvar,
+}
+
+impl Stripe {
+    fn lock(&self) -> MutexGuard<'_, StripeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sleep<'a>(&self, st: MutexGuard<'a, StripeState>) -> MutexGuard<'a, StripeState> {
+        let mut st = st;
+        st.sleepers += 1;
+        let mut st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        st.sleepers -= 1;
+        st
+    }
+
+    fn acquire(&self, mode: Mode) {
+        let mut st = self.lock();
+        match mode {
+            Mode::Shared => {
+                while st.writer || st.writers_waiting > 0 {
+                    st = self.sleep(st);
+                }
+                st.readers += 1;
+            }
+            Mode::Exclusive => {
+                st.writers_waiting += 1;
+                while st.writer || st.readers > 0 {
+                    st = self.sleep(st);
+                }
+                st.writers_waiting -= 1;
+                st.writer = true;
+            }
+        }
+    }
+
+    /// Takes the stripe alone if it is free; else leaves `bell` to be rung.
+    fn try_exclusive(&self, bell: &Arc<Doorbell>) -> bool {
+        let mut st = self.lock();
+        if st.writer || st.readers > 0 || st.writers_waiting > 0 {
+            st.bells.add(bell);
+            return false;
+        }
+        st.writer = true;
+        true
+    }
+
+    fn release(&self, mode: Mode) {
+        let mut st = self.lock();
+        match mode {
+            Mode::Shared => st.readers -= 1,
+            Mode::Exclusive => st.writer = false,
+        }
+        if st.readers == 0 || mode == Mode::Exclusive {
+            if st.sleepers > 0 {
+                self.cv.notify_all();
+            }
+            st.bells.ring_all();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Shared,
+    Exclusive,
+}
+
+/// The stripes one range maps to, in ascending order: one interval, or two
+/// when it wraps around the end of the table.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    a: (usize, usize),
+    b: (usize, usize),
+}
+
+impl Span {
+    fn stripes(self) -> impl Iterator<Item = usize> {
+        (self.a.0..self.a.1).chain(self.b.0..self.b.1)
+    }
+
+    fn len(self) -> usize {
+        (self.a.1 - self.a.0) + (self.b.1 - self.b.0)
+    }
+}
+
 /// Striped reader-writer locks over byte ranges.
-#[derive(Debug)]
 pub struct RangeLocks {
-    stripes: Box<[RwLock<()>]>,
+    stripes: Box<[Stripe]>,
     shift: u32,
 }
 
-enum Held<'a> {
-    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
+impl std::fmt::Debug for RangeLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeLocks")
+            .field("stripes", &self.stripes.len())
+            .field("granularity", &(1u64 << self.shift))
+            .finish()
+    }
 }
 
 /// Holds the locks of one range until dropped.
 pub struct RangeGuard<'a> {
-    // Most requests touch one or two units; only larger ones allocate.
-    first: Option<Held<'a>>,
-    second: Option<Held<'a>>,
-    rest: Vec<Held<'a>>,
+    locks: &'a RangeLocks,
+    span: Span,
+    mode: Mode,
 }
 
 impl RangeGuard<'_> {
     /// Number of stripes held.
     pub fn stripes_held(&self) -> usize {
-        usize::from(self.first.is_some()) + usize::from(self.second.is_some()) + self.rest.len()
+        self.span.len()
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        self.locks.release(self.span, self.mode);
+    }
+}
+
+/// An exclusive hold on one range that owns its lock table, for a request
+/// that keeps it across many passes of a queue worker.
+pub struct OwnedRangeGuard {
+    locks: Arc<RangeLocks>,
+    span: Span,
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        self.locks.release(self.span, Mode::Exclusive);
+    }
+}
+
+impl std::fmt::Debug for OwnedRangeGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedRangeGuard")
+            .field("stripes", &self.span.len())
+            .finish()
     }
 }
 
@@ -43,42 +181,68 @@ impl RangeLocks {
     pub fn new(granularity: u64, stripes: usize) -> Self {
         let granularity = granularity.max(1).next_power_of_two();
         RangeLocks {
-            stripes: (0..stripes.max(1)).map(|_| RwLock::new(())).collect(),
+            stripes: (0..stripes.max(1)).map(|_| Stripe::default()).collect(),
             shift: granularity.trailing_zeros(),
         }
     }
 
     /// Shares `offset..offset + len` with other shared holders.
     pub fn shared(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        self.lock(offset, len, |l| {
-            Held::Shared(l.read().unwrap_or_else(|e| e.into_inner()))
-        })
+        self.lock(offset, len, Mode::Shared)
     }
 
     /// Holds `offset..offset + len` alone.
     pub fn exclusive(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        self.lock(offset, len, |l| {
-            Held::Exclusive(l.write().unwrap_or_else(|e| e.into_inner()))
+        self.lock(offset, len, Mode::Exclusive)
+    }
+
+    /// Holds `offset..offset + len` alone if that needs no waiting. Otherwise
+    /// takes nothing, and `bell` rings once the stripe in the way is released
+    /// (then try again).
+    pub fn try_exclusive(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        bell: &Arc<Doorbell>,
+    ) -> Option<OwnedRangeGuard> {
+        let span = self.span(offset, len);
+        for (n, i) in span.stripes().enumerate() {
+            if !self.stripes[i].try_exclusive(bell) {
+                for j in span.stripes().take(n) {
+                    self.stripes[j].release(Mode::Exclusive);
+                }
+                return None;
+            }
+        }
+        Some(OwnedRangeGuard {
+            locks: self.clone(),
+            span,
         })
     }
 
-    fn lock<'a>(
-        &'a self,
-        offset: u64,
-        len: u64,
-        take: impl Fn(&'a RwLock<()>) -> Held<'a>,
-    ) -> RangeGuard<'a> {
-        let mut guard = RangeGuard {
-            first: None,
-            second: None,
-            rest: Vec::new(),
-        };
+    fn lock(&self, offset: u64, len: u64, mode: Mode) -> RangeGuard<'_> {
+        let span = self.span(offset, len);
+        for i in span.stripes() {
+            self.stripes[i].acquire(mode);
+        }
+        RangeGuard {
+            locks: self,
+            span,
+            mode,
+        }
+    }
+
+    fn release(&self, span: Span, mode: Mode) {
+        for i in span.stripes() {
+            self.stripes[i].release(mode);
+        }
+    }
+
+    fn span(&self, offset: u64, len: u64) -> Span {
         let n = self.stripes.len() as u64;
         let u0 = offset >> self.shift;
         let u1 = (offset.saturating_add(len.max(1)) - 1) >> self.shift;
         let units = u1 - u0 + 1;
-        // Stripes in ascending order: either all, one interval, or two when the
-        // interval wraps around the end of the table.
         let (a, b) = if units >= n {
             ((0, n), (0, 0))
         } else {
@@ -90,17 +254,12 @@ impl RangeLocks {
                 ((0, e + 1), (s, n))
             }
         };
-        for i in (a.0..a.1).chain(b.0..b.1) {
-            let held = take(&self.stripes[i as usize]);
-            if guard.first.is_none() {
-                guard.first = Some(held);
-            } else if guard.second.is_none() {
-                guard.second = Some(held);
-            } else {
-                guard.rest.push(held);
-            }
+        // Both bounds are at most `n`, a `usize`.
+        let u = |x: u64| x as usize;
+        Span {
+            a: (u(a.0), u(a.1)),
+            b: (u(b.0), u(b.1)),
         }
-        guard
     }
 }
 
@@ -165,5 +324,60 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_failed_try_takes_nothing_and_rings_when_the_holder_releases() {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let l = Arc::new(RangeLocks::new(4096, 8));
+        let ev = EventFd::new(EFD_NONBLOCK).unwrap();
+        let bell = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        // Stripes 2..=4 wanted; 4 is busy.
+        let held = l.shared(4 * 4096, 1);
+        assert!(l.try_exclusive(2 * 4096, 3 * 4096, &bell).is_none());
+        // Stripes 2 and 3 were given back: another holder gets them at once.
+        let g = l.try_exclusive(2 * 4096, 2 * 4096, &bell).unwrap();
+        assert!(!bell.is_rung());
+        drop(held);
+        assert!(bell.take(), "the release rang the waiting worker");
+        drop(g);
+        let owned = l.try_exclusive(2 * 4096, 3 * 4096, &bell).unwrap();
+        // An owned guard blocks threads like any exclusive holder.
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (l, done) = (l.clone(), done.clone());
+            std::thread::spawn(move || {
+                let _g = l.shared(3 * 4096, 1);
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!done.load(Ordering::SeqCst));
+        drop(owned);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_waiting_exclusive_locker_keeps_new_shared_ones_out() {
+        let l = Arc::new(RangeLocks::new(4096, 4));
+        let reading = l.shared(0, 1);
+        let t = {
+            let l = l.clone();
+            std::thread::spawn(move || drop(l.exclusive(0, 1)))
+        };
+        // Bounded wait until the writer is queued on the stripe.
+        for _ in 0..1000 {
+            if l.stripes[0].lock().writers_waiting == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(l.stripes[0].lock().writers_waiting, 1);
+        let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let bell = Arc::new(Doorbell::on_eventfd(std::os::fd::AsRawFd::as_raw_fd(&ev)).unwrap());
+        assert!(l.try_exclusive(0, 1, &bell).is_none());
+        drop(reading);
+        t.join().unwrap();
     }
 }

@@ -19,7 +19,7 @@ mod tls;
 pub mod uri;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, ExportInfo, SubmittedWrite};
+pub use client::{Client, ClientOptions, ExportInfo, Started, SubmittedWrite};
 pub use error::NbdError;
 pub use server::{Server, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
 pub use uri::{NbdAddr, NbdUri};

@@ -12,9 +12,10 @@
 //! written) or failed with an I/O error. Held writes are released, as
 //! failures, only by [`Fence::release`] (the tooling's `stop`, or shutdown).
 
+use crate::block::channel::{Doorbell, Waiters};
 use crate::block::BlockError;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// What a fenced primary does with guest writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +62,8 @@ pub struct Fence {
     wake: Condvar,
     held_now: AtomicU64,
     refused: AtomicU64,
+    /// Queue workers with parked writes, rung at [`Fence::release`].
+    bells: Mutex<Waiters>,
 }
 
 /// What `query-replication` tells about a fence.
@@ -140,6 +143,34 @@ impl Fence {
         }
     }
 
+    /// Holds a write for a caller that must not block (a queue worker with
+    /// other requests in flight): counted as held until [`Fence::unpark`];
+    /// `bell` rings at [`Fence::release`].
+    pub fn park(&self, bell: &Arc<Doorbell>) {
+        self.held_now.fetch_add(1, Ordering::AcqRel);
+        self.bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(bell);
+        // A release that ran before the bell was added must still be seen.
+        if self.is_released() {
+            bell.ring();
+        }
+    }
+
+    /// True once held writes are to fail.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Ends the hold of a parked write (after [`Fence::is_released`]): the
+    /// error it must fail with.
+    pub fn unpark(&self) -> BlockError {
+        self.held_now.fetch_sub(1, Ordering::AcqRel);
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.error()
+    }
+
     /// Fences: from now on no write is admitted. True the first time only
     /// (the caller then announces it).
     pub fn trip(&self, reason: &str) -> bool {
@@ -158,6 +189,10 @@ impl Fence {
         let _slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         self.released.store(true, Ordering::Release);
         self.wake.notify_all();
+        self.bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring_all();
     }
 
     /// Guest writes currently held.

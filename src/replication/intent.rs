@@ -12,6 +12,12 @@
 //! one. The hot set of a busy guest stays set, so steady writes to it cost no
 //! extra sync.
 //!
+//! A queue worker cannot wait for that sync with other requests in flight: it
+//! asks for the bits ([`WriteIntent::mark_or_request`]) and retries the write
+//! once the syncer thread ([`WriteIntent::run_syncer`]) has made every bit
+//! asked for since its last round durable with one `fdatasync` and rung the
+//! askers (group commit, as md plugs bitmap updates).
+//!
 //! Marks and clears are told apart by epochs: a mark counts itself in the
 //! current epoch until its token drops; a clear first moves to a new epoch,
 //! waits for the old one to drain, flushes, then clears what only older epochs
@@ -21,12 +27,13 @@
 //! "baseline" flag: the secondary was once equal to this disk), then the bits,
 //! LSB first.
 
+use crate::block::channel::{Doorbell, Waiters};
 use crate::block::Bitmap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -52,6 +59,18 @@ pub enum IntentError {
 #[must_use = "the write must run while the token is held"]
 pub struct IntentToken<'a> {
     counter: &'a AtomicU64,
+    slot: usize,
+}
+
+impl IntentToken<'_> {
+    /// Gives up the borrow for a request that outlives the caller's frame:
+    /// the returned slot must be handed to [`WriteIntent::release`] once the
+    /// write is done (until then the clusters stay marked).
+    pub(crate) fn detach(self) -> usize {
+        let slot = self.slot;
+        std::mem::forget(self);
+        slot
+    }
 }
 
 impl Drop for IntentToken<'_> {
@@ -64,7 +83,9 @@ impl Drop for IntentToken<'_> {
 pub struct WriteIntent {
     path: PathBuf,
     file: File,
+    /// Bits in the map; each covers `1 << shift` bytes of the disk.
     clusters: u64,
+    shift: u32,
     /// What the file says (once synced).
     on_disk: Bitmap,
     /// Clusters marked per epoch slot.
@@ -76,6 +97,26 @@ pub struct WriteIntent {
     /// Serialises file writes.
     io: Mutex<()>,
     loaded_baseline: bool,
+    /// Bits asked for by workers, for the syncer.
+    asked: Mutex<Asked>,
+    asked_cv: Condvar,
+}
+
+/// What workers asked the syncer for since its last round.
+#[derive(Default)]
+struct Asked {
+    ranges: Vec<(u64, u64)>,
+    bells: Waiters,
+    /// The last round failed: askers mark synchronously (and get the error).
+    failed: bool,
+}
+
+/// The answer of [`WriteIntent::mark_or_request`].
+pub enum Marked<'a> {
+    /// Durable: the write may start, holding the token.
+    Now(IntentToken<'a>),
+    /// Asked for: retry once the doorbell rings.
+    Later,
 }
 
 impl std::fmt::Debug for WriteIntent {
@@ -108,6 +149,7 @@ impl WriteIntent {
             path: path.to_path_buf(),
             file,
             clusters,
+            shift: cluster_shift,
             on_disk: Bitmap::new(clusters),
             marked: [Bitmap::new(clusters), Bitmap::new(clusters)],
             in_flight: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -115,6 +157,8 @@ impl WriteIntent {
             switch: RwLock::new(()),
             io: Mutex::new(()),
             loaded_baseline: false,
+            asked: Mutex::new(Asked::default()),
+            asked_cv: Condvar::new(),
         };
         let mut header = [0u8; 32];
         let valid = wi.file.read_exact_at(&mut header, 0).is_ok()
@@ -154,6 +198,11 @@ impl WriteIntent {
         self.loaded_baseline
     }
 
+    /// Log2 of the bytes one bit covers.
+    pub fn shift(&self) -> u32 {
+        self.shift
+    }
+
     /// Calls `f(first, count)` for every run of set bits.
     pub fn for_each_set(&self, f: impl FnMut(u64, u64)) {
         self.on_disk.for_each_run(f);
@@ -186,6 +235,7 @@ impl WriteIntent {
         self.in_flight[slot].fetch_add(1, Ordering::AcqRel);
         let token = IntentToken {
             counter: &self.in_flight[slot],
+            slot,
         };
         self.marked[slot].set_range(first, n);
         if self.on_disk.run(first, n) != (true, n) {
@@ -198,13 +248,90 @@ impl WriteIntent {
         Ok(token)
     }
 
+    /// [`WriteIntent::mark`] for a caller that must not wait for a sync: the
+    /// token when the bits are durable already, else the bits are asked of
+    /// the syncer and `bell` rings once they are durable.
+    pub fn mark_or_request(
+        &self,
+        first: u64,
+        last: u64,
+        bell: &Arc<Doorbell>,
+    ) -> Result<Marked<'_>, IntentError> {
+        let last = last.min(self.clusters.saturating_sub(1));
+        let n = last.saturating_sub(first) + 1;
+        if self.on_disk.run(first, n) == (true, n) {
+            return self.mark(first, last).map(Marked::Now);
+        }
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        if asked.failed {
+            drop(asked);
+            return self.mark(first, last).map(Marked::Now);
+        }
+        asked.ranges.push((first, n));
+        asked.bells.add(bell);
+        self.asked_cv.notify_one();
+        Ok(Marked::Later)
+    }
+
+    /// One round of the syncer: waits up to `idle` for asks, makes them
+    /// durable with one sync, rings the askers. Returns whether it did work.
+    pub(crate) fn sync_asked(&self, idle: Duration) -> bool {
+        let (ranges, mut bells) = {
+            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            if asked.ranges.is_empty() {
+                asked = self
+                    .asked_cv
+                    .wait_timeout(asked, idle)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if asked.ranges.is_empty() {
+                return false;
+            }
+            (
+                std::mem::take(&mut asked.ranges),
+                std::mem::take(&mut asked.bells),
+            )
+        };
+        let result = (|| {
+            let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let mut changed = false;
+            for &(first, n) in &ranges {
+                if self.on_disk.set_range(first, n) > 0 {
+                    self.write_bits(first, n)?;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.sync()?;
+            }
+            Ok::<(), IntentError>(())
+        })();
+        if let Err(e) = result {
+            log::error!("primary: {e}; writes mark the bitmap one by one from now on");
+            self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        }
+        bells.ring_all();
+        true
+    }
+
+    /// No syncer will run: askers mark synchronously.
+    pub(crate) fn no_syncer(&self) {
+        self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+    }
+
+    /// Ends a write whose token was [detached](IntentToken::detach).
+    pub(crate) fn release(&self, slot: usize) {
+        self.in_flight[slot & 1].fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Clears the bits of clusters that only writes before the previous
-    /// call touched, except those in `keep` (clusters the secondary lacks).
+    /// call touched, except those `keep` names (the secondary lacks them).
     /// `flush_both` must make every completed write durable on both copies.
     /// Skips (returns `Ok(false)`) when older writes are still in flight.
     pub(crate) fn clear_lazily(
         &self,
-        keep: &Bitmap,
+        keep: impl Fn(u64) -> bool,
         flush_both: impl FnOnce() -> bool,
     ) -> Result<bool, IntentError> {
         let old = {
@@ -236,7 +363,7 @@ impl WriteIntent {
         self.on_disk.for_each_run(|first, n| runs.push((first, n)));
         for (first, n) in runs {
             for c in first..first + n {
-                if !current.get(c) && !keep.get(c) {
+                if !current.get(c) && !keep(c) {
                     self.on_disk.clear_range(c, 1);
                     changed = true;
                 }
@@ -295,6 +422,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn asked_bits_become_durable_in_one_round_and_ring_every_asker() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wib");
+        let wi = WriteIntent::open(&path, 64 << 16, 16).unwrap();
+        let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let a = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        let b = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        assert!(matches!(
+            wi.mark_or_request(3, 4, &a).unwrap(),
+            Marked::Later
+        ));
+        assert!(matches!(
+            wi.mark_or_request(9, 9, &b).unwrap(),
+            Marked::Later
+        ));
+        assert!(!a.is_rung() && !b.is_rung());
+        assert!(wi.sync_asked(Duration::ZERO));
+        assert!(a.take() && b.take(), "both askers rung");
+        // Durable: a crash now keeps them, and asking again is immediate.
+        let reopened = WriteIntent::open(&path, 64 << 16, 16).unwrap();
+        assert_eq!(reopened.count(), 3);
+        assert!(matches!(
+            wi.mark_or_request(3, 4, &a).unwrap(),
+            Marked::Now(_)
+        ));
+        assert!(!wi.sync_asked(Duration::ZERO), "nothing left to sync");
+    }
+
+    #[test]
     fn marks_survive_reopen_and_lazy_clear_spares_recent_and_kept_clusters() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wib");
@@ -310,10 +467,13 @@ mod tests {
         let keep = Bitmap::new(64);
         keep.set_range(4, 1);
         let cleared = reopened
-            .clear_lazily(&keep, || {
-                drop(reopened.mark(40, 40).unwrap());
-                true
-            })
+            .clear_lazily(
+                |c| keep.get(c),
+                || {
+                    drop(reopened.mark(40, 40).unwrap());
+                    true
+                },
+            )
             .unwrap();
         assert!(cleared);
         let again = WriteIntent::open(&path, 64 << 16, 16).unwrap();

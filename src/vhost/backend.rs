@@ -51,7 +51,9 @@ impl BlkBackend {
             .map(|q| QueueIo::new(device.clone(), q, depth, poll_us))
             .collect::<io::Result<Vec<_>>>()?;
         if queues.first().is_some_and(QueueIo::is_async) {
-            log::info!("I/O engine: io_uring, up to {queue_size} requests in flight per queue");
+            log::info!(
+                "I/O engine: asynchronous channel per queue, up to {queue_size} requests in flight"
+            );
         } else {
             log::info!("I/O engine: synchronous on the queue workers");
         }

@@ -50,6 +50,7 @@ pub(crate) fn serve(
     let mut pool_done: Vec<Completion> = Vec::new();
     let mut last_work = Instant::now();
     let mut idle_passes = 0;
+    let mut first_pass = true;
     let mut no_log = NoLog;
     // Before anything is taken from a (re)started ring: what a predecessor
     // took and never completed is served again, and the ring resumes after it.
@@ -100,7 +101,10 @@ pub(crate) fn serve(
         }
         if let Some(ch) = st.channel.as_mut() {
             ch.submit();
-            if ch.has_completions() {
+            // The first pass reaps even when nothing shows: it clears the
+            // completion eventfd, which a completion reaped by an earlier pass
+            // may have left readable (level-triggered epoll would spin).
+            if first_pass || ch.has_completions() {
                 work += ch.reap(device, &mut done);
             }
         }
@@ -116,6 +120,7 @@ pub(crate) fn serve(
         done.clear();
         io.pool.retire(pool_done.len());
         pool_done.clear();
+        first_pass = false;
 
         if work > 0 {
             idle_passes = 0;

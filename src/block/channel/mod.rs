@@ -11,9 +11,11 @@
 //! Which requests take this path and which stay synchronous is decided in one
 //! place, [`Engine`].
 
+mod doorbell;
 mod transfer;
 mod uring;
 
+pub use doorbell::{Doorbell, Waiters};
 pub use transfer::Transfer;
 pub use uring::UringChannel;
 

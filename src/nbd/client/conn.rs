@@ -3,6 +3,7 @@
 //! caller. A broken connection fails every pending and every later request.
 
 use super::handshake::ExportInfo;
+use crate::block::channel::Doorbell;
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::transmission::{
     decode_offset_data_len, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_FLAG_ERROR, REPLY_TYPE_NONE,
@@ -46,23 +47,37 @@ pub(super) struct Reply {
 
 type Outcome = Result<Reply, Failure>;
 
-/// Where a caller waits for its reply.
+/// Where a caller waits for its reply, or (with a doorbell) learns that it
+/// arrived without waiting.
 pub(super) struct Ticket {
     slot: Mutex<Option<Outcome>>,
     cv: Condvar,
+    done: AtomicBool,
+    bell: Option<Arc<Doorbell>>,
 }
 
 impl Ticket {
-    fn new() -> Arc<Ticket> {
+    fn new(bell: Option<&Arc<Doorbell>>) -> Arc<Ticket> {
         Arc::new(Ticket {
             slot: Mutex::new(None),
             cv: Condvar::new(),
+            done: AtomicBool::new(false),
+            bell: bell.cloned(),
         })
     }
 
     fn complete(&self, outcome: Outcome) {
         *lock(&self.slot) = Some(outcome);
+        self.done.store(true, Ordering::Release);
         self.cv.notify_one();
+        if let Some(b) = &self.bell {
+            b.ring();
+        }
+    }
+
+    /// True once the outcome is in: [`Conn::wait`] then returns at once.
+    pub(super) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     /// Blocks until the reply (or the connection's failure) arrives, or
@@ -100,6 +115,8 @@ struct Pending {
     extent: Option<(u32, u32)>,
     error: Option<(u32, String)>,
     ticket: Arc<Ticket>,
+    /// When it was sent, for the request timeout.
+    sent: Instant,
 }
 
 struct State {
@@ -164,6 +181,12 @@ impl Conn {
                 .name("nbd-client-rx".into())
                 .spawn(move || shared.read_replies(rd))?
         };
+        if let Some(limit) = request_timeout {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("nbd-client-watch".into())
+                .spawn(move || shared.watch(limit))?;
+        }
         Ok(Conn {
             shared,
             reader: Some(reader),
@@ -207,8 +230,23 @@ impl Conn {
         len: u32,
         payload: &[VolatileSlice<'_>],
     ) -> Result<Arc<Ticket>, Failure> {
+        self.send_waking(cmd, flags, offset, len, payload, None)
+    }
+
+    /// [`Conn::send`], ringing `bell` once the reply (or the connection's
+    /// failure) is in. Blocks only while the in-flight window is full; the
+    /// reply reader frees it, never the caller.
+    pub(super) fn send_waking(
+        &self,
+        cmd: Command,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[VolatileSlice<'_>],
+        bell: Option<&Arc<Doorbell>>,
+    ) -> Result<Arc<Ticket>, Failure> {
         let sh = &*self.shared;
-        let ticket = Ticket::new();
+        let ticket = Ticket::new(bell);
         let data = if cmd == Command::Read {
             vec![0u8; len as usize]
         } else {
@@ -241,6 +279,7 @@ impl Conn {
                     extent: None,
                     error: None,
                     ticket: ticket.clone(),
+                    sent: Instant::now(),
                 },
             );
             cookie
@@ -314,6 +353,28 @@ impl Shared {
         let why = lock(&self.state).broken.clone().unwrap_or_default();
         for p in drained {
             p.ticket.complete(Err(Failure::Broken(why.clone())));
+        }
+    }
+
+    /// Breaks the connection when a request outlives `limit`. Callers that
+    /// wait ([`Conn::wait`]) check it themselves; this also covers requests
+    /// whose caller does not wait but is rung by a doorbell. Ends once the
+    /// connection is broken or closed.
+    fn watch(&self, limit: Duration) {
+        let step = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            std::thread::sleep(step);
+            let oldest = {
+                let st = lock(&self.state);
+                if st.broken.is_some() || self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                st.pending.values().map(|p| p.sent).min()
+            };
+            if oldest.is_some_and(|t| t.elapsed() > limit) {
+                self.fail(format!("no reply within {limit:?}"));
+                return;
+            }
         }
     }
 

@@ -39,6 +39,7 @@ use super::stream::Stream;
 use super::uri::NbdUri;
 use super::wire::*;
 use super::NbdError;
+use crate::block::channel::Doorbell;
 use crate::block::{
     check_range, iov_len, iov_window, BlockDev, BlockError, Extent, ExtentKind, Result,
 };
@@ -163,7 +164,81 @@ impl Client {
     /// [`SubmittedWrite::wait`]. The buffers are on the wire (or in the
     /// socket) when this returns, so they may be reused at once.
     pub fn submit_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<SubmittedWrite> {
-        self.send_write(offset, bufs, 0)
+        self.send_write(offset, bufs, 0, None)
+    }
+
+    /// Sends a write and returns at once; `bell` rings when its replies are
+    /// in (then [`Started::finish`] does not block). For a queue worker that
+    /// keeps many requests in flight on one thread.
+    pub fn start_write(
+        &self,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+        bell: &Arc<Doorbell>,
+    ) -> Result<Started> {
+        let w = self.send_write(offset, bufs, 0, Some(bell))?;
+        Ok(Started {
+            conn: w.conn,
+            op: "write",
+            tickets: w.tickets,
+        })
+    }
+
+    /// [`Client::start_write`] for a write-zeroes (a discard is sent as one
+    /// that may leave holes, as [`BlockDev::discard`] is). `None` when the
+    /// server has no WRITE_ZEROES: the caller then writes zeroes with
+    /// [`BlockDev::write_zeroes`], which sends them as data and waits.
+    pub fn start_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        bell: &Arc<Doorbell>,
+    ) -> Option<Result<Started>> {
+        let info = self.info();
+        if !info.has(FLAG_SEND_WRITE_ZEROES) && !info.has(FLAG_READ_ONLY) {
+            return None;
+        }
+        let checked = || {
+            if info.has(FLAG_READ_ONLY) {
+                return Err(BlockError::ReadOnly);
+            }
+            check_range(offset, len, self.size)?;
+            aligned(&info, "write-zeroes", offset, len)
+        };
+        if let Err(e) = checked() {
+            return Some(Err(e));
+        }
+        let flags = if unmap { 0 } else { CMD_FLAG_NO_HOLE };
+        let (conn, tickets) =
+            self.send_ranged(Command::WriteZeroes, flags, offset, len, Some(bell));
+        Some(Ok(Started {
+            conn,
+            op: "write-zeroes",
+            tickets,
+        }))
+    }
+
+    /// [`Client::start_write`] for a flush. A server without a write cache
+    /// (no FLUSH flag) needs none: that completes at once.
+    pub fn start_flush(&self, bell: &Arc<Doorbell>) -> Started {
+        let conn = self.current();
+        let tickets = if conn.info().has(FLAG_SEND_FLUSH) {
+            vec![(
+                0,
+                conn.send_waking(Command::Flush, 0, 0, 0, &[], Some(bell)),
+            )]
+        } else {
+            match conn.broken() {
+                Some(why) => vec![(0, Err(Failure::Broken(why)))],
+                None => Vec::new(),
+            }
+        };
+        Started {
+            conn,
+            op: "flush",
+            tickets,
+        }
     }
 
     fn send_write(
@@ -171,6 +246,7 @@ impl Client {
         offset: u64,
         bufs: &[VolatileSlice<'_>],
         flags: u16,
+        bell: Option<&Arc<Doorbell>>,
     ) -> Result<SubmittedWrite> {
         let conn = self.current();
         let info = conn.info();
@@ -186,7 +262,7 @@ impl Client {
         while at < len {
             let n = (len - at).min(step);
             let part = iov_window(bufs, at, n)?;
-            let t = conn.send(Command::Write, flags, offset + at, n as u32, &part);
+            let t = conn.send_waking(Command::Write, flags, offset + at, n as u32, &part, bell);
             tickets.push((offset + at, t));
             at += n;
         }
@@ -196,7 +272,7 @@ impl Client {
     fn write(&self, offset: u64, bufs: &[VolatileSlice<'_>], fua: bool) -> Result<()> {
         let native_fua = fua && self.current().info().has(FLAG_SEND_FUA);
         let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
-        self.send_write(offset, bufs, flags)?.wait()?;
+        self.send_write(offset, bufs, flags, None)?.wait()?;
         if fua && !native_fua {
             return self.flush();
         }
@@ -212,6 +288,19 @@ impl Client {
         len: u64,
         op: &'static str,
     ) -> Result<()> {
+        let (conn, tickets) = self.send_ranged(cmd, flags, offset, len, None);
+        wait_all(&conn, op, tickets).map(|_| ())
+    }
+
+    /// Sends the pieces of a length-only command without waiting.
+    fn send_ranged(
+        &self,
+        cmd: Command,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        bell: Option<&Arc<Doorbell>>,
+    ) -> (Arc<Conn>, Tickets) {
         let conn = self.current();
         let step =
             MAX_EFFECT_LEN / u64::from(conn.info().min_block) * u64::from(conn.info().min_block);
@@ -221,11 +310,11 @@ impl Client {
             let n = (len - at).min(step);
             tickets.push((
                 offset + at,
-                conn.send(cmd, flags, offset + at, n as u32, &[]),
+                conn.send_waking(cmd, flags, offset + at, n as u32, &[], bell),
             ));
             at += n;
         }
-        wait_all(&conn, op, tickets).map(|_| ())
+        (conn, tickets)
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
@@ -241,12 +330,48 @@ impl Client {
     }
 }
 
+/// Requests sent, each with the offset it starts at.
+type Tickets = Vec<(u64, std::result::Result<Arc<Ticket>, Failure>)>;
+
+/// Requests sent by a `start_*` call of [`Client`], whose replies ring the
+/// doorbell given there.
+#[must_use = "the outcome is only known after finish()"]
+pub struct Started {
+    conn: Arc<Conn>,
+    op: &'static str,
+    tickets: Tickets,
+}
+
+impl Started {
+    /// True once every reply is in (or the connection failed them).
+    pub fn is_done(&self) -> bool {
+        self.tickets
+            .iter()
+            .all(|(_, t)| t.as_ref().map_or(true, |t| t.is_done()))
+    }
+
+    /// The outcome; the first failure (in offset order) is returned. Blocks
+    /// (under the request timeout) unless [`is_done`](Self::is_done).
+    pub fn finish(self) -> Result<()> {
+        wait_all(&self.conn, self.op, self.tickets).map(|_| ())
+    }
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("op", &self.op)
+            .field("requests", &self.tickets.len())
+            .finish()
+    }
+}
+
 /// A write sent by [`Client::submit_write`] whose reply is still to come.
 /// Dropping it without [`wait`](Self::wait) leaves the outcome unknown.
 #[must_use = "the write's outcome is only known after wait()"]
 pub struct SubmittedWrite {
     conn: Arc<Conn>,
-    tickets: Vec<(u64, std::result::Result<Arc<Ticket>, Failure>)>,
+    tickets: Tickets,
 }
 
 impl SubmittedWrite {

@@ -18,11 +18,16 @@
 //! while the secondary handles it, then its reply is awaited (still under the
 //! cluster lock): the local write costs no time on top of the round trip.
 
+mod channel;
+
+pub use channel::PrimaryChannel;
+
 use super::fence::{Fence, OnFenced};
 use super::intent::{IntentToken, WriteIntent};
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
+use crate::block::channel::{IoChannel, Waiters};
 use crate::block::{
     Bitmap, BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RangeLocks,
     Result as BlockResult, SharedDev, DEFAULT_STRIPES,
@@ -30,8 +35,8 @@ use crate::block::{
 use crate::nbd;
 use log::{info, warn};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
@@ -66,10 +71,17 @@ impl ForwardTarget {
     }
 }
 
-/// Guest writes worth keeping in flight at once (see
-/// [`BlockDev::concurrent_writes`]): each waits on a round trip to the
-/// secondary, and the NBD client multiplexes them on one connection.
+/// Guest writes worth keeping in flight at once on the threaded path (see
+/// [`BlockDev::concurrent_writes`]), used only when a queue cannot have a
+/// [`PrimaryChannel`]: each waits on a round trip to the secondary, and the
+/// NBD client multiplexes them on one connection.
 const CONCURRENT_WRITES: usize = 16;
+
+/// Bytes one write-intent bit covers at least (DRBD's activity-log extent):
+/// the first write to an extent after a clear costs a sync of the bitmap
+/// file, so extents much larger than a cluster keep a random-write workload
+/// from paying one per write; a restart resyncs whole extents.
+pub const INTENT_EXTENT: u64 = 4 << 20;
 
 /// Largest piece a resync copies in one I/O.
 const RESYNC_WINDOW: u64 = 2 << 20;
@@ -123,10 +135,18 @@ pub struct Primary {
     local: SharedDev,
     connect: TargetConnector,
     cluster_shift: u32,
-    locks: RangeLocks,
+    locks: Arc<RangeLocks>,
     /// One bit per cluster changed while not forwarding.
     dirty: Bitmap,
     link: RwLock<Link>,
+    /// Requests of queue channels that took a view of the link (under the
+    /// shared lock, let go at once) and have not completed; a switch waits
+    /// for none under the exclusive lock (see [`PrimaryChannel`]).
+    link_users: AtomicUsize,
+    /// Channels that found the link being switched.
+    link_bells: Mutex<Waiters>,
+    /// This primary, for the channels it opens.
+    me: Weak<Primary>,
     /// False once a forwarded I/O failed; writes then mark clusters dirty.
     healthy: AtomicBool,
     /// True while the secondary is known equal to the local disk except for the
@@ -179,13 +199,16 @@ impl Primary {
     ) -> Arc<Self> {
         let cluster_size = cluster_size.max(512).next_power_of_two();
         let clusters = local.size().div_ceil(cluster_size);
-        Arc::new(Primary {
+        Arc::new_cyclic(|me| Primary {
             local,
             connect,
             cluster_shift: cluster_size.trailing_zeros(),
-            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            locks: Arc::new(RangeLocks::new(cluster_size, DEFAULT_STRIPES)),
             dirty: Bitmap::new(clusters),
             link: RwLock::new(Link::default()),
+            link_users: AtomicUsize::new(0),
+            link_bells: Mutex::new(Waiters::default()),
+            me: me.clone(),
             healthy: AtomicBool::new(false),
             baseline: AtomicBool::new(false),
             stage: Mutex::new(Stage::None),
@@ -219,8 +242,9 @@ impl Primary {
     /// restarted primary can `start --sync dirty`). Starts the lazy clearer.
     pub fn attach_intent(self: &Arc<Self>, intent: WriteIntent) {
         if intent.loaded_baseline() {
-            intent.for_each_set(|first, n| {
-                self.dirty.set_range(first, n);
+            intent.for_each_set(|bit, n| {
+                let (c0, nc) = self.bit_clusters(&intent, bit, n);
+                self.dirty.set_range(c0, nc);
             });
             self.baseline.store(true, Ordering::Release);
         }
@@ -234,6 +258,43 @@ impl Primary {
             .spawn(move || intent_clearer(me));
         if let Err(e) = spawned {
             log::warn!("primary: no write-intent clearer ({e}): bits stay set until restart");
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("intent-sync".into())
+            .spawn(move || intent_syncer(me));
+        if let Err(e) = spawned {
+            log::warn!("primary: no write-intent syncer ({e}): writes mark one by one");
+            if let Some(wi) = self.intent.get() {
+                wi.no_syncer();
+            }
+        }
+    }
+
+    /// [`Primary::mark_intent`] for a queue channel: `Ok(None)` when the
+    /// bits are asked of the syncer (retry once `bell` rings).
+    fn mark_intent_async(
+        &self,
+        first: u64,
+        last: u64,
+        forwarding: bool,
+        bell: &Arc<crate::block::channel::Doorbell>,
+    ) -> BlockResult<Option<Option<IntentToken<'_>>>> {
+        let Some(wi) = self.intent.get() else {
+            return Ok(Some(None));
+        };
+        if !forwarding && !self.baseline.load(Ordering::Acquire) {
+            return Ok(Some(None));
+        }
+        let (first, last) = self.intent_bits(wi, first, last);
+        match wi.mark_or_request(first, last, bell) {
+            Ok(super::intent::Marked::Now(t)) => Ok(Some(Some(t))),
+            Ok(super::intent::Marked::Later) => Ok(None),
+            Err(e) => Err(BlockError::io(
+                "write-intent",
+                first,
+                std::io::Error::other(e.to_string()),
+            )),
         }
     }
 
@@ -252,9 +313,30 @@ impl Primary {
         if !forwarding && !self.baseline.load(Ordering::Acquire) {
             return Ok(None);
         }
+        let (first, last) = self.intent_bits(wi, first, last);
         wi.mark(first, last).map(Some).map_err(|e| {
             BlockError::io("write-intent", first, std::io::Error::other(e.to_string()))
         })
+    }
+
+    /// The bitmap bits that cover clusters `first..=last` (a bit may cover
+    /// many clusters: see [`INTENT_EXTENT`]).
+    fn intent_bits(&self, wi: &WriteIntent, first: u64, last: u64) -> (u64, u64) {
+        let cs = self.cluster_shift;
+        let ws = wi.shift();
+        let byte = |c: u64| c.checked_shl(cs).unwrap_or(u64::MAX);
+        let end = byte(last.saturating_add(1)).saturating_sub(1);
+        (byte(first) >> ws, end >> ws)
+    }
+
+    /// The clusters that bits `bit..bit + n` cover, clamped to the disk.
+    fn bit_clusters(&self, wi: &WriteIntent, bit: u64, n: u64) -> (u64, u64) {
+        let (cs, ws) = (self.cluster_shift, wi.shift());
+        let byte = |b: u64| b.checked_shl(ws).unwrap_or(u64::MAX);
+        let total = self.local.size().div_ceil(1 << cs);
+        let c0 = (byte(bit) >> cs).min(total);
+        let c1 = (byte(bit.saturating_add(n)) >> cs).clamp(c0, total);
+        (c0, c1 - c0)
     }
 
     /// Records durably whether the secondary is a dirty-resync baseline.
@@ -263,7 +345,7 @@ impl Primary {
         match self.intent.get() {
             None => Ok(()),
             Some(wi) => wi
-                .set_baseline(baseline, self.cluster_shift, self.local.size())
+                .set_baseline(baseline, wi.shift(), self.local.size())
                 .map_err(|e| ReplicationError::Io(e.to_string())),
         }
     }
@@ -281,7 +363,12 @@ impl Primary {
             }
         };
         let flushed = || self.local.flush().is_ok() && remote.dev.flush().is_ok();
-        if let Err(e) = wi.clear_lazily(&self.dirty, flushed) {
+        // A bit is kept while any of its clusters is dirty.
+        let keep = |bit: u64| {
+            let (c0, n) = self.bit_clusters(wi, bit, 1);
+            n > 0 && self.dirty.run(c0, n) != (false, n)
+        };
+        if let Err(e) = wi.clear_lazily(keep, flushed) {
             log::warn!("primary: {e}");
         }
     }
@@ -365,6 +452,22 @@ impl Primary {
             mode: Mode::Primary,
             message,
         });
+    }
+
+    /// The link, alone, once no channel request still uses its old state.
+    /// Channels that find it switching wait and are rung when this ends.
+    fn switch_link(&self) -> LinkSwitch<'_> {
+        let guard = self.link.write().unwrap_or_else(|e| e.into_inner());
+        // Completions need no lock this thread holds (queue workers never
+        // wait on `link`), so this ends; bounded by the NBD request timeout
+        // when the secondary hangs, as a threaded write would be.
+        while self.link_users.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        LinkSwitch {
+            guard: Some(guard),
+            bells: &self.link_bells,
+        }
     }
 
     fn forwarding<'a>(&self, link: &'a Link) -> Option<&'a ForwardTarget> {
@@ -890,6 +993,8 @@ impl Primary {
             // must not leave a bitmap that claims a baseline.
             self.persist_baseline(sync == SyncMode::None)?;
         }
+        // The link before the stage, as a failing write takes them.
+        let mut link = self.switch_link();
         let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*stage, Stage::None | Stage::Done) {
             // Fenced while connecting (a late refusal of an older link).
@@ -898,15 +1003,13 @@ impl Primary {
                 *stage
             )));
         }
-        {
-            let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
-            link.remote = Some(remote);
-            self.healthy.store(true, Ordering::Release);
-            if sync != SyncMode::Dirty {
-                // Full copies everything; none declares the disks equal.
-                self.dirty.clear_all();
-            }
+        link.remote = Some(remote);
+        self.healthy.store(true, Ordering::Release);
+        if sync != SyncMode::Dirty {
+            // Full copies everything; none declares the disks equal.
+            self.dirty.clear_all();
         }
+        drop(link);
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *stage = Stage::Running;
         drop(stage);
@@ -984,7 +1087,7 @@ impl Replication for PrimaryControl {
         }
         p.resync_cancel.store(true, Ordering::Release);
         {
-            let mut link = p.link.write().unwrap_or_else(|e| e.into_inner());
+            let mut link = p.switch_link();
             link.remote = None;
             p.healthy.store(false, Ordering::Release);
         }
@@ -1079,6 +1182,11 @@ impl BlockDev for Primary {
         self.local.block_status(offset, len)
     }
 
+    fn open_channel(&self, depth: u32) -> Option<std::io::Result<Box<dyn IoChannel>>> {
+        let me = self.me.upgrade()?;
+        Some(PrimaryChannel::new(me, depth).map(|c| Box::new(c) as Box<dyn IoChannel>))
+    }
+
     fn concurrent_writes(&self) -> usize {
         // Asked once per frontend connection, so not only while forwarding:
         // with forwarding off the writes are merely local ones run beside the
@@ -1094,6 +1202,52 @@ impl std::fmt::Debug for Primary {
             .field("stage", &self.stage())
             .field("cluster_size", &self.cluster_size())
             .finish_non_exhaustive()
+    }
+}
+
+/// The link held alone by `start`/`stop`; channels that waited are rung
+/// once it is let go.
+struct LinkSwitch<'a> {
+    guard: Option<RwLockWriteGuard<'a, Link>>,
+    bells: &'a Mutex<Waiters>,
+}
+
+impl std::ops::Deref for LinkSwitch<'_> {
+    type Target = Link;
+    fn deref(&self) -> &Link {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for LinkSwitch<'_> {
+    fn deref_mut(&mut self) -> &mut Link {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for LinkSwitch<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring_all();
+    }
+}
+
+/// Makes the bits queue channels ask for durable, a batch per sync, for as
+/// long as the primary lives.
+fn intent_syncer(me: Weak<Primary>) {
+    loop {
+        let Some(p) = me.upgrade() else {
+            return;
+        };
+        let Some(wi) = p.intent.get() else {
+            return;
+        };
+        // Waits (a while) inside; the primary is not kept alive meanwhile
+        // longer than that.
+        wi.sync_asked(Duration::from_millis(500));
     }
 }
 
