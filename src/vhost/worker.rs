@@ -286,6 +286,17 @@ mod tests {
     }
 
     #[test]
+    fn a_started_ring_kicks_itself_so_its_first_pass_needs_no_guest_kick() {
+        let atomic = guest_memory();
+        let vring = Vring::new(atomic, SIZE).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+        vring.set_kick(Some(dup));
+        assert_eq!(kick.read().unwrap(), 1);
+    }
+
+    #[test]
     fn a_pass_notifies_once_per_batch_and_rearms_event_idx() {
         let disk = temp_disk();
         let device = Arc::new(BlkDevice::new(disk, geometry(), ""));

@@ -19,4 +19,6 @@ pub use error::RequestError;
 pub use queue::{NoLog, RingLog};
 
 #[cfg(test)]
+mod head_chain_tests;
+#[cfg(test)]
 mod tests;
