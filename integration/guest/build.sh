@@ -140,7 +140,7 @@ busybox="$out/busybox"
 if [ ! -f "$out/kernel/vmlinuz" ] || [ ! -f "$out/kernel/modules/order" ]; then fetch_kernel; fi
 
 # --- initramfs --------------------------------------------------------------
-inputs=("$here/init" "$here/blkzero.c" "$here/build.sh" "$out/kernel/package" "$busybox")
+inputs=("$here/init" "$here/blkzero.c" "$here/blkstress.c" "$here/build.sh" "$out/kernel/package" "$busybox")
 while IFS= read -r f; do inputs+=("$f"); done < <(find "$here/cases" -type f | sort)
 stamp="$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
 if [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinuz" ] &&
@@ -156,9 +156,10 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,tmp,guest,lib/modules/"$rel"}
 cp "$busybox" "$root/bin/busybox"
 cp -r "$out/kernel/modules/." "$root/lib/modules/$rel/"
 cc -static -Os -Wall -Werror -o "$root/bin/blkzero" "$here/blkzero.c"
+cc -static -Os -Wall -Werror -o "$root/bin/blkstress" "$here/blkstress.c"
 cp "$here/init" "$root/init"
 cp -r "$here/cases" "$root/guest/"
-chmod 0755 "$root/init" "$root/bin/busybox" "$root/bin/blkzero"
+chmod 0755 "$root/init" "$root/bin/busybox" "$root/bin/blkzero" "$root/bin/blkstress"
 # /dev/console must exist before devtmpfs is mounted, or init starts without
 # stdin/stdout and the serial console stays silent.
 (cd "$root" && find . -print0 | LC_ALL=C sort -z |

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -127,6 +128,10 @@ class Backend:
     socket: Path
     disk: Path
     readonly: bool = False
+    # O_DIRECT on the image (colo-blk's io_uring engine; qsd's cache.direct with
+    # aio=io_uring): requests stay in flight in the backend for as long as the
+    # host's disk takes.
+    direct: bool = False
     serial: str = ""
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
@@ -138,7 +143,8 @@ class Backend:
             return [
                 "qemu-storage-daemon",
                 "--blockdev",
-                f"driver=file,filename={self.disk},node-name=d,discard=unmap{ro}",
+                f"driver=file,filename={self.disk},node-name=d,discard=unmap{ro}"
+                + (",cache.direct=on,aio=io_uring" if self.direct else ""),
                 "--export",
                 "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,"
                 f"addr.path={self.socket},writable={'off' if self.readonly else 'on'},"
@@ -150,6 +156,8 @@ class Backend:
             argv += ["--serial", self.serial]
         if self.readonly:
             argv.append("--readonly")
+        if self.direct:
+            argv.append("--direct")
         return argv + self.extra
 
     def start(self) -> None:
@@ -399,6 +407,8 @@ class Context:
     run_dir: Path
     timeout: float
     verbose: bool
+    load_runs: int = 1
+    seed: int = 0
     passed: int = 0
     failed: int = 0
     skipped: int = 0
@@ -544,6 +554,116 @@ def case_reconnect(ctx: Context) -> None:
         got = md5_range(img, off * MIB, 2 * MIB)
         ctx.check(case, f"host:raw-data-{off}M", got == res.info.get("raw_md5"),
                   f"host {got}, guest {res.info.get('raw_md5')}")
+
+
+RESTART_KILLS = 10
+# How long a guest process may make no progress before blkstress calls it hung.
+HANG_SECONDS = 30
+LOAD_LINE = re.compile(r"(\d+) request\(s\) to serve again")
+
+
+@dataclass
+class LoadRun:
+    """What one restart-under-load run measured."""
+
+    kills: int = 0
+    figures: dict[str, str] = field(default_factory=dict)
+    failed_checks: list[str] = field(default_factory=list)
+    result: GuestResult | None = None
+    logs: list[str] = field(default_factory=list)
+    restart_error: str = ""
+
+
+def restart_under_load(ctx: Context, case: str, kind: str, kills: int,
+                       rng: random.Random) -> LoadRun:
+    """Boots the restart_load guest on a KIND backend and, once its load runs,
+    SIGKILLs and restarts the backend KILLS times, 1 to 3 s apart (random)."""
+    img = new_image(ctx, case)
+    backend = Backend(kind=kind, binary=ctx.colo_blk, run_dir=ctx.run_dir,
+                      socket=ctx.run_dir / f"{case}.sock", disk=img, serial="colo-guest-rl",
+                      direct=True)
+    backend.start()
+    run = LoadRun()
+
+    def kill_loop() -> None:
+        for _ in range(kills):
+            time.sleep(rng.uniform(1.0, 3.0))
+            backend.kill()
+            try:
+                backend.start()
+            except RunnerError as e:
+                run.restart_error = str(e)
+                return
+            run.kills += 1
+        # The guest stops its load only once the last backend serves it.
+        time.sleep(rng.uniform(1.0, 3.0))
+
+    res = boot_guest(ctx, case, backend.socket,
+                     ctx.guest_args("restart_load", backend, hang=str(HANG_SECONDS)),
+                     on_wait={"kills": kill_loop})
+    run.result = res
+    run.figures = dict(res.info)
+    run.failed_checks = [f"{name}: {detail}" if detail else name
+                         for name, ok, detail in res.checks if not ok]
+    if not (res.done and res.exited and not res.error):
+        run.failed_checks.append(f"guest-finished: {res.error or 'no GUEST-DONE'}")
+    backend.stop()
+    run.logs = [p.read_text(errors="replace")
+                for p in sorted(ctx.run_dir.glob(f"{case}-{kind}-*.log"),
+                                key=lambda p: int(p.stem.rsplit("-", 1)[1]))]
+    return run
+
+
+def case_restart_load(ctx: Context) -> None:
+    """colo-blk SIGKILLed and restarted 10 times under O_DIRECT, AIO (QD 16) and
+    large-read load: no guest I/O error, no hung request, every block intact, and
+    the inflight buffer in use (GET_INFLIGHT_FD once, SET_INFLIGHT_FD at every
+    start)."""
+    if ctx.backend != "colo-blk":
+        ctx.skip("restart-load", "asserts colo-blk; restart-load-qsd is the qsd run")
+        return
+    for n in range(1, ctx.load_runs + 1):
+        case = "restart-load" if ctx.load_runs == 1 else f"restart-load-{n}"
+        seed = ctx.seed + n
+        print(f"  run {n}/{ctx.load_runs}, seed {seed}", flush=True)
+        run = restart_under_load(ctx, case, "colo-blk", RESTART_KILLS, random.Random(seed))
+        ctx.check(case, f"backend-killed-{RESTART_KILLS}-times", run.kills == RESTART_KILLS,
+                  run.restart_error or f"{run.kills} kills")
+        assert run.result is not None
+        ctx.report_guest(case, run.result)
+        logs = run.logs
+        ctx.check(case, "host:get-inflight-fd-on-first-start",
+                  bool(logs) and "GET_INFLIGHT_FD" in logs[0],
+                  "the first backend was never asked for an inflight buffer")
+        without = [i + 1 for i, text in enumerate(logs) if "SET_INFLIGHT_FD" not in text]
+        ctx.check(case, "host:set-inflight-fd-at-every-start", bool(logs) and not without,
+                  f"backend start(s) {without} got no SET_INFLIGHT_FD")
+        resubmitted = sum(int(m) for text in logs for m in LOAD_LINE.findall(text))
+        f = run.figures
+        print(f"  figures: kills={run.kills} ops={f.get('load_ops')} "
+              f"errors={f.get('load_errors')} mismatches={f.get('load_mismatches')} "
+              f"hung={f.get('load_hung')} verified={f.get('load_verified')} "
+              f"kernel_complaints={f.get('kernel_complaints')} resubmitted={resubmitted}",
+              flush=True)
+
+
+def case_restart_load_qsd(ctx: Context) -> None:
+    """The restart-load scenario on qemu-storage-daemon, as a reference: what it
+    gets wrong is reported, never counted as a failure."""
+    case = "restart-load-qsd"
+    if not shutil.which("qemu-storage-daemon"):
+        ctx.skip(case, "qemu-storage-daemon not installed")
+        return
+    run = restart_under_load(ctx, case, "qsd", RESTART_KILLS, random.Random(ctx.seed))
+    f = run.figures
+    print(f"  reference (not asserted): qsd kills={run.kills} ops={f.get('load_ops')} "
+          f"errors={f.get('load_errors')} mismatches={f.get('load_mismatches')} "
+          f"hung={f.get('load_hung')} verified={f.get('load_verified')} "
+          f"kernel_complaints={f.get('kernel_complaints')}", flush=True)
+    for line in run.failed_checks:
+        print(f"  reference: qsd guest saw {line}", flush=True)
+    if not run.failed_checks:
+        print("  reference: qsd survived this run", flush=True)
 
 
 def ctl(ctx: Context, control: Path, *args: str) -> dict:
@@ -716,6 +836,8 @@ CASES: dict[str, Callable[[Context], None]] = {
     "reconnect": case_reconnect,
     "colo": case_colo,
     "colo-tls": case_colo_tls,
+    "restart-load": case_restart_load,
+    "restart-load-qsd": case_restart_load_qsd,
 }
 
 
@@ -742,6 +864,10 @@ def main() -> int:
                                                           str(REPO / "build" / "guest")))
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="print command lines")
+    ap.add_argument("--load-runs", type=int, default=1,
+                    help=f"runs of restart-load ({RESTART_KILLS} kills each; default 1)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the kill moments (default: from the clock, printed)")
     opts = ap.parse_args()
 
     names = [n for n in opts.cases.split(",") if n]
@@ -763,9 +889,11 @@ def main() -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="colo-blk-guest-"))
     ctx = Context(backend=opts.backend, colo_blk=opts.colo_blk, kernel=build / "vmlinuz",
                   initrd=build / "initramfs.cpio.gz", run_dir=run_dir,
-                  timeout=opts.timeout, verbose=opts.verbose)
-    print(f"guest tests: backend {opts.backend}, cases {', '.join(names)}, logs in {run_dir}",
-          flush=True)
+                  timeout=opts.timeout, verbose=opts.verbose,
+                  load_runs=max(1, opts.load_runs),
+                  seed=opts.seed if opts.seed is not None else int(time.time()))
+    print(f"guest tests: backend {opts.backend}, cases {', '.join(names)}, logs in {run_dir}, "
+          f"seed {ctx.seed}", flush=True)
     try:
         for name in names:
             started = time.monotonic()

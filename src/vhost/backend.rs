@@ -1,14 +1,18 @@
 //! The `VhostUserBackend` implementation: feature negotiation, config space, and
 //! one worker thread per queue.
 
+use super::inflight::{self, InflightBuffer};
 use super::queue_io::QueueIo;
 use super::vring::Vring;
 use super::worker;
 use crate::virtio_blk::{BlkDevice, GuestMem};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
@@ -99,6 +103,34 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (reply, file) = inflight::create(msg, self.num_queues, self.queue_size)
+            .inspect_err(|e| log::warn!("GET_INFLIGHT_FD refused: {e}"))?;
+        log::info!(
+            "GET_INFLIGHT_FD: new inflight buffer for {} queue(s) of {} ({} bytes)",
+            reply.num_queues,
+            reply.queue_size,
+            reply.mmap_size
+        );
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let buffer = InflightBuffer::open(msg, &file, self.num_queues, self.queue_size)
+            .inspect_err(|e| log::warn!("SET_INFLIGHT_FD refused: {e}"))?;
+        log::info!(
+            "SET_INFLIGHT_FD: tracking {} queue(s) of {} in the frontend's buffer ({} bytes)",
+            buffer.num_queues(),
+            msg.queue_size,
+            msg.mmap_size
+        );
+        for (q, io) in self.queues.iter().enumerate() {
+            io.set_inflight(buffer.queue(q));
+        }
+        Ok(())
     }
 
     fn reset_device(&self) {

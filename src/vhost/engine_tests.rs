@@ -23,14 +23,17 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const QSIZE: u16 = 128;
-const DISK: u64 = 1 << 20;
+pub(super) const QSIZE: u16 = 128;
+pub(super) const DISK: u64 = 1 << 20;
 
-fn guest_memory() -> GuestMemoryAtomic<GuestMem> {
+pub(super) fn guest_memory() -> GuestMemoryAtomic<GuestMem> {
     GuestMemoryAtomic::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap())
 }
 
-fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMem>) -> Vring {
+pub(super) fn ready_vring(
+    atomic: &GuestMemoryAtomic<GuestMem>,
+    vq: &MockSplitQueue<GuestMem>,
+) -> Vring {
     let vring = Vring::new(atomic.clone(), QSIZE).unwrap();
     vring.set_queue_size(QSIZE);
     vring
@@ -43,31 +46,41 @@ fn ready_vring(atomic: &GuestMemoryAtomic<GuestMem>, vq: &MockSplitQueue<GuestMe
 
 /// One request of the test: type, sector, data length (or a range list).
 #[derive(Clone, Copy)]
-struct Req {
-    kind: u32,
-    sector: u64,
-    len: u32,
+pub(super) struct Req {
+    pub(super) kind: u32,
+    pub(super) sector: u64,
+    pub(super) len: u32,
 }
 
-fn hdr_addr(i: u16) -> u64 {
+pub(super) fn hdr_addr(i: u16) -> u64 {
     0x10_0000 + u64::from(i) * 0x100
 }
 
-fn data_addr(i: u16) -> u64 {
+pub(super) fn data_addr(i: u16) -> u64 {
     0x20_0000 + u64::from(i) * 0x1_0000
 }
 
-fn status(mem: &GuestMem, i: u16) -> u8 {
+pub(super) fn status(mem: &GuestMem, i: u16) -> u8 {
     mem.read_obj::<u8>(GuestAddress(hdr_addr(i) + 0x80))
         .unwrap()
 }
 
 /// Appends requests as chains header ▸ data ▸ status, request `i` using
 /// descriptors `3i..3i+3` and its own header and data areas.
-fn add_requests(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, reqs: &[Req]) {
+pub(super) fn add_requests(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, reqs: &[Req]) {
+    add_requests_at(mem, vq, 0, reqs);
+}
+
+/// [`add_requests`] numbering the requests from `first`.
+pub(super) fn add_requests_at(
+    mem: &GuestMem,
+    vq: &MockSplitQueue<GuestMem>,
+    first: u16,
+    reqs: &[Req],
+) {
     let mut descs = Vec::new();
-    for (i, r) in reqs.iter().enumerate() {
-        let i = i as u16;
+    for (k, r) in reqs.iter().enumerate() {
+        let i = first + k as u16;
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(&r.kind.to_le_bytes());
         h[8..].copy_from_slice(&r.sector.to_le_bytes());
@@ -91,16 +104,18 @@ fn add_requests(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>, reqs: &[Req]) {
         descs.push(d(data_addr(i), len, data_flags, 3 * i + 2));
         descs.push(d(hdr_addr(i) + 0x80, 1, VRING_DESC_F_WRITE, 0));
     }
-    vq.add_desc_chains(&descs, 0).unwrap();
+    vq.add_desc_chains(&descs, 3 * first).unwrap();
 }
 
 /// What the held channel has been given.
 #[derive(Default)]
-struct Held {
+pub(super) struct Held {
     /// (id, read buffers) of operations not yet completed.
-    pending: Vec<(u64, Vec<(usize, usize)>)>,
-    most_in_flight: usize,
-    release: bool,
+    pub(super) pending: Vec<(u64, Vec<(usize, usize)>)>,
+    pub(super) most_in_flight: usize,
+    pub(super) release: bool,
+    /// Operations to complete at the next poll while `release` is false.
+    pub(super) release_ids: Vec<u64>,
 }
 
 /// A channel that holds every operation until the test releases it, and
@@ -142,6 +157,13 @@ impl IoChannel for HeldChannel {
     fn submit(&mut self) {}
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         let mut h = self.shared.lock().unwrap();
+        let chosen = std::mem::take(&mut h.release_ids);
+        for id in chosen {
+            if let Some(at) = h.pending.iter().position(|(p, _)| *p == id) {
+                h.pending.remove(at);
+                self.done.push(IoCompletion { id, result: Ok(()) });
+            }
+        }
         if h.release {
             // Completes in reverse order: the used ring must not care.
             while let Some((id, bufs)) = h.pending.pop() {
@@ -159,7 +181,7 @@ impl IoChannel for HeldChannel {
     }
     fn has_completions(&mut self) -> bool {
         let h = self.shared.lock().unwrap();
-        h.release && !h.pending.is_empty()
+        (h.release && !h.pending.is_empty()) || !h.release_ids.is_empty()
     }
     fn in_flight(&self) -> usize {
         self.shared.lock().unwrap().pending.len()
@@ -170,8 +192,8 @@ impl IoChannel for HeldChannel {
 }
 
 /// A node whose only I/O path is a [`HeldChannel`].
-struct HeldDisk {
-    shared: Arc<Mutex<Held>>,
+pub(super) struct HeldDisk {
+    pub(super) shared: Arc<Mutex<Held>>,
 }
 
 impl BlockDev for HeldDisk {
@@ -208,7 +230,7 @@ impl BlockDev for HeldDisk {
     }
 }
 
-fn reads(n: u16) -> Vec<Req> {
+pub(super) fn reads(n: u16) -> Vec<Req> {
     (0..n)
         .map(|i| Req {
             kind: VIRTIO_BLK_T_IN,
@@ -218,7 +240,7 @@ fn reads(n: u16) -> Vec<Req> {
         .collect()
 }
 
-fn used_idx(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>) -> u16 {
+pub(super) fn used_idx(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>) -> u16 {
     mem.read_obj::<u16>(vq.used_addr().unchecked_add(2))
         .unwrap()
 }

@@ -7,9 +7,13 @@
 mod backend;
 #[cfg(test)]
 mod engine_tests;
+mod inflight;
 mod offload;
 mod poll;
 mod queue_io;
+#[cfg(test)]
+mod restart_tests;
+mod resume;
 mod shutdown;
 mod vring;
 mod worker;

@@ -3,6 +3,7 @@
 //! slow writes (when it has none), and the polling state. Nothing here is
 //! shared between queues.
 
+use super::inflight::QueueRegion;
 use super::offload::IoPool;
 use super::poll::Poller;
 use crate::virtio_blk::{AsyncQueue, BlkDevice};
@@ -18,6 +19,12 @@ pub(crate) struct QueueState {
     /// the worker (or in the pool).
     pub(crate) channel: Option<AsyncQueue>,
     pub(crate) poller: Poller,
+    /// This queue's part of the frontend's inflight buffer, once it sent one.
+    pub(crate) inflight: Option<QueueRegion>,
+    /// A buffer sent (SET_INFLIGHT_FD) since the ring last started: it takes
+    /// over at the next start, never under a running ring, whose requests in
+    /// flight it knows nothing of.
+    pub(crate) inflight_next: Option<Option<QueueRegion>>,
 }
 
 /// The I/O side of one queue.
@@ -46,6 +53,8 @@ impl QueueIo {
             state: Mutex::new(QueueState {
                 channel,
                 poller: Poller::new(poll_us),
+                inflight: None,
+                inflight_next: None,
             }),
         })
     }
@@ -67,6 +76,12 @@ impl QueueIo {
     /// What drives the node asynchronously, if anything does (for the log).
     pub(crate) fn channel_name(&self) -> Option<&'static str> {
         self.lock().channel.as_ref().map(AsyncQueue::channel_name)
+    }
+
+    /// Tracks the queue's requests in `region` from its next start on (`None`:
+    /// stop tracking then).
+    pub(crate) fn set_inflight(&self, region: Option<QueueRegion>) {
+        self.lock().inflight_next = Some(region);
     }
 
     /// Blocks until every request picked up is in the used ring

@@ -54,6 +54,19 @@ fn check_eventfd(file: &File) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes the ring's first pass happen as soon as it is enabled, kick or not: a
+/// restarted backend owes the driver the requests its predecessor took, and a
+/// driver waiting for them has no reason to kick (libvhost-user does the same).
+fn kick_self(kick: &File) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write from a live buffer to an eventfd this vring owns.
+    let rc = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if rc < 0 {
+        // A counter at the top already means "kicked".
+        log::debug!("cannot kick the ring: {}", io::Error::last_os_error());
+    }
+}
+
 fn checked(what: &str, file: Option<File>) -> Option<File> {
     let file = file?;
     match check_eventfd(&file) {
@@ -135,9 +148,10 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for GuardedVring<M> {
     }
     fn set_kick(&self, file: Option<File>) {
         let file = checked("kick", file);
-        if file.is_some() {
+        if let Some(kick) = &file {
             self.started
                 .store(true, std::sync::atomic::Ordering::Release);
+            kick_self(kick);
         }
         self.inner.set_kick(file)
     }

@@ -4,8 +4,9 @@
 //! that raced with re-arming.
 
 use super::queue_io::QueueIo;
+use super::resume;
 use super::vring::Vring;
-use crate::virtio_blk::{BlkDevice, Completion, GuestMem, Offload, Scratch};
+use crate::virtio_blk::{BlkDevice, Completion, GuestMem, NoLog, Offload, RingLog, Scratch};
 use std::num::Wrapping;
 use std::time::Instant;
 use vhost_user_backend::{VringState, VringT};
@@ -50,9 +51,34 @@ pub(crate) fn serve(
     let mut last_work = Instant::now();
     let mut idle_passes = 0;
     let mut first_pass = true;
+    let mut no_log = NoLog;
+    // Before anything is taken from a (re)started ring: what a predecessor
+    // took and never completed is served again, and the ring resumes after it.
+    if force_notify {
+        if let Some(next) = st.inflight_next.take() {
+            st.inflight = next;
+        }
+        if let Some(region) = st.inflight.as_mut() {
+            let queue = state.get_queue_mut();
+            match st.channel.as_mut() {
+                Some(ch) => {
+                    let mut sub = ch.submitter(device, &guard, &mut done);
+                    resume::resume(queue, m, device, q, region, &mut scratch, Some(&mut sub));
+                }
+                None => {
+                    let mut off = io.pool.offload(&guard);
+                    resume::resume(queue, m, device, q, region, &mut scratch, Some(&mut off));
+                }
+            }
+        }
+    }
     loop {
         let mut work = 0;
         let mut completed = 0;
+        let log: &mut dyn RingLog = match st.inflight.as_mut() {
+            Some(region) => region,
+            None => &mut no_log,
+        };
         if ready {
             let queue = state.get_queue_mut();
             if let Err(e) = queue.disable_notification(m) {
@@ -62,11 +88,13 @@ pub(crate) fn serve(
             completed += match st.channel.as_mut() {
                 Some(ch) => {
                     let mut sub = ch.submitter(device, &guard, &mut done);
-                    device.process_queue(queue, m, &mut scratch, Some(&mut sub as &mut dyn Offload))
+                    let off = Some(&mut sub as &mut dyn Offload);
+                    device.process_queue_logged(queue, m, &mut scratch, off, log)
                 }
                 None => {
                     let mut off = io.pool.offload(&guard);
-                    device.process_queue(queue, m, &mut scratch, Some(&mut off as &mut dyn Offload))
+                    let off = Some(&mut off as &mut dyn Offload);
+                    device.process_queue_logged(queue, m, &mut scratch, off, log)
                 }
             };
             work += usize::from((Wrapping(queue.next_avail()) - Wrapping(before)).0);
@@ -84,8 +112,8 @@ pub(crate) fn serve(
             io.pool.drain(&mut pool_done);
             work += pool_done.len();
         }
-        completed += add_used(&mut state, m, device, q, &done);
-        completed += add_used(&mut state, m, device, q, &pool_done);
+        completed += add_used(&mut state, m, device, q, &done, log);
+        completed += add_used(&mut state, m, device, q, &pool_done, log);
         if completed > 0 || force_notify {
             notify(&mut state, m, device, q, std::mem::take(&mut force_notify));
         }
@@ -130,10 +158,11 @@ fn add_used(
     device: &BlkDevice,
     q: usize,
     done: &[Completion],
+    log: &mut dyn RingLog,
 ) -> usize {
     let queue: &mut Queue = state.get_queue_mut();
     for c in done {
-        if let Err(e) = queue.add_used(mem, c.head, c.used_len) {
+        if let Err(e) = log.add_used(queue, mem, c.head, c.used_len) {
             device.report_ring_error(q, "cannot complete a request", e);
         }
     }
@@ -254,6 +283,17 @@ mod tests {
         add_flushes(mem, &vq, 0, 1);
         serve(&vring, &atomic, &device, &io);
         assert_eq!(call.read().unwrap(), 1, "first pass after start notifies");
+    }
+
+    #[test]
+    fn a_started_ring_kicks_itself_so_its_first_pass_needs_no_guest_kick() {
+        let atomic = guest_memory();
+        let vring = Vring::new(atomic, SIZE).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+        vring.set_kick(Some(dup));
+        assert_eq!(kick.read().unwrap(), 1);
     }
 
     #[test]

@@ -8,8 +8,7 @@
 //! guest memory is touched until a range has been checked against the memory map.
 
 use super::RequestError;
-use std::ops::Deref;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Guest memory as the vhost-user layer maps it.
@@ -46,11 +45,7 @@ pub struct Layout {
 impl Layout {
     /// Walks `chain`, keeping at most `cap` descriptors in `self.segs` (the
     /// vector is reused across requests to avoid allocating per request).
-    pub fn collect<M>(&mut self, chain: DescriptorChain<M>, cap: usize)
-    where
-        M: Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
+    pub fn collect(&mut self, chain: impl IntoIterator<Item = Descriptor>, cap: usize) {
         self.segs.clear();
         self.status = None;
         self.mixed_direction = false;
@@ -207,4 +202,70 @@ pub fn slices<'m>(
         total += len;
     }
     Ok(total)
+}
+
+/// Size of one split-ring descriptor in the table.
+const DESC_SIZE: u64 = 16;
+
+/// The descriptors of the chain starting at `head` in a descriptor table, read
+/// without the avail ring: how a request taken by a predecessor backend is found
+/// again. Walks as `virtio_queue::DescriptorChain` does (whose constructor is not
+/// public): at most as many descriptors as the table has, one level of indirect
+/// table, a chain of at most 4 GiB; anything else ends the chain.
+pub struct HeadChain<'m> {
+    mem: &'m GuestMem,
+    table: u64,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    indirect: bool,
+    bytes: u32,
+}
+
+impl<'m> HeadChain<'m> {
+    /// The chain at `head` of the `size`-entry table at guest address `table`.
+    pub fn new(mem: &'m GuestMem, table: u64, size: u16, head: u16) -> Self {
+        HeadChain {
+            mem,
+            table,
+            size,
+            next: head,
+            ttl: size,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+}
+
+impl Iterator for HeadChain<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.size {
+            return None;
+        }
+        let addr = self.table.checked_add(u64::from(self.next) * DESC_SIZE)?;
+        let desc: Descriptor = self.mem.read_obj(GuestAddress(addr)).ok()?;
+        if desc.refers_to_indirect_table() {
+            if self.indirect || u64::from(desc.len()) % DESC_SIZE != 0 {
+                self.ttl = 0;
+                return None;
+            }
+            let entries = u16::try_from(u64::from(desc.len()) / DESC_SIZE).ok()?;
+            self.table = desc.addr().0;
+            self.size = entries;
+            self.next = 0;
+            self.ttl = entries;
+            self.indirect = true;
+            return self.next();
+        }
+        self.bytes = self.bytes.checked_add(desc.len())?;
+        if desc.has_next() {
+            self.next = desc.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(desc)
+    }
 }

@@ -285,6 +285,19 @@ impl BlkDevice {
         offload: Option<&mut dyn Offload>,
     ) -> Option<Completion> {
         let head = chain.head_index();
+        self.handle_descs(mem, head, chain, scratch, offload)
+    }
+
+    /// [`handle_chain`](Self::handle_chain) for the descriptors of the chain at
+    /// `head`, however they were found.
+    pub fn handle_descs<'m>(
+        &self,
+        mem: &'m GuestMem,
+        head: u16,
+        chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+        scratch: &mut Scratch<'m>,
+        offload: Option<&mut dyn Offload>,
+    ) -> Option<Completion> {
         // Header + data + status; anything longer is over seg_max anyway.
         let cap = self.geometry.seg_max as usize + 3;
         scratch.layout.collect(chain, cap);

@@ -12,10 +12,13 @@ mod queue;
 mod ratelimit;
 
 pub use async_queue::{AsyncQueue, Submitter as AsyncSubmitter};
-pub use chain::GuestMem;
+pub use chain::{GuestMem, HeadChain};
 pub use config::{Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
 pub use device::{BlkDevice, Completion, Deferred, Offload, Scratch, OFFLOAD_MIN};
 pub use error::RequestError;
+pub use queue::{NoLog, RingLog};
 
+#[cfg(test)]
+mod head_chain_tests;
 #[cfg(test)]
 mod tests;
