@@ -73,14 +73,31 @@ impl<R: Read> InBuf<R> {
         &mut self.buf[s..s + n]
     }
 
-    /// Fills `out` whole: the buffered bytes first, then straight from the
-    /// stream (for payloads bigger than the buffer).
-    pub(super) fn read_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
-        let have = self.buffered().min(out.len());
-        out[..have].copy_from_slice(self.take(have));
-        let mut got = have;
-        while got < out.len() {
-            match self.rd.read(&mut out[got..]) {
+    /// Fills `out` with `len` bytes, growing it `step` bytes at a time as
+    /// they arrive (so memory follows the bytes received, not the length a
+    /// header announced). `before_read` runs before every read from the
+    /// stream and may refuse it (a deadline).
+    pub(super) fn read_growing(
+        &mut self,
+        out: &mut Vec<u8>,
+        len: usize,
+        step: usize,
+        mut before_read: impl FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut got = 0;
+        while got < len {
+            let want = got.saturating_add(step.max(1)).min(len);
+            if out.len() < want {
+                out.resize(want, 0);
+            }
+            let have = self.buffered().min(want - got);
+            if have > 0 {
+                out[got..got + have].copy_from_slice(self.take(have));
+                got += have;
+                continue;
+            }
+            before_read()?;
+            match self.rd.read(&mut out[got..want]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(k) => got += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
