@@ -126,8 +126,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub nbd_idle_timeout: Option<u64>,
 
-    /// Secondary: payload bytes the NBD server holds in flight for all its
-    /// clients together (K/M/G suffixes; at least 32M). Default: 256M
+    /// Secondary: WRITE payload bytes the NBD server holds in flight for all
+    /// its clients together (K/M/G suffixes; at least 32M); READs are sent in
+    /// 256K pieces and need no budget. Default: 256M
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub nbd_max_memory: Option<u64>,
 

@@ -54,10 +54,11 @@ pub struct ServerOptions {
     pub workers_per_connection: usize,
     /// Requests queued per connection beyond the running ones. Default 64.
     pub queue_depth: usize,
-    /// Payload bytes (READ and WRITE) in flight per connection. Default 64 MiB.
+    /// WRITE payload bytes in flight per connection. Default 64 MiB. (A
+    /// READ holds at most 256 KiB per worker: it is sent in pieces.)
     pub max_in_flight_bytes: u64,
-    /// Payload bytes in flight for the whole server (every connection's
-    /// WRITE payloads and READ buffers together). Default 256 MiB.
+    /// WRITE payload bytes in flight for the whole server, all connections
+    /// together. Default 256 MiB.
     pub max_memory: u64,
     /// Connections served at once. A newcomer beyond that waits (in arrival
     /// order, up to as many again) until a slot is freed by evicting a slow

@@ -2,10 +2,12 @@
 //! receives WRITE payloads whole before anything is applied) and a pool of
 //! workers that run them against the device and send the replies.
 //!
-//! Memory: every payload byte in flight is reserved in the connection's and
-//! the server's budget before it is allocated; a WRITE buffer grows as its
-//! payload arrives; a big READ is read and sent in pieces, so a client that
-//! does not read its replies pins one piece per worker, not 32 MiB.
+//! Memory: every WRITE payload byte is reserved in the connection's and the
+//! server's budget before it is received, and its buffer grows as the payload
+//! arrives. A READ is read and sent in pieces of at most `READ_PIECE` by the
+//! worker running it, so a connection holds at most one piece per worker for
+//! its reads (queued READs hold nothing), however many replies its client
+//! leaves unread: reads never wait for a budget another client could pin.
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use super::inbuf::{Fill, InBuf};
@@ -36,9 +38,11 @@ const _: () = assert!(INLINE_MAX <= IN_BUF);
 /// Batched replies are sent once they reach this many bytes.
 const OUT_FLUSH: usize = 16 << 10;
 
-/// READ replies bigger than this are read and sent piece by piece; WRITE
-/// buffers grow by this much as their payload arrives.
+/// WRITE buffers grow by this much as their payload arrives.
 const PIECE: usize = 1 << 20;
+
+/// READ replies bigger than this are read and sent piece by piece.
+const READ_PIECE: usize = 256 << 10;
 
 /// A request ready to run; a WRITE carries its whole payload.
 struct Job {
@@ -89,7 +93,8 @@ struct Conn<'a> {
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or the
-/// server shuts the socket down. Returns after every accepted request ran.
+/// server shuts the socket down. Returns after every accepted request ran, or
+/// was dropped because the client had gone.
 pub(super) fn serve(
     inner: &Inner,
     stream: Stream,
@@ -283,9 +288,6 @@ impl Conn<'_> {
                 self.log_refusal(&req, cmd, &refusal);
                 self.send_error(&req, &refusal);
                 continue;
-            } else if cmd == Command::Read {
-                self.flush(out);
-                self.reserve(read_reservation(&req));
             }
             // The reader may block on a full queue: nothing answered waits.
             self.flush(out);
@@ -451,13 +453,10 @@ impl Conn<'_> {
 
     /// Releases what a request holds without running it: its client is gone.
     fn discard(&self, job: Job) {
-        match job.cmd {
-            Command::Read => self.unreserve(read_reservation(&job.req)),
-            Command::Write => {
-                self.inner.bufs.put(job.payload.unwrap_or_default());
-                self.unreserve(job.req.len as usize);
-            }
-            _ => {}
+        // Only a WRITE holds memory while queued (its payload).
+        if job.cmd == Command::Write {
+            self.inner.bufs.put(job.payload.unwrap_or_default());
+            self.unreserve(job.req.len as usize);
         }
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
@@ -472,11 +471,10 @@ impl Conn<'_> {
         };
         let result: Result<(), Refusal> = match cmd {
             Command::Read => {
-                let piece = read_reservation(&req);
+                let piece = (req.len as usize).min(READ_PIECE);
                 let mut buf = self.inner.bufs.get(piece);
                 let out = self.read(&req, &mut buf[..piece]);
                 self.inner.bufs.put(buf);
-                self.unreserve(piece);
                 out
             }
             Command::Write => {
@@ -706,10 +704,4 @@ impl Conn<'_> {
             }
         }
     }
-}
-
-/// Bytes a READ holds while it runs: the whole reply if it fits in one
-/// piece, else one piece.
-fn read_reservation(req: &Request) -> usize {
-    (req.len as usize).min(PIECE)
 }
