@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(chain) = vq.build_desc_chain(&raw) else {
         return;
     };
-    let read_only = descs[0][6] & 0x80 != 0;
+    let read_only = descs[6] & 0x80 != 0;
     let dev = BlkDevice::new(
         Arc::new(MemDev::new(DISK)),
         Geometry::new(DISK, 512, 16, 1, read_only),
