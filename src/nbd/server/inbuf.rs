@@ -124,3 +124,76 @@ impl<R: Read> InBuf<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out at most `chunk` bytes per read, like a slow socket.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.chunk.min(out.len()).min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn inbuf(data: Vec<u8>, chunk: usize) -> InBuf<Trickle> {
+        InBuf::new(
+            Trickle {
+                data,
+                pos: 0,
+                chunk,
+            },
+            16,
+        )
+    }
+
+    #[test]
+    fn a_growing_read_allocates_only_as_far_as_bytes_arrived() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let mut rd = inbuf(data.clone(), 7);
+        let mut out = Vec::new();
+        let mut reads = 0;
+        rd.read_growing(&mut out, 100, 10, || {
+            reads += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(out, data);
+        assert!(reads >= 100 / 7, "{reads} reads");
+
+        // A payload cut short: the buffer never outgrew what arrived + a step.
+        let mut rd = inbuf(data[..25].to_vec(), 7);
+        let mut out = Vec::new();
+        let err = rd.read_growing(&mut out, 1000, 10, || Ok(())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(out.len() <= 25 + 10, "grew to {} for 25 bytes", out.len());
+    }
+
+    #[test]
+    fn a_growing_read_stops_when_its_deadline_refuses_the_next_read() {
+        let mut rd = inbuf(vec![1; 64], 8);
+        let mut out = Vec::new();
+        let mut allowed = 3;
+        let err = rd
+            .read_growing(&mut out, 64, 16, || {
+                if allowed == 0 {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                allowed -= 1;
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Three reads of 8 bytes arrived; the buffer is at most one step ahead.
+        assert!(out.len() <= 24 + 16, "grew to {}", out.len());
+    }
+}
