@@ -18,6 +18,7 @@ command -v cpio >/dev/null || other_pkgs+=(cpio)                # guest initramf
 command -v mke2fs >/dev/null || other_pkgs+=(e2fsprogs)         # guest file systems, debugfs
 command -v debugfs >/dev/null || other_pkgs+=(e2fsprogs)
 command -v gcc >/dev/null || other_pkgs+=(gcc)                  # guest helper (static)
+command -v g++ >/dev/null || other_pkgs+=(g++)                  # fuzz/: libfuzzer-sys builds libFuzzer
 command -v ip >/dev/null || other_pkgs+=(iproute2)             # two-host fault tests: netns, veth
 command -v nft >/dev/null || other_pkgs+=(nftables)             # two-host fault tests: partitions
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || other_pkgs+=(libc6-dev)
@@ -55,3 +56,7 @@ fi
 # The control-socket test drives colo-blk with the stock QMP client library.
 python3 -c 'import qemu.qmp' 2>/dev/null ||
   pip install --quiet --root-user-action=ignore qemu.qmp
+
+# Fuzz targets (fuzz/): cargo-fuzz from the crates registry; it runs on the stable
+# toolchain (test-all.sh sets RUSTC_BOOTSTRAP=1 for its -Z flags).
+command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz

@@ -19,6 +19,28 @@ cargo test --lib --quiet
 log "cargo test (unit + integration, real binary through libblkio)"
 cargo test --release --all-targets 2>&1 | tee target/cargo-test.log
 
+fuzz_secs=${FUZZ_SECONDS:-60}
+log "fuzz targets, ${fuzz_secs} s each, no crash allowed (fuzz/; README, Hardening: Fuzzing)"
+(
+  cd fuzz
+  # cargo-fuzz passes -Z flags: the stable compiler takes them with this.
+  # AddressSanitizer's runtime ships only with nightly, hence --sanitizer none.
+  export RUSTC_BOOTSTRAP=1
+  fuzz_flags=(--sanitizer none -O -a)
+  cargo fuzz build "${fuzz_flags[@]}"
+  for t in $(cargo fuzz list); do
+    mkdir -p "target/corpus/$t"
+    cargo fuzz run "${fuzz_flags[@]}" "$t" "target/corpus/$t" "corpus/$t" -- \
+      -max_total_time="$fuzz_secs" -print_final_stats=1 > "target/fuzz-$t.log" 2>&1 || {
+      tail -n 40 "target/fuzz-$t.log"
+      exit 1
+    }
+    printf '%s: %s execs, %s\n' "$t" \
+      "$(sed -n 's/^stat::number_of_executed_units: *//p' "target/fuzz-$t.log")" \
+      "$(grep -o 'cov: [0-9]*' "target/fuzz-$t.log" | tail -n 1)"
+  done
+)
+
 log "colo-blk demo (the README's main job: a COLO pair end to end)"
 cargo build --release --quiet --bin colo-blk
 ./target/release/colo-blk demo

@@ -6,7 +6,7 @@
 
 use clap::{Args, ValueEnum};
 use colo_blk::block::channel::Engine;
-use colo_blk::nbd::{NbdAddr, NbdUri};
+use colo_blk::nbd::{NbdAddr, NbdUri, ServerLimits};
 use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -112,6 +112,25 @@ pub struct ServeArgs {
     /// Secondary: NBD export name of the secondary disk. Default: parent0.
     #[arg(long, value_name = "NAME")]
     pub nbd_export: Option<String>,
+
+    /// Secondary: an NBD client must finish its whole negotiation (TLS
+    /// included) this many seconds after it connected, or it is closed; it
+    /// is also the longest a client waits for a slot. Default: 30
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub nbd_handshake_timeout: Option<u64>,
+
+    /// Secondary: an NBD connection with nothing in flight for this many
+    /// seconds may be evicted for a waiting client; a client that takes no
+    /// reply bytes, or does not complete a WRITE payload, for this long is
+    /// closed. Default: 60
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub nbd_idle_timeout: Option<u64>,
+
+    /// Secondary: WRITE payload bytes the NBD server holds in flight for all
+    /// its clients together (K/M/G suffixes; at least 32M); READs are sent in
+    /// 256K pieces and need no budget. Default: 256M
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub nbd_max_memory: Option<u64>,
 
     /// Primary: the secondary's NBD export, `nbd+unix:///NAME?socket=PATH` or
     /// `nbd://HOST:PORT/NAME`.
@@ -263,6 +282,8 @@ pub struct SecondaryConfig {
     pub nbd_listen: Option<NbdAddr>,
     /// NBD export name.
     pub nbd_export: String,
+    /// What hostile NBD clients meet.
+    pub nbd_limits: ServerLimits,
 }
 
 /// A command line that parses but does not make sense.
@@ -497,6 +518,9 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
         ("hidden", a.hidden.is_some()),
         ("nbd-listen", a.nbd_listen.is_some()),
         ("nbd-export", a.nbd_export.is_some()),
+        ("nbd-handshake-timeout", a.nbd_handshake_timeout.is_some()),
+        ("nbd-idle-timeout", a.nbd_idle_timeout.is_some()),
+        ("nbd-max-memory", a.nbd_max_memory.is_some()),
     ];
     let primary_only = [
         ("secondary", a.secondary.is_some()),
@@ -561,9 +585,30 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
                     .transpose()
                     .map_err(|why| invalid("nbd-listen", why))?,
                 nbd_export: export,
+                nbd_limits: nbd_limits(a)?,
             }))
         }
     }
+}
+
+fn nbd_limits(a: &ServeArgs) -> Result<ServerLimits, ConfigError> {
+    let mut l = ServerLimits::default();
+    if let Some(s) = a.nbd_handshake_timeout {
+        l.handshake_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(s) = a.nbd_idle_timeout {
+        l.idle_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(b) = a.nbd_max_memory {
+        if b < u64::from(colo_blk::nbd::MAX_PAYLOAD) {
+            return Err(invalid(
+                "nbd-max-memory",
+                "must be at least 32M (one request)",
+            ));
+        }
+        l.max_memory = b;
+    }
+    Ok(l)
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).

@@ -168,6 +168,7 @@ struct NbdExport {
     listen: Option<nbd::NbdAddr>,
     name: String,
     dev: SharedDev,
+    limits: nbd::ServerLimits,
 }
 
 fn open_disk(cfg: &Config) -> Result<Arc<RawFile>, DaemonError> {
@@ -286,6 +287,7 @@ fn secondary_stack(
             listen: secondary.nbd_listen.clone(),
             name: secondary.nbd_export.clone(),
             dev: node.primary(),
+            limits: secondary.nbd_limits,
         }),
         replication: Some(node),
     })
@@ -347,7 +349,8 @@ impl SideServices {
                 let opts = nbd::ServerOptions {
                     tls: tls.server.clone(),
                     ..Default::default()
-                };
+                }
+                .with_limits(export.limits);
                 let exports = NbdExports::new(export.dev.clone(), nodes, opts);
                 if let Some(listen) = &export.listen {
                     exports.start_now(listen.clone(), &export.name)?;

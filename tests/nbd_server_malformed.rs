@@ -303,14 +303,18 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
 }
 
 #[test]
-fn too_many_connections_are_closed_at_accept() {
+fn a_newcomer_beyond_the_limit_is_closed_when_every_slot_stays_working() {
+    // Two established clients that just worked are never evicted: the third
+    // waits, gets no greeting, and is closed once the handshake deadline
+    // passes (slow negotiators would be evicted instead: nbd_slowloris.rs).
     let opts = ServerOptions {
         max_connections: 2,
+        handshake_timeout: Duration::from_secs(2),
         ..Default::default()
     };
     let s = Served::with(SIZE, opts, |d| d);
-    let _a = Raw::connect(&s);
-    let _b = Raw::connect(&s);
+    let _a = Raw::go(&s, false);
+    let _b = Raw::go(&s, false);
     let mut c = UnixStream::connect(&s.socket).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 1];

@@ -21,5 +21,5 @@ pub mod wire;
 
 pub use client::{Client, ClientOptions, ExportInfo, Started, SubmittedWrite};
 pub use error::NbdError;
-pub use server::{Server, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
+pub use server::{Server, ServerLimits, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
 pub use uri::{NbdAddr, NbdUri};

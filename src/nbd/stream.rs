@@ -67,6 +67,28 @@ impl Stream {
         }
     }
 
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
+        }
+    }
+
+    /// True when the peer closed both directions (or the socket failed), as
+    /// opposed to a half-close after which it may still read replies. A TCP
+    /// peer's close looks like a half-close until a send fails.
+    pub(crate) fn peer_gone(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: pfd is one valid pollfd for the whole call; timeout 0.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// The peer, for log lines.
     pub(crate) fn peer(&self) -> String {
         match self {

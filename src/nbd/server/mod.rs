@@ -3,8 +3,14 @@
 //! One accept thread; per connection, one thread for the handshake that then
 //! becomes the request reader, plus a small pool of worker threads that run the
 //! requests against the device and send the replies (out of order). Bounded:
-//! a maximum number of connections, of in-flight requests and of in-flight
-//! payload bytes per connection.
+//! a maximum number of connections, of in-flight requests per connection, and
+//! of payload bytes in flight per connection and for the whole server.
+//!
+//! Hostile peers: the whole negotiation has one deadline; when the slots are
+//! full a newcomer waits in arrival order while a slow negotiator or an idle
+//! connection is evicted for it (see `watch`); a client that stops reading
+//! its replies is closed after the idle limit; the queued requests of a
+//! client that left are dropped, not run.
 //!
 //! [`Server::shutdown`] stops accepting, disconnects every client, waits for the
 //! requests already running, and removes the Unix socket file; after it returns
@@ -14,19 +20,21 @@ mod handshake;
 mod inbuf;
 mod pool;
 mod transmission;
+mod watch;
 
 use super::stream::{Listener, Stream};
 use super::uri::NbdAddr;
 use super::NbdError;
 use crate::block::SharedDev;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use watch::{Activity, Limits, Verdict};
 
 /// Export name used when none is configured (QEMU COLO's convention).
 pub const DEFAULT_EXPORT: &str = "parent0";
@@ -46,12 +54,24 @@ pub struct ServerOptions {
     pub workers_per_connection: usize,
     /// Requests queued per connection beyond the running ones. Default 64.
     pub queue_depth: usize,
-    /// Payload bytes (READ and WRITE) in flight per connection. Default 64 MiB.
+    /// WRITE payload bytes in flight per connection. Default 64 MiB. (A
+    /// READ holds at most 256 KiB per worker: it is sent in pieces.)
     pub max_in_flight_bytes: u64,
-    /// Connections served at once; more are closed at accept. Default 64.
+    /// WRITE payload bytes in flight for the whole server, all connections
+    /// together. Default 256 MiB.
+    pub max_memory: u64,
+    /// Connections served at once. A newcomer beyond that waits (in arrival
+    /// order, up to as many again) until a slot is freed by evicting a slow
+    /// negotiator or an idle connection. Default 64.
     pub max_connections: usize,
-    /// A client must finish negotiating within this time. Default 30 s.
+    /// A client must finish the whole negotiation (TLS included) within this
+    /// time after it was accepted, however it trickles bytes. Default 30 s.
     pub handshake_timeout: Duration,
+    /// An established connection with nothing in flight for this long may be
+    /// evicted to make room for another; a reply the client does not accept
+    /// for this long, or a WRITE payload not complete after it, closes the
+    /// connection. Default 60 s.
+    pub idle_timeout: Duration,
     /// TLS credentials: when set, TLS is required (every option before
     /// NBD_OPT_STARTTLS is refused with NBD_REP_ERR_TLS_REQD). Default none.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
@@ -65,9 +85,46 @@ impl Default for ServerOptions {
             workers_per_connection: 4,
             queue_depth: 64,
             max_in_flight_bytes: 64 << 20,
+            max_memory: 256 << 20,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             tls: None,
+        }
+    }
+}
+
+/// The limits a misbehaving client meets, as the command line sets them
+/// (the fields of [`ServerOptions`] with the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// See [`ServerOptions::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`ServerOptions::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// See [`ServerOptions::max_memory`].
+    pub max_memory: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        let o = ServerOptions::default();
+        ServerLimits {
+            handshake_timeout: o.handshake_timeout,
+            idle_timeout: o.idle_timeout,
+            max_memory: o.max_memory,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// These options with `limits` applied.
+    pub fn with_limits(self, limits: ServerLimits) -> Self {
+        ServerOptions {
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_memory: limits.max_memory,
+            ..self
         }
     }
 }
@@ -87,12 +144,28 @@ struct Inner {
     stopping: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, ConnEntry>>,
+    /// Payload bytes in flight, all connections together.
+    memory: pool::Budget,
+    /// Payload buffers kept for reuse, all connections together.
+    bufs: pool::BufPool,
+    /// Clock origin of every connection's [`Activity`].
+    epoch: Instant,
 }
 
 struct ConnEntry {
     stream: Stream,
     thread: Option<JoinHandle<()>>,
+    activity: Arc<Activity>,
 }
+
+/// Accepted while every slot was taken; admitted in arrival order.
+struct Waiting {
+    stream: Stream,
+    accepted: Instant,
+}
+
+/// Buffers kept for reuse, in bytes, across the server.
+const POOL_BYTES: usize = 16 << 20;
 
 impl Server {
     /// Binds `listen` (`unix:PATH` or `tcp:HOST:PORT`) and starts serving `dev`.
@@ -101,9 +174,15 @@ impl Server {
         dev: SharedDev,
         opts: ServerOptions,
     ) -> Result<Server, NbdError> {
-        if opts.workers_per_connection == 0 || opts.max_in_flight_bytes < u64::from(MAX_PAYLOAD) {
+        if opts.workers_per_connection == 0
+            || opts.max_in_flight_bytes < u64::from(MAX_PAYLOAD)
+            || opts.max_memory < u64::from(MAX_PAYLOAD)
+            || opts.max_connections == 0
+        {
             return Err(NbdError::Protocol(
-                "server options: need at least one worker and 32 MiB in-flight budget".into(),
+                "server options: need at least one worker, one connection and a 32 MiB \
+                 in-flight budget per connection and per server"
+                    .into(),
             ));
         }
         let listener = Listener::bind(listen)?;
@@ -111,10 +190,13 @@ impl Server {
         let (waker, wake_rx) = UnixStream::pair()?;
         let inner = Arc::new(Inner {
             dev,
-            opts,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
+            memory: pool::Budget::new(opts.max_memory),
+            bufs: pool::BufPool::new(POOL_BYTES),
+            epoch: Instant::now(),
+            opts,
         });
         let accept = {
             let inner = inner.clone();
@@ -198,7 +280,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Waits for connections or the wake-up byte; the listener is dropped (and
-/// its socket file removed) when this returns.
+/// its socket file removed) when this returns. Between events it enforces the
+/// handshake deadline and admits waiting newcomers.
 fn accept_loop(inner: &Arc<Inner>, listener: Listener, mut wake: UnixStream) {
     let mut fds = [
         libc::pollfd {
@@ -212,9 +295,24 @@ fn accept_loop(inner: &Arc<Inner>, listener: Listener, mut wake: UnixStream) {
             revents: 0,
         },
     ];
+    let limits = inner.limits();
+    // Deadlines are enforced to within a tenth of the handshake deadline.
+    let tick = (limits.handshake / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     loop {
+        let timeout = if waiting.is_empty() {
+            tick
+        } else {
+            tick.min(Duration::from_millis(50))
+        };
         // SAFETY: fds is a valid array of two pollfd for the whole call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let rc = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as libc::c_int,
+            )
+        };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -227,62 +325,144 @@ fn accept_loop(inner: &Arc<Inner>, listener: Listener, mut wake: UnixStream) {
             let _ = wake.read(&mut [0u8; 1]);
             return;
         }
-        if fds[0].revents == 0 {
-            continue;
+        if fds[0].revents != 0 {
+            match listener.accept() {
+                Ok(stream) => waiting.push_back(Waiting {
+                    stream,
+                    accepted: Instant::now(),
+                }),
+                Err(e) => {
+                    log::warn!("nbd: accept failed: {e}");
+                    // EMFILE and friends: do not spin on a listener that stays ready.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
-        match listener.accept() {
-            Ok(stream) => admit(inner, stream),
-            Err(e) => {
-                log::warn!("nbd: accept failed: {e}");
-                // EMFILE and friends: do not spin on a listener that stays ready.
-                std::thread::sleep(Duration::from_millis(10));
+        inner.sweep(&limits, &mut waiting);
+    }
+}
+
+impl Inner {
+    fn limits(&self) -> Limits {
+        let handshake = self.opts.handshake_timeout;
+        Limits {
+            handshake,
+            idle: self.opts.idle_timeout,
+            // A real client negotiates in milliseconds; a slow negotiator
+            // is evictable after this.
+            grace: (handshake / 2).min(Duration::from_secs(1)),
+        }
+    }
+
+    /// Closes negotiations past the deadline, then admits waiting
+    /// newcomers, evicting one connection for each when the slots are full.
+    fn sweep(self: &Arc<Self>, limits: &Limits, waiting: &mut VecDeque<Waiting>) {
+        let mut conns = lock(&self.conns);
+        for (id, e) in conns.iter() {
+            if e.activity.verdict(limits) == Verdict::Expired && e.activity.doom() {
+                log::warn!(
+                    "nbd: connection #{id} ({}) did not finish negotiating within {:?}; closing",
+                    e.stream.peer(),
+                    limits.handshake
+                );
+                e.stream.shutdown();
+            }
+        }
+        // Newcomers waiting longer than the handshake deadline have had
+        // their chance: that is the longest a client is kept out.
+        while let Some(w) = waiting.front() {
+            if w.accepted.elapsed() < limits.handshake {
+                break;
+            }
+            log::warn!(
+                "nbd: refusing {}: every slot stayed busy for {:?}",
+                w.stream.peer(),
+                limits.handshake
+            );
+            waiting.pop_front();
+        }
+        // More waiting than slots: the newest go (the flood, not the oldest).
+        while waiting.len() > self.opts.max_connections {
+            if let Some(w) = waiting.pop_back() {
+                log::warn!(
+                    "nbd: refusing {}: {} connections already waiting",
+                    w.stream.peer(),
+                    self.opts.max_connections
+                );
+            }
+        }
+        while !waiting.is_empty() {
+            let live = conns.values().filter(|e| !e.activity.is_doomed()).count();
+            if live < self.opts.max_connections {
+                if let Some(w) = waiting.pop_front() {
+                    self.admit(&mut conns, w);
+                }
+                continue;
+            }
+            let victim = watch::pick_victim(
+                conns
+                    .iter()
+                    .map(|(id, e)| (*id, e.activity.verdict(limits))),
+            );
+            let Some(id) = victim else {
+                // Everyone is working: the newcomers wait.
+                break;
+            };
+            if let Some(e) = conns.get(&id) {
+                let why = match e.activity.verdict(limits) {
+                    Verdict::EvictNegotiating(age) => format!("still negotiating after {age:?}"),
+                    Verdict::EvictIdle(idle) => format!("idle for {idle:?}"),
+                    Verdict::Keep | Verdict::Expired => String::new(),
+                };
+                e.activity.doom();
+                log::warn!(
+                    "nbd: evicting connection #{id} ({}, {why}) to make room for a waiting client",
+                    e.stream.peer()
+                );
+                e.stream.shutdown();
             }
         }
     }
-}
 
-fn admit(inner: &Arc<Inner>, stream: Stream) {
-    let peer = stream.peer();
-    let mut conns = lock(&inner.conns);
-    if conns.len() >= inner.opts.max_connections {
-        log::warn!(
-            "nbd: refusing {peer}: already {} connections",
-            inner.opts.max_connections
-        );
-        return;
-    }
-    let control = match stream.try_clone() {
-        Ok(c) => c,
-        Err(e) => {
-            log::warn!("nbd: refusing {peer}: {e}");
-            return;
+    fn admit(self: &Arc<Self>, conns: &mut HashMap<u64, ConnEntry>, w: Waiting) {
+        let Waiting { stream, accepted } = w;
+        let peer = stream.peer();
+        let control = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("nbd: refusing {peer}: {e}");
+                return;
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new(self.epoch, accepted));
+        let thread = {
+            let inner = self.clone();
+            let activity = activity.clone();
+            std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    serve_connection(&inner, stream, id, &activity);
+                    lock(&inner.conns).remove(&id);
+                })
+        };
+        match thread {
+            Ok(t) => {
+                conns.insert(
+                    id,
+                    ConnEntry {
+                        stream: control,
+                        thread: Some(t),
+                        activity,
+                    },
+                );
+            }
+            Err(e) => log::warn!("nbd: refusing {peer}: cannot start a thread: {e}"),
         }
-    };
-    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-    let thread = {
-        let inner = inner.clone();
-        std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                serve_connection(&inner, stream, id);
-                lock(&inner.conns).remove(&id);
-            })
-    };
-    match thread {
-        Ok(t) => {
-            conns.insert(
-                id,
-                ConnEntry {
-                    stream: control,
-                    thread: Some(t),
-                },
-            );
-        }
-        Err(e) => log::warn!("nbd: refusing {peer}: cannot start a thread: {e}"),
     }
 }
 
-fn serve_connection(inner: &Inner, stream: Stream, id: u64) {
+fn serve_connection(inner: &Inner, stream: Stream, id: u64, activity: &Activity) {
     let peer = format!("#{id} ({})", stream.peer());
     log::info!("nbd: connection {peer} opened");
     let control = match stream.try_clone() {
@@ -305,10 +485,11 @@ fn serve_connection(inner: &Inner, stream: Stream, id: u64) {
             return;
         }
     };
-    if inner.stopping.load(Ordering::SeqCst) {
+    if inner.stopping.load(Ordering::SeqCst) || activity.is_doomed() {
         stream.shutdown();
         return;
     }
-    transmission::serve(inner, stream, negotiated, &peer);
+    activity.establish();
+    transmission::serve(inner, stream, negotiated, &peer, activity);
     log::info!("nbd: connection {peer} closed");
 }

@@ -1,5 +1,5 @@
-//! Per-connection resource bounds: a byte budget for payloads in flight and a
-//! pool of reusable payload buffers.
+//! Resource bounds: byte budgets for payloads in flight (one per connection,
+//! one for the whole server) and a pool of reusable payload buffers.
 
 use std::sync::{Condvar, Mutex};
 
@@ -12,9 +12,9 @@ pub(super) struct Budget {
 
 struct BudgetState {
     free: u64,
-    /// The reader is blocked in `acquire` (a notify costs a syscall: only
-    /// then is one sent).
-    waiting: bool,
+    /// Threads blocked in `acquire` (a notify costs a syscall: only then is
+    /// one sent).
+    waiting: usize,
 }
 
 impl Budget {
@@ -22,21 +22,22 @@ impl Budget {
         Budget {
             state: Mutex::new(BudgetState {
                 free: bytes,
-                waiting: false,
+                waiting: 0,
             }),
             cv: Condvar::new(),
         }
     }
 
     /// Takes `n` bytes (n never exceeds the total: requests are capped below
-    /// it). Only the connection's reader calls this.
+    /// it), waiting until they are free. Every request takes its bytes in one
+    /// call, so no thread holds part of what it waits for: no deadlock.
     pub(super) fn acquire(&self, n: u64) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.free < n {
-            st.waiting = true;
+            st.waiting += 1;
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiting -= 1;
         }
-        st.waiting = false;
         st.free -= n;
     }
 
@@ -46,9 +47,10 @@ impl Budget {
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.free += n;
-        if st.waiting {
+        if st.waiting > 0 {
             drop(st);
-            self.cv.notify_one();
+            // Waiters want different amounts: let each one check.
+            self.cv.notify_all();
         }
     }
 }
@@ -58,37 +60,60 @@ impl Budget {
 const KEEP_MAX: usize = 4 << 20;
 
 /// Recycles payload buffers so the hot path neither allocates nor zeroes.
+/// Shared by the whole server and capped in bytes, so idle connections pin
+/// nothing.
 pub(super) struct BufPool {
-    bufs: Mutex<Vec<Vec<u8>>>,
-    keep: usize,
+    bufs: Mutex<Kept>,
+    keep_bytes: usize,
+}
+
+struct Kept {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 impl BufPool {
-    pub(super) fn new(keep: usize) -> Self {
+    pub(super) fn new(keep_bytes: usize) -> Self {
         BufPool {
-            bufs: Mutex::new(Vec::new()),
-            keep,
+            bufs: Mutex::new(Kept {
+                bufs: Vec::new(),
+                bytes: 0,
+            }),
+            keep_bytes,
         }
     }
 
     /// A buffer of at least `len` bytes (contents unspecified); callers use
     /// `&buf[..len]`. Lengths only grow, so reuse never zeroes again.
     pub(super) fn get(&self, len: usize) -> Vec<u8> {
-        let reused = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut buf = reused.unwrap_or_default();
+        let mut buf = self.take();
         if buf.len() < len {
             buf.resize(len, 0);
         }
         buf
     }
 
+    /// A kept buffer (any length, contents unspecified) or an empty one,
+    /// for callers that grow it themselves as bytes arrive.
+    pub(super) fn take(&self) -> Vec<u8> {
+        let mut kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        match kept.bufs.pop() {
+            Some(b) => {
+                kept.bytes -= b.len();
+                b
+            }
+            None => Vec::new(),
+        }
+    }
+
     pub(super) fn put(&self, buf: Vec<u8>) {
-        if buf.len() > KEEP_MAX {
+        if buf.len() > KEEP_MAX || buf.is_empty() {
             return;
         }
-        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-        if bufs.len() < self.keep {
-            bufs.push(buf);
+        let mut kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.bytes + buf.len() <= self.keep_bytes {
+            kept.bytes += buf.len();
+            kept.bufs.push(buf);
         }
     }
 }

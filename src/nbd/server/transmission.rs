@@ -1,17 +1,26 @@
 //! Transmission phase of one connection: a reader that parses requests (and
 //! receives WRITE payloads whole before anything is applied) and a pool of
 //! workers that run them against the device and send the replies.
+//!
+//! Memory: every WRITE payload byte is reserved in the connection's and the
+//! server's budget before it is received, and its buffer grows as the payload
+//! arrives. A READ is read and sent in pieces of at most `READ_PIECE` by the
+//! worker running it, so a connection holds at most one piece per worker for
+//! its reads (queued READs hold nothing), however many replies its client
+//! leaves unread: reads never wait for a budget another client could pin.
 
 use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use super::inbuf::{Fill, InBuf};
-use super::pool::{Budget, BufPool, JobQueue};
+use super::pool::{Budget, JobQueue};
+use super::watch::Activity;
 use super::{lock, Inner, MAX_PAYLOAD};
 use crate::block::{BlockError, ExtentKind};
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::transmission::{encode_chunk, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE};
 use crate::nbd::wire::*;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 use vm_memory::VolatileSlice;
 
 /// At most this many descriptors in one block status reply.
@@ -28,6 +37,12 @@ const _: () = assert!(INLINE_MAX <= IN_BUF);
 
 /// Batched replies are sent once they reach this many bytes.
 const OUT_FLUSH: usize = 16 << 10;
+
+/// WRITE buffers grow by this much as their payload arrives.
+const PIECE: usize = 1 << 20;
+
+/// READ replies bigger than this are read and sent piece by piece.
+const READ_PIECE: usize = 256 << 10;
 
 /// A request ready to run; a WRITE carries its whole payload.
 struct Job {
@@ -65,15 +80,35 @@ struct Conn<'a> {
     neg: Negotiated,
     size: u64,
     send_lock: Mutex<()>,
+    /// Payload bytes in flight on this connection (the server's own budget,
+    /// `Inner::memory`, is taken too).
     budget: Budget,
-    pool: BufPool,
+    activity: &'a Activity,
     /// A reply could not be sent: the connection is being torn down.
     failed: AtomicBool,
+    /// The client went away without NBD_CMD_DISC: queued requests are dropped.
+    departed: AtomicBool,
+    /// Requests dropped because the client had gone.
+    dropped: AtomicU64,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or the
-/// server shuts the socket down. Returns after every accepted request ran.
-pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) {
+/// server shuts the socket down. Returns after every accepted request ran, or
+/// was dropped because the client had gone.
+pub(super) fn serve(
+    inner: &Inner,
+    stream: Stream,
+    neg: Negotiated,
+    peer: &str,
+    activity: &Activity,
+) {
+    // A client that accepts no reply bytes for this long is gone or hostile;
+    // the failed send closes the connection and frees what it pinned.
+    if let Err(e) = stream.set_write_timeout(Some(inner.opts.idle_timeout)) {
+        log::warn!("nbd {peer}: {e}");
+        stream.shutdown();
+        return;
+    }
     let conn = Conn {
         inner,
         stream: &stream,
@@ -82,8 +117,10 @@ pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) 
         size: inner.dev.size(),
         send_lock: Mutex::new(()),
         budget: Budget::new(inner.opts.max_in_flight_bytes),
-        pool: BufPool::new(inner.opts.workers_per_connection + 4),
+        activity,
         failed: AtomicBool::new(false),
+        departed: AtomicBool::new(false),
+        dropped: AtomicU64::new(0),
     };
     let reader = match stream.try_clone() {
         Ok(s) => s,
@@ -113,6 +150,18 @@ pub(super) fn serve(inner: &Inner, stream: Stream, neg: Negotiated, peer: &str) 
         queue.close();
     });
     stream.shutdown();
+    let dropped = conn.dropped.load(Ordering::Relaxed);
+    if dropped > 0 {
+        log::warn!("nbd {peer}: dropped {dropped} queued requests of a client that went away");
+    }
+}
+
+/// How the reader stopped.
+enum End {
+    /// NBD_CMD_DISC, or the server closed the connection: finish the queue.
+    Polite,
+    /// The client went away or broke the protocol.
+    Gone,
 }
 
 impl Conn<'_> {
@@ -123,7 +172,13 @@ impl Conn<'_> {
         // file: the device's hint) runs here, on the reader, and its reply is
         // batched with the next ones.
         let inline = self.inner.dev.concurrent_writes() == 0;
-        self.read_loop(&mut rd, &mut out, inline, &mut dispatch);
+        if let End::Gone = self.read_loop(&mut rd, &mut out, inline, &mut dispatch) {
+            // Nobody is left to take the replies of what is still queued. A
+            // half-closed socket (the peer still reading) is not gone.
+            if self.stream.peer_gone() {
+                self.departed.store(true, Ordering::Relaxed);
+            }
+        }
         // Requests answered inline before DISC or a disconnect still get
         // their replies (the send fails harmlessly if the client is gone).
         self.flush(&mut out);
@@ -135,7 +190,7 @@ impl Conn<'_> {
         out: &mut Vec<u8>,
         inline: bool,
         dispatch: &mut impl FnMut(Job),
-    ) {
+    ) -> End {
         let peer = self.peer;
         loop {
             // Replies wait only while more requests are already here: the
@@ -147,13 +202,16 @@ impl Conn<'_> {
                 Fill::Ok => {}
                 Fill::Eof => {
                     log::info!("nbd {peer}: client closed the connection");
-                    return;
+                    return End::Gone;
                 }
                 Fill::Err(e) => {
+                    if self.activity.is_doomed() {
+                        return End::Polite;
+                    }
                     if !self.failed.load(Ordering::Relaxed) {
                         log::warn!("nbd {peer}: connection lost mid-request: {e}");
                     }
-                    return;
+                    return End::Gone;
                 }
             }
             let mut raw = [0u8; Request::LEN];
@@ -162,9 +220,10 @@ impl Conn<'_> {
                 Ok(r) => r,
                 Err(e) => {
                     log::warn!("nbd {peer}: {e}; disconnecting");
-                    return;
+                    return End::Gone;
                 }
             };
+            self.activity.touch();
             let Some(cmd) = req.command() else {
                 log::warn!("nbd {peer}: unknown command {}", req.kind);
                 self.send_error(&req, &Refusal::new(EINVAL, "unknown command"));
@@ -172,7 +231,7 @@ impl Conn<'_> {
             };
             if cmd == Command::Disc {
                 log::info!("nbd {peer}: client disconnected (NBD_CMD_DISC)");
-                return;
+                return End::Polite;
             }
             let check = self.validate(&req, cmd);
             let mut payload = None;
@@ -182,7 +241,7 @@ impl Conn<'_> {
                     // in sync, apply none of it.
                     if rd.skip(req.len.into()).is_err() {
                         log::warn!("nbd {peer}: connection lost in a refused WRITE payload");
-                        return;
+                        return End::Gone;
                     }
                     self.log_refusal(&req, cmd, &refusal);
                     self.send_error(&req, &refusal);
@@ -195,7 +254,9 @@ impl Conn<'_> {
                         self.flush(out);
                     }
                     if let Fill::Ok = rd.fill(len) {
+                        self.activity.begin();
                         self.write_inline(&req, rd.take(len), out);
+                        self.activity.end();
                         continue;
                     }
                     log::warn!(
@@ -204,31 +265,81 @@ impl Conn<'_> {
                         req.len,
                         req.offset
                     );
-                    return;
+                    return End::Gone;
                 }
-                self.budget.acquire(len as u64);
-                let mut buf = self.pool.get(len);
-                if let Err(e) = rd.read_exact(&mut buf[..len]) {
-                    log::warn!(
-                        "nbd {peer}: connection lost inside a WRITE payload ({} bytes at {}): \
-                         {e}; nothing of it written",
-                        req.len,
-                        req.offset
-                    );
-                    self.budget.release(len as u64);
-                    return;
+                // The reservation may wait for other requests to finish:
+                // send what is answered first.
+                self.flush(out);
+                self.reserve(len);
+                match self.receive_payload(rd, len) {
+                    Ok(buf) => payload = Some(buf),
+                    Err(e) => {
+                        log::warn!(
+                            "nbd {peer}: connection lost inside a WRITE payload ({} bytes at \
+                             {}): {e}; nothing of it written",
+                            req.len,
+                            req.offset
+                        );
+                        self.unreserve(len);
+                        return End::Gone;
+                    }
                 }
-                payload = Some(buf);
             } else if let Err(refusal) = check {
                 self.log_refusal(&req, cmd, &refusal);
                 self.send_error(&req, &refusal);
                 continue;
-            } else if cmd == Command::Read {
-                self.budget.acquire(req.len.into());
             }
             // The reader may block on a full queue: nothing answered waits.
             self.flush(out);
+            self.activity.begin();
             dispatch(Job { req, cmd, payload });
+        }
+    }
+
+    /// Takes `n` payload bytes from this connection's budget and the server's.
+    fn reserve(&self, n: usize) {
+        self.budget.acquire(n as u64);
+        self.inner.memory.acquire(n as u64);
+    }
+
+    fn unreserve(&self, n: usize) {
+        self.inner.memory.release(n as u64);
+        self.budget.release(n as u64);
+    }
+
+    /// Receives a WRITE payload into a buffer that grows as bytes arrive,
+    /// within the idle limit for the whole payload (a client trickling it
+    /// cannot hold its reservation longer).
+    fn receive_payload(&self, rd: &mut InBuf<Stream>, len: usize) -> std::io::Result<Vec<u8>> {
+        let deadline = Instant::now() + self.inner.opts.idle_timeout;
+        let mut timed = false;
+        let mut buf = self.inner.bufs.take();
+        let got = rd.read_growing(&mut buf, len, PIECE, || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "payload not complete after {:?}",
+                        self.inner.opts.idle_timeout
+                    ),
+                ));
+            }
+            timed = true;
+            self.stream.set_read_timeout(Some(left))
+        });
+        // Between requests the reader waits as long as the client likes.
+        let reset = if timed {
+            self.stream.set_read_timeout(None)
+        } else {
+            Ok(())
+        };
+        match got.and(reset) {
+            Ok(()) => Ok(buf),
+            Err(e) => {
+                self.inner.bufs.put(buf);
+                Err(e)
+            }
         }
     }
 
@@ -331,8 +442,23 @@ impl Conn<'_> {
 
     fn work(&self, queue: &JobQueue<Job>) {
         while let Some(job) = queue.pop() {
-            self.run(job);
+            if self.departed.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed) {
+                self.discard(job);
+            } else {
+                self.run(job);
+            }
+            self.activity.end();
         }
+    }
+
+    /// Releases what a request holds without running it: its client is gone.
+    fn discard(&self, job: Job) {
+        // Only a WRITE holds memory while queued (its payload).
+        if job.cmd == Command::Write {
+            self.inner.bufs.put(job.payload.unwrap_or_default());
+            self.unreserve(job.req.len as usize);
+        }
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     fn run(&self, job: Job) {
@@ -345,22 +471,18 @@ impl Conn<'_> {
         };
         let result: Result<(), Refusal> = match cmd {
             Command::Read => {
-                let len = req.len as usize;
-                let mut buf = self.pool.get(len);
-                let r = dev.read_vectored(req.offset, &[VolatileSlice::from(&mut buf[..len])]);
-                let out = r
-                    .map(|()| self.send_read(&req, &buf[..len]))
-                    .map_err(Refusal::from);
-                self.pool.put(buf);
-                self.budget.release(len as u64);
+                let piece = (req.len as usize).min(READ_PIECE);
+                let mut buf = self.inner.bufs.get(piece);
+                let out = self.read(&req, &mut buf[..piece]);
+                self.inner.bufs.put(buf);
                 out
             }
             Command::Write => {
                 let mut buf = payload.unwrap_or_default();
                 let len = (req.len as usize).min(buf.len());
                 let r = dev.write_vectored(req.offset, &[VolatileSlice::from(&mut buf[..len])]);
-                self.pool.put(buf);
-                self.budget.release(req.len.into());
+                self.inner.bufs.put(buf);
+                self.unreserve(req.len as usize);
                 then_flush(r)
                     .map_err(Refusal::from)
                     .map(|()| self.send_ok(&req))
@@ -410,6 +532,57 @@ impl Conn<'_> {
             }
             self.send_error(&req, &refusal);
         }
+    }
+
+    /// Answers a READ through `buf` (one piece). A read that fits is read
+    /// whole, then sent; a bigger one sends its first piece only once it was
+    /// read (so an error still gets an error reply) and the rest piece by
+    /// piece, holding the send lock.
+    fn read(&self, req: &Request, buf: &mut [u8]) -> Result<(), Refusal> {
+        let dev = &self.inner.dev;
+        let len = req.len as usize;
+        dev.read_vectored(req.offset, &[VolatileSlice::from(&mut *buf)])?;
+        if buf.len() >= len {
+            self.send_read(req, &buf[..len]);
+            return Ok(());
+        }
+        let head = if self.neg.structured {
+            ChunkHeader::offset_data(req.cookie, REPLY_FLAG_DONE, req.offset, req.len).to_vec()
+        } else {
+            SimpleReply {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .encode()
+            .to_vec()
+        };
+        let guard = lock(&self.send_lock);
+        if !self.send_locked(&guard, &[&head, buf]) {
+            return Ok(());
+        }
+        let mut pos = buf.len();
+        while pos < len {
+            let n = (len - pos).min(buf.len());
+            let at = req.offset + pos as u64;
+            if let Err(e) = dev.read_vectored(at, &[VolatileSlice::from(&mut buf[..n])]) {
+                // Part of the data is on the wire: no error reply can follow
+                // it (NBD requires a disconnect here).
+                log::warn!(
+                    "nbd {}: READ {}+{} failed at {at} after its reply began: {e}; closing",
+                    self.peer,
+                    req.offset,
+                    req.len
+                );
+                self.failed.store(true, Ordering::Relaxed);
+                self.stream.shutdown();
+                return Ok(());
+            }
+            if !self.send_locked(&guard, &[&buf[..n]]) {
+                return Ok(());
+            }
+            pos += n;
+        }
+        Ok(())
     }
 
     fn block_status(&self, req: &Request) -> Result<(), Refusal> {
@@ -511,15 +684,24 @@ impl Conn<'_> {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
-        let sent = {
-            let _guard = lock(&self.send_lock);
-            self.stream.send_all(parts)
-        };
-        if let Err(e) = sent {
-            if !self.failed.swap(true, Ordering::Relaxed) {
-                log::warn!("nbd {}: cannot send reply: {e}; closing", self.peer);
+        let guard = lock(&self.send_lock);
+        self.send_locked(&guard, parts);
+    }
+
+    /// Sends with the send lock held; false once the connection failed.
+    fn send_locked(&self, _guard: &MutexGuard<'_, ()>, parts: &[&[u8]]) -> bool {
+        if self.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.stream.send_all(parts) {
+            Ok(()) => true,
+            Err(e) => {
+                if !self.failed.swap(true, Ordering::Relaxed) {
+                    log::warn!("nbd {}: cannot send reply: {e}; closing", self.peer);
+                }
+                self.stream.shutdown();
+                false
             }
-            self.stream.shutdown();
         }
     }
 }
