@@ -26,6 +26,10 @@ cargo build --release --quiet --bin colo-blk
 log "control socket driven by the stock qemu.qmp client"
 python3 integration/qmp/test_qmp_client.py
 
+log "OCF resource agent: ocf-tester, then a one-node Pacemaker cluster (integration/ocf)"
+./integration/ocf/test-ocf-tester.sh target/release/colo-blk
+./integration/ocf/test-pacemaker.sh target/release/colo-blk
+
 log "guest tests (Linux guests on colo-blk under QEMU TCG: integration/guest)"
 cargo build --release --quiet --bin colo-blk
 python3 integration/guest/run.py

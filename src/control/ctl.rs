@@ -1,6 +1,7 @@
 //! `colo-blk ctl`: one control command, printed for humans (or as JSON).
 
 use super::client::QmpClient;
+use super::progress::{self, Job};
 use super::ControlError;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -32,6 +33,10 @@ pub enum CtlAction {
         /// Primary only: how to bring the secondary up to date first.
         #[arg(long, value_enum, default_value_t = SyncArg::Full)]
         sync: SyncArg,
+        /// Primary: return once the resync is complete, showing its progress
+        /// (a bar with rate and ETA on a terminal, a line a second otherwise).
+        #[arg(long)]
+        wait: bool,
     },
     /// Take a checkpoint (replication-checkpoint): a barrier on the primary,
     /// emptying of the overlays on the secondary.
@@ -42,6 +47,10 @@ pub enum CtlAction {
         /// Primary: carry on alone.
         #[arg(long)]
         failover: bool,
+        /// With --failover: return once the commit is complete (or failed),
+        /// showing its progress.
+        #[arg(long, requires = "failover")]
+        wait: bool,
     },
     /// Show mode, stage, error and progress (query-replication).
     Status,
@@ -78,22 +87,38 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
     let timeout = Some(Duration::from_secs(args.timeout.max(1)));
     let mut qmp = QmpClient::connect(&args.control, timeout)?;
     let (ret, summary) = match &args.action {
-        CtlAction::Start { sync } => {
+        CtlAction::Start { sync, wait } => {
             let status = qmp.execute("query-replication", json!({}))?;
             let mode = status["mode"].as_str().unwrap_or("secondary").to_owned();
             let mut a = json!({ "mode": mode });
             if mode == "primary" {
                 a["sync"] = json!(sync.as_str());
             }
-            let ret = qmp.execute("replication-start", a)?;
-            (ret, format!("replication started ({mode})"))
+            let mut ret = qmp.execute("replication-start", a)?;
+            if *wait && mode == "primary" {
+                ret = progress::wait(&mut qmp, Job::Resync, timeout_of(args))?;
+                (
+                    ret,
+                    "replication started (primary), resync complete".to_owned(),
+                )
+            } else {
+                (ret, format!("replication started ({mode})"))
+            }
         }
         CtlAction::Checkpoint => (
             qmp.execute("replication-checkpoint", json!({}))?,
             "checkpoint done".to_owned(),
         ),
-        CtlAction::Stop { failover } => {
+        CtlAction::Stop { failover, wait } => {
             let ret = qmp.execute("replication-stop", json!({ "failover": failover }))?;
+            if *wait {
+                let st = progress::wait(&mut qmp, Job::Commit, timeout_of(args))?;
+                return Ok(if args.json {
+                    st.to_string()
+                } else {
+                    "failover complete: serving the secondary disk".to_owned()
+                });
+            }
             let text = if *failover {
                 "failover started (query status to follow it)"
             } else {
@@ -113,6 +138,11 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
         CtlAction::Quit => (qmp.execute("quit", json!({}))?, "daemon exiting".to_owned()),
     };
     Ok(if args.json { ret.to_string() } else { summary })
+}
+
+/// How long `--wait` follows a job: the `--timeout` of the whole command.
+fn timeout_of(args: &CtlArgs) -> Duration {
+    Duration::from_secs(args.timeout.max(1))
 }
 
 fn status_text(s: &Value) -> String {
