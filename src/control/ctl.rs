@@ -57,6 +57,9 @@ pub enum CtlAction {
     /// Exit 0 when no I/O error is recorded, else print it and exit 1
     /// (replication-get-error).
     GetError,
+    /// Show I/O statistics per queue and in all (query-blockstats) and the
+    /// replication counters (query-replication-stats).
+    Stats,
     /// Ask the daemon to exit cleanly (quit).
     Quit,
 }
@@ -135,6 +138,12 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
             qmp.execute("replication-get-error", json!({}))?,
             "no error".to_owned(),
         ),
+        CtlAction::Stats => {
+            let blk = qmp.execute("query-blockstats", json!({}))?;
+            let repl = qmp.execute("query-replication-stats", json!({}))?;
+            let text = stats_text(&blk, &repl);
+            (json!({"blockstats": blk, "replication": repl}), text)
+        }
         CtlAction::Quit => (qmp.execute("quit", json!({}))?, "daemon exiting".to_owned()),
     };
     Ok(if args.json { ret.to_string() } else { summary })
@@ -143,6 +152,64 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
 /// How long `--wait` follows a job: the `--timeout` of the whole command.
 fn timeout_of(args: &CtlArgs) -> Duration {
     Duration::from_secs(args.timeout.max(1))
+}
+
+/// One row per queue and one for the disk: operations, bytes and mean
+/// latency per class, then failures and the replication counters.
+fn stats_text(blk: &Value, repl: &Value) -> String {
+    let mut out = String::from(
+        "queue     reads      read bytes  writes     write bytes flushes  discards           failed invalid  mean r/w/f µs",
+    );
+    let row = |name: &str, s: &Value| {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        let mean = |ops: &str, ns: &str| {
+            let (o, t) = (n(ops), n(ns));
+            if o == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", t as f64 / o as f64 / 1000.0)
+            }
+        };
+        let failed: u64 = ["rd", "wr", "flush", "unmap"]
+            .iter()
+            .map(|p| n(&format!("failed_{p}_operations")))
+            .sum();
+        let invalid: u64 = ["rd", "wr", "flush", "unmap"]
+            .iter()
+            .map(|p| n(&format!("invalid_{p}_operations")))
+            .sum();
+        format!(
+            "\n{name:<9} {:<10} {:<11} {:<10} {:<11} {:<8} {:<9} {failed:<6} {invalid:<7}  {}/{}/{}",
+            n("rd_operations"),
+            n("rd_bytes"),
+            n("wr_operations"),
+            n("wr_bytes"),
+            n("flush_operations"),
+            n("unmap_operations"),
+            mean("rd_operations", "rd_total_time_ns"),
+            mean("wr_operations", "wr_total_time_ns"),
+            mean("flush_operations", "flush_total_time_ns"),
+        )
+    };
+    for dev in blk.as_array().into_iter().flatten() {
+        for q in dev["queues"].as_array().into_iter().flatten() {
+            out.push_str(&row(&q["queue"].to_string(), &q["stats"]));
+        }
+        out.push_str(&row("all", &dev["stats"]));
+    }
+    let r = |k: &str| repl[k].as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "\nreplication: forwarded {} writes ({} bytes), copy-before-write {} ({} bytes), \
+         resync {} bytes, commit {} bytes, errors {}",
+        r("forwarded-writes"),
+        r("forwarded-bytes"),
+        r("cbw-copies"),
+        r("cbw-bytes"),
+        r("resync-bytes"),
+        r("commit-bytes"),
+        r("errors"),
+    ));
+    out
 }
 
 fn status_text(s: &Value) -> String {
