@@ -23,6 +23,12 @@ cleanup() {
   OCF_ROOT=/usr/lib/ocf OCF_RESOURCE_INSTANCE=colo-ocf-test __OCF_ACTION=stop \
     OCF_RESKEY_binary="$bin" OCF_RESKEY_disk="$dir/disk.img" OCF_RESKEY_socket="$dir/vhost.sock" \
     OCF_RESKEY_control="$dir/ctl.sock" "$here/colo-blk" stop >/dev/null 2>&1 || true
+  # Whatever still serves this test's disk (a failed run): by pid.
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "--disk $dir/disk.img "; then
+      kill -TERM "${p#/proc/}" 2>/dev/null || true
+    fi
+  done
   rm -rf "$dir"
 }
 trap cleanup EXIT
