@@ -7,6 +7,7 @@
 use clap::{Args, ValueEnum};
 use colo_blk::block::channel::Engine;
 use colo_blk::nbd::{NbdAddr, NbdUri, ServerLimits};
+use colo_blk::stats::{MetricsAddr, StatsError};
 use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -182,6 +183,13 @@ pub struct ServeArgs {
     /// Secondary: allow --nbd-listen on a non-loopback TCP address without TLS.
     #[arg(long)]
     pub nbd_insecure: bool,
+
+    /// Serve I/O and replication statistics in Prometheus text format on
+    /// `unix:PATH` (mode 0600) or `tcp:HOST:PORT` (loopback only: the
+    /// endpoint has no authentication). The same figures are always on the
+    /// control socket (query-blockstats, `colo-blk ctl stats`).
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 /// `--on-fenced` values.
@@ -235,6 +243,8 @@ pub struct Config {
     pub mode: ModeConfig,
     /// NBD over TLS on the replication link.
     pub tls: Option<TlsConfig>,
+    /// Prometheus endpoint.
+    pub metrics: Option<MetricsAddr>,
 }
 
 /// `--tls-*` settings (x509 credentials in QEMU's layout).
@@ -394,6 +404,13 @@ impl TryFrom<ServeArgs> for Config {
             return Err(invalid("readonly", "replication needs a writable disk"));
         }
         let tls = tls_config(&a, &mode)?;
+        let metrics = match &a.metrics {
+            None => None,
+            Some(m) => Some(MetricsAddr::parse(m).map_err(|e| match e {
+                StatsError::Addr(_, why) => invalid("metrics", why),
+                other => invalid("metrics", other.to_string()),
+            })?),
+        };
         Ok(Config {
             socket: a.socket,
             disk: a.disk,
@@ -410,6 +427,7 @@ impl TryFrom<ServeArgs> for Config {
             cluster_size,
             mode,
             tls,
+            metrics,
         })
     }
 }

@@ -13,6 +13,7 @@ use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub, N
 use colo_blk::nbd;
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
+use colo_blk::stats::{self, DeviceStats, MetricsServer};
 use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
@@ -59,6 +60,9 @@ pub enum DaemonError {
     /// TLS credentials could not be loaded.
     #[error(transparent)]
     Tls(#[from] colo_blk::tls::TlsError),
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(#[from] colo_blk::stats::StatsError),
     /// The vhost-user loop failed.
     #[error(transparent)]
     Vhost(#[from] VhostError),
@@ -73,12 +77,34 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let tls = load_tls(&cfg)?;
     let hub = EventHub::new();
     let disk = open_disk(&cfg)?;
-    let stack = build_stack(&cfg, disk, hub.sink(), &tls)?;
-    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls)?;
+    let stack = build_stack(&cfg, disk, counting_sink(hub.sink()), &tls)?;
+    let stats = DeviceStats::new(usize::from(cfg.num_queues));
+    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls, &stats)?;
+    let metrics = match &cfg.metrics {
+        None => None,
+        Some(addr) => Some(MetricsServer::spawn(addr, prometheus_render(&stats))?),
+    };
     release_held_writes_on_shutdown(&stack, &shutdown);
-    let result = vhost::serve(stack.guest.clone(), &serve_options(&cfg), &shutdown);
+    let mut opts = serve_options(&cfg);
+    opts.stats = Some(stats);
+    let result = vhost::serve(stack.guest.clone(), &opts, &shutdown);
+    drop(metrics);
     services.stop();
     result.map_err(DaemonError::from)
+}
+
+/// Replication events also feed the replication counters (errors, resync and
+/// commit bytes).
+fn counting_sink(inner: EventSink) -> EventSink {
+    Arc::new(move |ev| {
+        stats::replication().observe(&ev);
+        inner(ev)
+    })
+}
+
+fn prometheus_render(stats: &Arc<DeviceStats>) -> stats::Render {
+    let stats = Arc::clone(stats);
+    Arc::new(move || stats::prometheus_text(&stats.per_queue(), &stats::replication().snapshot()))
 }
 
 /// A fenced primary may hold guest writes forever; the vhost loop drains
@@ -310,6 +336,20 @@ fn open_overlay(path: &std::path::Path, size: u64) -> Result<Arc<Overlay>, Daemo
         })
 }
 
+/// The served disk's node name in `query-blockstats`: the NBD export name on
+/// a secondary (QEMU setups call that node parent0), else the image's file
+/// name.
+fn node_name(cfg: &Config) -> String {
+    match &cfg.mode {
+        ModeConfig::Secondary(s) => s.nbd_export.clone(),
+        _ => cfg
+            .disk
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
 fn serve_options(cfg: &Config) -> ServeOptions {
     ServeOptions {
         socket: cfg.socket.clone(),
@@ -318,6 +358,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
         logical_block_size: cfg.logical_block_size,
         serial: cfg.serial.clone(),
         poll_us: cfg.poll_us,
+        stats: None,
     }
 }
 
@@ -335,6 +376,7 @@ impl SideServices {
         shutdown: &Arc<Shutdown>,
         hub: Arc<EventHub>,
         tls: &LinkTls,
+        stats: &Arc<DeviceStats>,
     ) -> Result<Self, DaemonError> {
         // One NBD export, opened by --nbd-listen now or by QEMU's
         // nbd-server-start + nbd-server-add later; QEMU setups name the disk
@@ -367,6 +409,8 @@ impl SideServices {
                     nbd: nbd.clone(),
                     hub,
                     on_quit: Arc::new(move || shutdown.request()),
+                    stats: Some(Arc::clone(stats)),
+                    node: node_name(cfg),
                 };
                 Some(ControlServer::spawn(path, ctx)?)
             }

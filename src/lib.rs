@@ -12,6 +12,7 @@ pub mod frontend;
 pub mod nbd;
 pub mod pattern;
 pub mod replication;
+pub mod stats;
 pub mod tls;
 pub mod unix_socket;
 pub mod vhost;

@@ -3,8 +3,9 @@
 mod bench;
 mod config;
 mod daemon;
+mod generate;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// A vhost-user-blk backend with COLO block replication.
@@ -38,6 +39,10 @@ enum Command {
     /// takes checkpoints comparing the disks byte for byte, kills the primary,
     /// fails over, and checks the secondary disk equals its guest's view.
     Demo,
+    /// Write man pages (colo-blk.1, colo-blk-serve.1, ...) into a directory.
+    Man(generate::ManArgs),
+    /// Print a shell completion script (bash, zsh, fish) to stdout.
+    Completions(generate::CompletionArgs),
 }
 
 /// Exit code for a command line that parses but makes no sense (clap uses the
@@ -87,6 +92,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Man(args) => match generate::man_pages(&Cli::command(), &args.dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", args.dir.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Completions(args) => {
+            match generate::completions(&mut Cli::command(), args.shell, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo => match colo_blk::demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! `colo-blk ctl`: one control command, printed for humans (or as JSON).
 
 use super::client::QmpClient;
+use super::progress::{self, Job};
 use super::ControlError;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -32,6 +33,10 @@ pub enum CtlAction {
         /// Primary only: how to bring the secondary up to date first.
         #[arg(long, value_enum, default_value_t = SyncArg::Full)]
         sync: SyncArg,
+        /// Primary: return once the resync is complete, showing its progress
+        /// (a bar with rate and ETA on a terminal, a line a second otherwise).
+        #[arg(long)]
+        wait: bool,
     },
     /// Take a checkpoint (replication-checkpoint): a barrier on the primary,
     /// emptying of the overlays on the secondary.
@@ -42,12 +47,19 @@ pub enum CtlAction {
         /// Primary: carry on alone.
         #[arg(long)]
         failover: bool,
+        /// With --failover: return once the commit is complete (or failed),
+        /// showing its progress.
+        #[arg(long, requires = "failover")]
+        wait: bool,
     },
     /// Show mode, stage, error and progress (query-replication).
     Status,
     /// Exit 0 when no I/O error is recorded, else print it and exit 1
     /// (replication-get-error).
     GetError,
+    /// Show I/O statistics per queue and in all (query-blockstats) and the
+    /// replication counters (query-replication-stats).
+    Stats,
     /// Ask the daemon to exit cleanly (quit).
     Quit,
 }
@@ -78,22 +90,38 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
     let timeout = Some(Duration::from_secs(args.timeout.max(1)));
     let mut qmp = QmpClient::connect(&args.control, timeout)?;
     let (ret, summary) = match &args.action {
-        CtlAction::Start { sync } => {
+        CtlAction::Start { sync, wait } => {
             let status = qmp.execute("query-replication", json!({}))?;
             let mode = status["mode"].as_str().unwrap_or("secondary").to_owned();
             let mut a = json!({ "mode": mode });
             if mode == "primary" {
                 a["sync"] = json!(sync.as_str());
             }
-            let ret = qmp.execute("replication-start", a)?;
-            (ret, format!("replication started ({mode})"))
+            let mut ret = qmp.execute("replication-start", a)?;
+            if *wait && mode == "primary" {
+                ret = progress::wait(&mut qmp, Job::Resync, timeout_of(args))?;
+                (
+                    ret,
+                    "replication started (primary), resync complete".to_owned(),
+                )
+            } else {
+                (ret, format!("replication started ({mode})"))
+            }
         }
         CtlAction::Checkpoint => (
             qmp.execute("replication-checkpoint", json!({}))?,
             "checkpoint done".to_owned(),
         ),
-        CtlAction::Stop { failover } => {
+        CtlAction::Stop { failover, wait } => {
             let ret = qmp.execute("replication-stop", json!({ "failover": failover }))?;
+            if *wait {
+                let st = progress::wait(&mut qmp, Job::Commit, timeout_of(args))?;
+                return Ok(if args.json {
+                    st.to_string()
+                } else {
+                    "failover complete: serving the secondary disk".to_owned()
+                });
+            }
             let text = if *failover {
                 "failover started (query status to follow it)"
             } else {
@@ -110,9 +138,78 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
             qmp.execute("replication-get-error", json!({}))?,
             "no error".to_owned(),
         ),
+        CtlAction::Stats => {
+            let blk = qmp.execute("query-blockstats", json!({}))?;
+            let repl = qmp.execute("query-replication-stats", json!({}))?;
+            let text = stats_text(&blk, &repl);
+            (json!({"blockstats": blk, "replication": repl}), text)
+        }
         CtlAction::Quit => (qmp.execute("quit", json!({}))?, "daemon exiting".to_owned()),
     };
     Ok(if args.json { ret.to_string() } else { summary })
+}
+
+/// How long `--wait` follows a job: the `--timeout` of the whole command.
+fn timeout_of(args: &CtlArgs) -> Duration {
+    Duration::from_secs(args.timeout.max(1))
+}
+
+/// One row per queue and one for the disk: operations, bytes and mean
+/// latency per class, then failures and the replication counters.
+fn stats_text(blk: &Value, repl: &Value) -> String {
+    let mut out = String::from(
+        "queue     reads      read bytes  writes     write bytes flushes  discards           failed invalid  mean r/w/f µs",
+    );
+    let row = |name: &str, s: &Value| {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        let mean = |ops: &str, ns: &str| {
+            let (o, t) = (n(ops), n(ns));
+            if o == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", t as f64 / o as f64 / 1000.0)
+            }
+        };
+        let failed: u64 = ["rd", "wr", "flush", "unmap"]
+            .iter()
+            .map(|p| n(&format!("failed_{p}_operations")))
+            .sum();
+        let invalid: u64 = ["rd", "wr", "flush", "unmap"]
+            .iter()
+            .map(|p| n(&format!("invalid_{p}_operations")))
+            .sum();
+        format!(
+            "\n{name:<9} {:<10} {:<11} {:<10} {:<11} {:<8} {:<9} {failed:<6} {invalid:<7}  {}/{}/{}",
+            n("rd_operations"),
+            n("rd_bytes"),
+            n("wr_operations"),
+            n("wr_bytes"),
+            n("flush_operations"),
+            n("unmap_operations"),
+            mean("rd_operations", "rd_total_time_ns"),
+            mean("wr_operations", "wr_total_time_ns"),
+            mean("flush_operations", "flush_total_time_ns"),
+        )
+    };
+    for dev in blk.as_array().into_iter().flatten() {
+        for q in dev["queues"].as_array().into_iter().flatten() {
+            out.push_str(&row(&q["queue"].to_string(), &q["stats"]));
+        }
+        out.push_str(&row("all", &dev["stats"]));
+    }
+    let r = |k: &str| repl[k].as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "\nreplication: forwarded {} writes ({} bytes), copy-before-write {} ({} bytes), \
+         resync {} bytes, commit {} bytes, errors {}",
+        r("forwarded-writes"),
+        r("forwarded-bytes"),
+        r("cbw-copies"),
+        r("cbw-bytes"),
+        r("resync-bytes"),
+        r("commit-bytes"),
+        r("errors"),
+    ));
+    out
 }
 
 fn status_text(s: &Value) -> String {

@@ -9,6 +9,7 @@ pub mod exports;
 #[cfg(test)]
 mod fake;
 pub mod framing;
+pub mod progress;
 pub mod protocol;
 mod schema;
 mod server;

@@ -13,6 +13,7 @@ use crate::nbd::NbdAddr;
 use crate::replication::{
     Event, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
+use crate::stats::{blockstats_json, replication, replication_json, DeviceStats};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -67,6 +68,9 @@ const COMMAND_TABLE: &[Command] = &[
     cmd("replication-checkpoint", &[]),
     cmd("replication-stop", &[opt("failover", Ty::Bool)]),
     cmd("replication-get-error", &[]),
+    cmd("query-replication-stats", &[]),
+    // QEMU's statistics command, in QEMU's return shape.
+    cmd("query-blockstats", &[opt("query-nodes", Ty::Bool)]),
     // QEMU's names (CONFIG_REPLICATION and COLO).
     cmd(
         "xen-set-replication",
@@ -173,6 +177,10 @@ pub struct Targets<'a> {
     pub nbd: Option<&'a NbdExports>,
     /// Process-wide COLO history.
     pub colo: Option<&'a ColoHistory>,
+    /// The served disk's request counters.
+    pub stats: Option<&'a DeviceStats>,
+    /// The served disk's node name (`query-blockstats`).
+    pub node: &'a str,
 }
 
 /// Per-connection protocol state.
@@ -325,6 +333,11 @@ impl Session {
                 command_names().map(|c| json!({ "name": c })).collect(),
             )),
             "query-version" => ok(version()),
+            "query-blockstats" => match t.stats {
+                Some(st) => ok(blockstats_json(t.node, &st.per_queue(), st.now_ns())),
+                None => ok(json!([])),
+            },
+            "query-replication-stats" => ok(replication_json(&replication().snapshot())),
             "quit" => Ok((json!({}), After::Quit)),
             "query-replication" => ok(status_json(&need(t)?.status())),
             "replication-start" => {

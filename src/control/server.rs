@@ -14,6 +14,7 @@ use super::framing::{Frame, Framer};
 use super::protocol::{error_reply, event_json, greeting, After, ColoHistory, Session, Targets};
 use super::ControlError;
 use crate::replication::{EventSink, Replication};
+use crate::stats::DeviceStats;
 use crate::unix_socket::{self, SocketFile};
 use log::{info, warn};
 use serde_json::Value;
@@ -106,6 +107,10 @@ pub struct ControlContext {
     pub hub: Arc<EventHub>,
     /// Called after `quit` was answered: starts the daemon's orderly shutdown.
     pub on_quit: Arc<dyn Fn() + Send + Sync>,
+    /// The served disk's request counters (`query-blockstats`).
+    pub stats: Option<Arc<DeviceStats>>,
+    /// The served disk's node name.
+    pub node: String,
 }
 
 /// A listening control socket; dropping it stops accepting and removes the file.
@@ -244,6 +249,8 @@ fn read_commands(
         replication: ctx.replication.as_deref(),
         nbd: ctx.nbd.as_deref(),
         colo: Some(&shared.colo),
+        stats: ctx.stats.as_deref(),
+        node: &ctx.node,
     };
     let mut session = Session::default();
     let mut framer = Framer::new(MAX_MESSAGE);
@@ -318,6 +325,8 @@ mod tests {
             on_quit: Arc::new(move || {
                 q.fetch_add(1, Ordering::SeqCst);
             }),
+            stats: None,
+            node: String::new(),
         };
         (ControlServer::spawn(&path, ctx).unwrap(), hub, quits, path)
     }
@@ -466,6 +475,8 @@ mod tests {
             nbd: None,
             hub,
             on_quit: Arc::new(|| {}),
+            stats: None,
+            node: String::new(),
         };
         assert!(matches!(
             ControlServer::spawn(&path, ctx),

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub serial: String,
     /// Most microseconds a queue worker polls before it sleeps (0: never).
     pub poll_us: u32,
+    /// Where completed requests are counted (kept across reconnects).
+    pub stats: Option<Arc<crate::stats::DeviceStats>>,
 }
 
 /// Why [`serve`] stopped with an error.
@@ -112,7 +114,10 @@ fn accept_loop(
     shutdown: &Shutdown,
 ) -> Result<(), VhostError> {
     while wait_for_frontend(listener, shutdown)? {
-        let device = Arc::new(BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial));
+        let device = Arc::new(
+            BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial)
+                .with_stats(opts.stats.clone()),
+        );
         let mem = GuestMemoryAtomic::new(GuestMem::new());
         let backend = Arc::new(
             BlkBackend::new(

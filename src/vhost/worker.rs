@@ -45,7 +45,7 @@ pub(crate) fn serve(
     // The first pass after the ring (re)started notifies unconditionally.
     let mut force_notify = ready && vring.take_started();
     let window = st.poller.window();
-    let mut scratch = Scratch::default();
+    let mut scratch = Scratch::for_queue(q);
     let mut done: Vec<Completion> = Vec::new();
     let mut pool_done: Vec<Completion> = Vec::new();
     let mut last_work = Instant::now();
@@ -162,8 +162,9 @@ fn add_used(
 ) -> usize {
     let queue: &mut Queue = state.get_queue_mut();
     for c in done {
-        if let Err(e) = log.add_used(queue, mem, c.head, c.used_len) {
-            device.report_ring_error(q, "cannot complete a request", e);
+        match log.add_used(queue, mem, c.head, c.used_len) {
+            Ok(()) => device.account(q, &c.stat),
+            Err(e) => device.report_ring_error(q, "cannot complete a request", e),
         }
     }
     done.len()

@@ -129,6 +129,7 @@ impl AsyncQueue {
                     pending.req.head,
                     pending.req.status_addr,
                     Err(e),
+                    pending.req.stat,
                 ) {
                     done.push(c);
                 }
@@ -243,8 +244,12 @@ impl AsyncQueue {
         let head = p.req.head;
         Some(
             device
-                .finish(&p.req.mem, head, p.req.status_addr, result)
-                .unwrap_or(Completion { head, used_len: 0 }),
+                .finish(&p.req.mem, head, p.req.status_addr, result, p.req.stat)
+                .unwrap_or(Completion {
+                    head,
+                    used_len: 0,
+                    stat: p.req.stat,
+                }),
         )
     }
 }

@@ -10,6 +10,7 @@ use super::error::{ERROR_CLASSES, RING_CLASS};
 use super::ratelimit::LogLimiter;
 use super::RequestError;
 use crate::block::{BlockDev, SharedDev};
+use crate::stats::{DeviceStats, Outcome, RequestStat, StatOp};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
@@ -28,6 +29,8 @@ pub struct Completion {
     /// Bytes written to the guest: data plus the status byte (0 when no status
     /// could be written).
     pub used_len: u32,
+    /// What the request contributes to the statistics.
+    pub stat: RequestStat,
 }
 
 /// Reads at least this long may be handed to [`Offload`]: long enough that
@@ -96,6 +99,7 @@ pub struct Deferred {
     pub(super) flush: bool,
     dev: SharedDev,
     pub(super) mem: Arc<GuestMem>,
+    pub(super) stat: RequestStat,
 }
 
 impl Deferred {
@@ -129,10 +133,11 @@ impl Deferred {
         };
         drop(bufs);
         device
-            .finish(&self.mem, self.head, self.status_addr, result)
+            .finish(&self.mem, self.head, self.status_addr, result, self.stat)
             .unwrap_or(Completion {
                 head: self.head,
                 used_len: 0,
+                stat: self.stat,
             })
     }
 }
@@ -151,6 +156,20 @@ pub(super) enum Exec {
 pub struct Scratch<'m> {
     layout: Layout,
     slices: Vec<VolatileSlice<'m>>,
+    /// The current request's statistics, filled in as it is parsed.
+    pub(super) stat: RequestStat,
+    /// The queue served, for the statistics.
+    pub(super) queue: usize,
+}
+
+impl Scratch<'_> {
+    /// Buffers for the worker of queue `queue`.
+    pub fn for_queue(queue: usize) -> Self {
+        Scratch {
+            queue,
+            ..Self::default()
+        }
+    }
 }
 
 /// The device model shared by every queue worker of one connection. Everything
@@ -165,6 +184,7 @@ pub struct BlkDevice {
     /// The driver negotiated FLUSH; without it the device must be write-through.
     flush_negotiated: AtomicBool,
     log: LogLimiter,
+    stats: Option<Arc<DeviceStats>>,
 }
 
 /// The request header fields colo-blk uses.
@@ -196,6 +216,20 @@ impl BlkDevice {
             writeback: AtomicBool::new(true),
             flush_negotiated: AtomicBool::new(true),
             log: LogLimiter::new(ERROR_CLASSES),
+            stats: None,
+        }
+    }
+
+    /// Counts completed requests into `stats` (kept across connections).
+    pub fn with_stats(mut self, stats: Option<Arc<DeviceStats>>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// Accounts a request of queue `q` that just entered the used ring.
+    pub fn account(&self, q: usize, stat: &RequestStat) {
+        if let Some(s) = &self.stats {
+            s.record(q, stat);
         }
     }
 
@@ -298,6 +332,7 @@ impl BlkDevice {
         scratch: &mut Scratch<'m>,
         offload: Option<&mut dyn Offload>,
     ) -> Option<Completion> {
+        scratch.stat = RequestStat::start();
         // Header + data + status; anything longer is over seg_max anyway.
         let cap = self.geometry.seg_max as usize + 3;
         scratch.layout.collect(chain, cap);
@@ -306,11 +341,15 @@ impl BlkDevice {
             Some(a) if GuestMemoryBackend::check_range(mem, GuestAddress(a), 1) => a,
             _ => {
                 self.report(head, &RequestError::NoStatus);
-                return Some(Completion { head, used_len: 0 });
+                return Some(Completion {
+                    head,
+                    used_len: 0,
+                    stat: RequestStat::default(),
+                });
             }
         };
         let result = self.execute(mem, scratch, head, status_addr, offload);
-        self.finish(mem, head, status_addr, result)
+        self.finish(mem, head, status_addr, result, scratch.stat)
     }
 
     /// Writes the status byte of a finished request (`None` when deferred).
@@ -320,23 +359,34 @@ impl BlkDevice {
         head: u16,
         status_addr: u64,
         result: Result<Exec, RequestError>,
+        mut stat: RequestStat,
     ) -> Option<Completion> {
         let (status, written) = match result {
             Ok(Exec::Deferred) => return None,
             Ok(Exec::Done(written)) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
                 self.report(head, &e);
+                stat.outcome = match e {
+                    RequestError::Block(_) => Outcome::Failed,
+                    _ => Outcome::Invalid,
+                };
                 (e.status(), 0)
             }
         };
         if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
             // Checked before executing; only a memory-map change gets here.
             self.report(head, &RequestError::NoStatus);
-            return Some(Completion { head, used_len: 0 });
+            stat.outcome = Outcome::Failed;
+            return Some(Completion {
+                head,
+                used_len: 0,
+                stat,
+            });
         }
         Some(Completion {
             head,
             used_len: u32::try_from(written).unwrap_or(u32::MAX - 1) + 1,
+            stat,
         })
     }
 
@@ -390,6 +440,7 @@ impl BlkDevice {
                 raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
             ]),
         };
+        scratch.stat.op = StatOp::of_virtio(header.kind);
         if layout.mixed_direction {
             return Err(RequestError::WrongDirection(type_name(header.kind)));
         }
@@ -409,6 +460,7 @@ impl BlkDevice {
                         flush: false,
                         dev: self.dev.clone(),
                         mem: offload.memory(),
+                        stat: scratch.stat,
                     });
                     return Ok(Exec::Deferred);
                 }
@@ -419,7 +471,7 @@ impl BlkDevice {
             },
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout),
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                return self.discard_or_zero(mem, header.kind, layout, head, status_addr, offload);
+                return self.discard_or_zero(mem, header.kind, scratch, head, status_addr, offload);
             }
             other => Err(RequestError::UnsupportedType(other)),
         };
@@ -441,6 +493,7 @@ impl BlkDevice {
         }
         self.check_segments(layout)?;
         let len = layout.writable_payload().map(|(_, l)| l).sum();
+        scratch.stat.bytes = len;
         let offset = self.check_data(header.sector, len, "read")?;
         // Resolving the buffers also validates them, before any hand-off.
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
@@ -457,6 +510,7 @@ impl BlkDevice {
                 flush: false,
                 dev: self.dev.clone(),
                 mem: offload.memory(),
+                stat: scratch.stat,
             });
             return Ok(Exec::Deferred);
         }
@@ -482,6 +536,7 @@ impl BlkDevice {
         }
         self.check_segments(layout)?;
         let len = layout.readable_payload().map(|(_, l)| l).sum();
+        scratch.stat.bytes = len;
         let offset = self.check_data(header.sector, len, "write")?;
         slices(mem, layout.readable_payload(), &mut scratch.slices)?;
         if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
@@ -496,6 +551,7 @@ impl BlkDevice {
                 flush: self.write_through(),
                 dev: self.dev.clone(),
                 mem: offload.memory(),
+                stat: scratch.stat,
             });
             return Ok(Exec::Deferred);
         }
@@ -565,11 +621,12 @@ impl BlkDevice {
         &self,
         mem: &GuestMem,
         kind: u32,
-        layout: &Layout,
+        scratch: &mut Scratch<'_>,
         head: u16,
         status_addr: u64,
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
+        let layout = &scratch.layout;
         let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
         let op = if zeroes { "write-zeroes" } else { "discard" };
         if layout.overflow {
@@ -632,6 +689,7 @@ impl BlkDevice {
             };
         }
         let ranges = &ranges[..count as usize];
+        scratch.stat.bytes = ranges.iter().map(|r| r.len).sum();
         let flush = zeroes && self.write_through();
         if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
             offload.submit(Deferred {
@@ -644,6 +702,7 @@ impl BlkDevice {
                 flush,
                 dev: self.dev.clone(),
                 mem: offload.memory(),
+                stat: scratch.stat,
             });
             return Ok(Exec::Deferred);
         }

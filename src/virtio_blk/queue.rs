@@ -88,6 +88,7 @@ impl BlkDevice {
                 self.report(c.head, &RequestError::Queue(e));
                 break;
             }
+            self.account(scratch.queue, &c.stat);
             done += 1;
         }
         done

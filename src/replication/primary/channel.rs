@@ -512,6 +512,9 @@ impl PrimaryChannel {
                             fenced = p.forward_failed(op.kind.name(), e);
                         }
                         Ok(()) => {
+                            if op.kind == Kind::Write {
+                                crate::stats::replication().forwarded(op.len);
+                            }
                             if let Err(e) = &local {
                                 // The secondary has bytes the local disk may
                                 // lack: forwarding stops and the range is left

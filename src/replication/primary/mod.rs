@@ -575,6 +575,7 @@ impl Primary {
                 }
             }
             Ok(()) => {
+                crate::stats::replication().forwarded(len);
                 if let Err(e) = &local {
                     // The secondary has bytes the local disk may lack: the
                     // copies differ, so forwarding stops and the range is

@@ -251,6 +251,7 @@ impl Secondary {
             .write_over(start, &slice, &no_below)
             .map_err(cbw)?;
         self.copied.set_range(c, 1);
+        crate::stats::replication().cbw_copy(end - start);
         Ok(())
     }
 }
