@@ -328,8 +328,8 @@ mod tests {
 
     #[test]
     fn a_failed_try_takes_nothing_and_rings_when_the_holder_releases() {
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         use std::os::fd::AsRawFd;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         let l = Arc::new(RangeLocks::new(4096, 8));
         let ev = EventFd::new(EFD_NONBLOCK).unwrap();
         let bell = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());

@@ -22,14 +22,19 @@
 //!   moves it, so no guest write racing it is lost.
 
 mod commit;
+mod commit_stats;
+#[cfg(test)]
+mod commit_tests;
 mod io;
+mod lock_wait;
+mod pace;
 
 use super::gate::Gate;
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
 use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -79,7 +84,10 @@ pub struct Secondary {
     cluster: u64,
     /// Clusters copied to hidden since the last checkpoint.
     copied: Bitmap,
-    locks: RangeLocks,
+    /// During failover: clusters whose overlay data a guest changed since the
+    /// commit last cleared the bit (see `commit`).
+    rewritten: Bitmap,
+    locks: Arc<RangeLocks>,
     gate: Gate,
     stage: AtomicU8,
     /// Serialises control commands with each other.
@@ -89,6 +97,12 @@ pub struct Secondary {
     /// A background thread is releasing emptied overlay space.
     releasing: AtomicBool,
     events: EventSink,
+    /// Guest requests served during failover: the commit rests between
+    /// bursts only while this moves.
+    guest_ops: AtomicU64,
+    /// Tests: tries of a cluster lock by the commit that found it busy.
+    #[cfg(test)]
+    busy_tries: AtomicU64,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -130,7 +144,8 @@ impl Secondary {
             chain,
             cluster: cluster_size,
             copied: Bitmap::new(clusters),
-            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            rewritten: Bitmap::new(clusters),
+            locks: Arc::new(RangeLocks::new(cluster_size, DEFAULT_STRIPES)),
             gate: Gate::new(),
             stage: AtomicU8::new(stage_code(Stage::None)),
             control: Mutex::new(()),
@@ -138,6 +153,9 @@ impl Secondary {
             commit: Mutex::new(CommitState::default()),
             releasing: AtomicBool::new(false),
             events,
+            guest_ops: AtomicU64::new(0),
+            #[cfg(test)]
+            busy_tries: AtomicU64::new(0),
         }))
     }
 
@@ -178,6 +196,16 @@ impl Secondary {
     /// The secondary disk.
     pub fn disk(&self) -> &SharedDev {
         &self.disk
+    }
+
+    /// Guest requests served during failover so far.
+    fn guest_ops(&self) -> u64 {
+        self.guest_ops.load(Ordering::Relaxed)
+    }
+
+    /// Counts a guest request served during failover (see `pace`).
+    fn note_guest_op(&self) {
+        self.guest_ops.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Waits for a failover commit started by `stop(failover)` to end (stage

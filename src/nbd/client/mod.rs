@@ -224,7 +224,10 @@ impl Client {
     pub fn start_flush(&self, bell: &Arc<Doorbell>) -> Started {
         let conn = self.current();
         let tickets = if conn.info().has(FLAG_SEND_FLUSH) {
-            vec![(0, conn.send_waking(Command::Flush, 0, 0, 0, &[], Some(bell)))]
+            vec![(
+                0,
+                conn.send_waking(Command::Flush, 0, 0, 0, &[], Some(bell)),
+            )]
         } else {
             match conn.broken() {
                 Some(why) => vec![(0, Err(Failure::Broken(why)))],
