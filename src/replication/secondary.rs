@@ -18,8 +18,10 @@
 //!   clusters shared while it reads below the active disk; copy-before-write holds
 //!   them exclusive from the copy until the primary's write has landed, so a
 //!   guest read never looks at hidden before the copy and at the secondary disk
-//!   after the write; the failover commit holds each cluster exclusive while it
-//!   moves it, so no guest write racing it is lost.
+//!   after the write; the failover commit copies a cluster holding nothing and
+//!   holds it exclusive only to drop it from the overlays, once it knows no
+//!   guest wrote to it meanwhile, so no guest write racing it is lost and no
+//!   guest request waits for the copy (see `commit`).
 
 mod commit;
 mod commit_stats;
