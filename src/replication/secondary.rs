@@ -35,7 +35,7 @@ use super::gate::Gate;
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
-use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
+use crate::block::{Bitmap, Chain, Overlay, RangeGuard, RangeLocks, SharedDev, DEFAULT_STRIPES};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
@@ -102,6 +102,8 @@ pub struct Secondary {
     /// Guest requests served during failover: the commit rests between
     /// bursts only while this moves.
     guest_ops: AtomicU64,
+    /// The longest wait of a guest request for a cluster lock during failover.
+    guest_lock_wait_ns: AtomicU64,
     /// Tests: tries of a cluster lock by the commit that found it busy.
     #[cfg(test)]
     busy_tries: AtomicU64,
@@ -156,6 +158,7 @@ impl Secondary {
             releasing: AtomicBool::new(false),
             events,
             guest_ops: AtomicU64::new(0),
+            guest_lock_wait_ns: AtomicU64::new(0),
             #[cfg(test)]
             busy_tries: AtomicU64::new(0),
         }))
@@ -205,9 +208,21 @@ impl Secondary {
         self.guest_ops.load(Ordering::Relaxed)
     }
 
-    /// Counts a guest request served during failover (see `pace`).
-    fn note_guest_op(&self) {
+    /// A guest request's shared hold on its clusters during failover. The
+    /// request is counted (the commit paces itself while guests are active)
+    /// and its wait for the lock timed: the commit logs the longest, the one
+    /// wait for the commit a guest request can have in this process.
+    fn failover_shared(&self, offset: u64, len: u64) -> RangeGuard<'_> {
         self.guest_ops.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let held = self.locks.shared(offset, len);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // Read first: most waits are not the longest, and a load does not
+        // bounce the cache line between the serving threads.
+        if ns > self.guest_lock_wait_ns.load(Ordering::Relaxed) {
+            self.guest_lock_wait_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+        held
     }
 
     /// Waits for a failover commit started by `stop(failover)` to end (stage

@@ -34,8 +34,9 @@ use super::pace::Pacer;
 use super::{Secondary, Stage};
 use crate::block::{BlockError, Result};
 use crate::replication::{Event, Progress};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 /// Progress events per commit, at most (plus the first and the last).
@@ -120,6 +121,7 @@ impl Secondary {
         self.progress(0, total);
         let mut buf = Vec::new();
         let mut stats = CommitStats::new();
+        self.guest_lock_wait_ns.store(0, Ordering::Relaxed);
         let mut done = 0;
         let mut pos = 0;
         // Dropped but not yet released: `unreleased.0..unreleased.1`.
@@ -164,7 +166,9 @@ impl Secondary {
             self.set_stage(Stage::Done);
             stats.quiesced.since(t);
         }
-        stats.log();
+        stats.log(Duration::from_nanos(
+            self.guest_lock_wait_ns.load(Ordering::Relaxed),
+        ));
         self.release_in_background();
         self.progress(total.max(done), total.max(done));
         self.announce(Stage::Done);

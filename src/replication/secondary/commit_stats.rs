@@ -81,11 +81,14 @@ impl CommitStats {
         }
     }
 
-    pub(super) fn log(&self) {
+    /// Logs the figures; `guest_lock_wait` is the longest a guest request
+    /// waited for a cluster lock meanwhile.
+    pub(super) fn log(&self, guest_lock_wait: Duration) {
         log::info!(
             "replication (secondary): commit of {} clusters in {:.1} ms ({} copied again, \
              {} copied held, {} busy tries, {} waited in line): lock wait {}, held {}, \
-             copy {}, release {}, rest {}, flush {}, quiesced {}",
+             copy {}, release {}, rest {}, flush {}, quiesced {}; a guest waited for a \
+             cluster lock {:.2} ms at most",
             self.clusters,
             self.started.elapsed().as_secs_f64() * 1e3,
             self.recopies,
@@ -98,7 +101,8 @@ impl CommitStats {
             self.release,
             self.rest,
             self.flush,
-            self.quiesced
+            self.quiesced,
+            guest_lock_wait.as_secs_f64() * 1e3
         );
     }
 }

@@ -71,8 +71,7 @@ impl Secondary {
                 self.chain.read_vectored(offset, bufs)
             }
             Stage::Failover | Stage::FailoverFailed => {
-                self.note_guest_op();
-                let _held = self.locks.shared(offset, len);
+                let _held = self.failover_shared(offset, len);
                 self.chain.read_vectored(offset, bufs)
             }
         }
@@ -96,8 +95,7 @@ impl Secondary {
                 self.chain.write_top(offset, bufs)
             }
             Stage::Failover | Stage::FailoverFailed => {
-                self.note_guest_op();
-                let _held = self.locks.shared(offset, len);
+                let _held = self.failover_shared(offset, len);
                 self.split_write(offset, bufs)
             }
         }
@@ -143,8 +141,7 @@ impl Secondary {
                 self.chain.zero_top(offset, len)
             }
             Stage::Failover | Stage::FailoverFailed => {
-                self.note_guest_op();
-                let _held = self.locks.shared(offset, len);
+                let _held = self.failover_shared(offset, len);
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
