@@ -441,8 +441,7 @@ impl Overlay {
     /// release: no system call, so a caller holding a lock that requests need
     /// keeps it for a few atomic operations. The caller must keep readers and
     /// writers of the range away until this returns; the space is released by
-    /// [`Overlay::release_range`] or [`Overlay::release_pending`]. Returns the
-    /// bytes that were allocated.
+    /// [`Overlay::release_pending`]. Returns the bytes that were allocated.
     pub fn unallocate_deferred(&self, offset: u64, len: u64) -> Result<u64> {
         check_range(offset, len, self.size)?;
         let Some((g0, n)) = self.whole_granules(offset, offset + len) else {
@@ -461,25 +460,6 @@ impl Overlay {
             g += run;
         }
         Ok(bytes)
-    }
-
-    /// Releases the space of the granules pending release in `offset..offset +
-    /// len` (see [`Overlay::unallocate_deferred`]), chunk by chunk, while I/O
-    /// may go on. Returns the bytes released.
-    pub fn release_range(&self, offset: u64, len: u64) -> u64 {
-        let end = offset.saturating_add(len).min(self.size);
-        if offset >= end || self.pending.count() == 0 {
-            return 0;
-        }
-        let mut g = offset / self.granule;
-        let last = end.div_ceil(self.granule);
-        let mut released = 0;
-        while g < last {
-            let hi = ((g / RELEASE_CHUNK + 1) * RELEASE_CHUNK).min(last);
-            released += self.release_in_chunk(g, hi);
-            g = hi;
-        }
-        released
     }
 
     /// Empties the overlay and releases its space now (see the module
@@ -850,7 +830,7 @@ mod tests {
     }
 
     #[test]
-    fn deferred_unallocate_drops_at_once_and_release_range_frees_only_its_range() {
+    fn deferred_unallocate_drops_at_once_and_releases_later() {
         let (store, ov) = mem_overlay(4 << 20);
         ov.write_at(0, &vec![7u8; 3 << 20]).unwrap();
         store.reset_stats();
@@ -872,9 +852,7 @@ mod tests {
         let mut b = [1u8; 4096];
         ov.read_at(8192, &mut b).unwrap();
         assert_eq!(b, [0u8; 4096], "a dropped granule reads from below");
-        assert_eq!(ov.release_range(0, 1 << 20), (1 << 20) - 4096);
-        assert_eq!(ov.pending_release_bytes(), 1 << 20);
-        assert_eq!(ov.release_range(1 << 20, 3 << 20), 1 << 20);
+        assert_eq!(ov.release_pending(), (2 << 20) - 4096);
         assert_eq!(ov.pending_release_bytes(), 0);
         let mut kept = vec![0u8; 4096];
         ov.read_at(2 << 20, &mut kept).unwrap();
@@ -882,6 +860,8 @@ mod tests {
             kept.iter().all(|&x| x == 7),
             "a granule outside the range lost"
         );
+        ov.read_at(0, &mut kept).unwrap();
+        assert!(kept.iter().all(|&x| x == 7), "a partial edge granule lost");
     }
 
     #[test]

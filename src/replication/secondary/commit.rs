@@ -21,8 +21,12 @@
 //!    granules from both bitmaps; otherwise go back to step 1. The lock is
 //!    tried, not waited for ([`lock_wait`](super::lock_wait)): a waiting
 //!    exclusive locker would queue new guest requests behind it.
-//! 3. *release* the dropped granules' overlay space, holding nothing (no guest
-//!    request can reach them any more), a batch of clusters at a time.
+//! 3. *release* the dropped granules' overlay space once the commit is done,
+//!    on the background release thread. A hole punch holds the overlay file's
+//!    inode lock, which a guest write to active needs during failover, and
+//!    frees pages with voluntary preemption points inside it; after failover
+//!    no guest request touches the overlays. (The overlays keep the space
+//!    they had until then; the commit adds none.)
 //!
 //! A cluster a guest keeps rewriting is moved the old way after a few copies:
 //! copied while held (one cluster's worth of I/O). Between clusters the commit
@@ -46,10 +50,6 @@ const PROGRESS_EVENTS: u64 = 32;
 /// guest rewriting the same cluster that often within one copy is hot enough
 /// that waiting for it once is cheaper than chasing it.
 const COPY_ATTEMPTS: u32 = 4;
-
-/// Dropped overlay space is released once this much has accumulated (or at
-/// a gap): one hole punch per overlay per batch instead of per cluster.
-const RELEASE_BATCH: u64 = 1 << 20;
 
 impl Secondary {
     /// Body of the commit thread.
@@ -124,19 +124,12 @@ impl Secondary {
         self.guest_lock_wait_ns.store(0, Ordering::Relaxed);
         let mut done = 0;
         let mut pos = 0;
-        // Dropped but not yet released: `unreleased.0..unreleased.1`.
-        let mut unreleased = (0, 0);
         let waiter = LockWaiter::new().map_err(|e| BlockError::io("commit doorbell", 0, e))?;
         let mut pacer = Pacer::new(self.guest_ops());
         while let Some(next) = self.next_dirty(pos) {
             let (start, len) = self.cluster_at(next);
-            if start != unreleased.1 || unreleased.1 - unreleased.0 >= RELEASE_BATCH {
-                self.release_dropped(unreleased, &mut stats);
-                unreleased = (start, start);
-            }
             self.commit_cluster_live(start, len, &waiter, &mut buf, &mut stats)?;
             stats.rest.add(pacer.between(self.guest_ops()));
-            unreleased.1 = start + len;
             stats.clusters += 1;
             pos = start + len;
             done += 1;
@@ -144,7 +137,6 @@ impl Secondary {
                 self.progress(done, total);
             }
         }
-        self.release_dropped(unreleased, &mut stats);
         let t = Instant::now();
         self.disk.flush()?;
         stats.flush.since(t);
@@ -241,24 +233,12 @@ impl Secondary {
     }
 
     /// Drops `start..start + len` from both overlays' bitmaps; their space stays
-    /// pending release. Runs with the cluster held exclusively.
+    /// pending release until the commit is done. Runs with the cluster held
+    /// exclusively.
     fn drop_from_overlays(&self, start: u64, len: u64) -> Result<()> {
         self.active.unallocate_deferred(start, len)?;
         self.hidden.unallocate_deferred(start, len)?;
         Ok(())
-    }
-
-    /// Releases the overlay space of the dropped clusters `range.0..range.1`
-    /// (step 3 of the module documentation).
-    fn release_dropped(&self, range: (u64, u64), stats: &mut CommitStats) {
-        let (lo, hi) = range;
-        if lo >= hi {
-            return;
-        }
-        let t = Instant::now();
-        self.active.release_range(lo, hi - lo);
-        self.hidden.release_range(lo, hi - lo);
-        stats.release.since(t);
     }
 
     /// Copies what the overlays hold of `start..start + len` to the disk, then
