@@ -39,8 +39,8 @@ fn main() {
     }
     let mut qmp = QmpClient::connect(args[2].as_ref(), Some(Duration::from_secs(60))).expect("qmp");
     let stop = AtomicBool::new(false);
-    // (start, latency) of every request.
-    let log: Mutex<Vec<(Instant, Duration)>> = Mutex::new(Vec::new());
+    // (start, latency, write?) of every request.
+    let log: Mutex<Vec<(Instant, Duration, bool)>> = Mutex::new(Vec::new());
     let mut window = (Instant::now(), Instant::now());
     std::thread::scope(|s| {
         for (i, q) in client.queues().iter_mut().enumerate() {
@@ -55,13 +55,14 @@ fn main() {
                         .wrapping_add(1442695040888963407);
                     let off = (n >> 17) % (size / 4096) * 4096;
                     let t = Instant::now();
-                    let ok = if n >> 63 == 0 {
+                    let write = n >> 63 == 0;
+                    let ok = if write {
                         q.write(off, &data).is_ok()
                     } else {
                         q.read(off, 4096).is_ok()
                     };
                     assert!(ok, "guest I/O failed during the commit");
-                    mine.push((t, t.elapsed()));
+                    mine.push((t, t.elapsed(), write));
                 }
                 log.lock().unwrap().extend(mine);
             });
@@ -86,25 +87,44 @@ fn main() {
     });
     let log = log.into_inner().unwrap();
     let (t0, t1) = window;
+    let overlaps = |t: &Instant, l: &Duration| *t + *l >= t0 && *t <= t1;
     let during: Vec<Duration> = log
         .iter()
-        .filter(|(t, l)| *t + *l >= t0 && *t <= t1)
-        .map(|(_, l)| *l)
+        .filter(|(t, l, _)| overlaps(t, l))
+        .map(|(_, l, _)| *l)
         .collect();
-    let before = log
+    let before_all: Vec<Duration> = log
         .iter()
-        .filter(|(t, l)| *t + *l < t0)
-        .map(|(_, l)| *l)
+        .filter(|(t, l, _)| *t + *l < t0)
+        .map(|(_, l, _)| *l)
+        .collect();
+    let before = before_all.iter().max().copied().unwrap_or_default();
+    // Just after: the commit's deferred work (space release) must not simply
+    // move a stall out of the window.
+    let after = log
+        .iter()
+        .filter(|(t, _, _)| *t > t1)
+        .map(|(_, l, _)| *l)
         .max()
         .unwrap_or_default();
     let worst = during.iter().max().copied().unwrap_or_default();
-    // Where in the commit the worst request started (ms from the stop command).
-    let worst_at = log
+    // Where in the commit the worst request started (ms from the stop command),
+    // and what it was.
+    let (worst_at, worst_kind) = log
         .iter()
-        .filter(|(t, l)| *t + *l >= t0 && *t <= t1 && *l == worst)
-        .map(|(t, _)| t.saturating_duration_since(t0))
+        .filter(|(t, l, _)| overlaps(t, l) && *l == worst)
+        .map(|(t, _, w)| {
+            (
+                t.saturating_duration_since(t0),
+                if *w { "write" } else { "read" },
+            )
+        })
         .next()
         .unwrap_or_default();
+    // How many requests were slow, during and before (the machine is shared:
+    // slow requests before the commit are the scheduler's, not the commit's).
+    let slow =
+        |v: &[Duration], ms: u64| v.iter().filter(|l| **l > Duration::from_millis(ms)).count();
     let mut sorted = during.clone();
     sorted.sort();
     let p99 = sorted
@@ -113,12 +133,18 @@ fn main() {
         .unwrap_or_default();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "RESULT commit {fill_mb} MiB in {:.0} ms, 4k randrw QD{qd}: {} requests during, worst {:.1} ms (at +{:.0} ms), p99 {:.2} ms; worst before {:.1} ms",
+        "RESULT commit {fill_mb} MiB in {:.0} ms, 4k randrw QD{qd}: {} requests during, worst {:.1} ms (at +{:.0} ms, {worst_kind}), p99 {:.2} ms, >5/>10 ms {}/{}; before: {} requests, worst {:.1} ms, >5/>10 ms {}/{}; worst after {:.1} ms",
         ms(t1 - t0),
         during.len(),
         ms(worst),
         ms(worst_at),
         ms(p99),
-        ms(before)
+        slow(&during, 5),
+        slow(&during, 10),
+        before_all.len(),
+        ms(before),
+        slow(&before_all, 5),
+        slow(&before_all, 10),
+        ms(after),
     );
 }

@@ -404,29 +404,62 @@ impl Overlay {
             };
             let c = g / RELEASE_CHUNK;
             let hi = ((c + 1) * RELEASE_CHUNK).min(granules);
-            {
-                let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
-                let mut pos = g;
-                while pos < hi {
-                    let (set, n) = self.pending.run(pos, hi - pos);
-                    if set {
-                        let lo = pos * self.granule;
-                        let len = self.granule_end(pos + n - 1) - lo;
-                        self.release(lo, len);
-                        // Only now: a writer that sees the bit clear skips the
-                        // lock, so the punch must be over by then.
-                        self.pending.clear_range(pos, n);
-                        released += len;
-                    }
-                    pos += n;
-                }
-            }
+            released += self.release_in_chunk(g, hi);
             from = hi;
             if from >= granules {
                 from = 0;
             }
         }
         released
+    }
+
+    /// Releases the pending granules of `g..hi`, which lie in one release chunk,
+    /// under the chunk's lock. Returns the bytes released.
+    fn release_in_chunk(&self, g: u64, hi: u64) -> u64 {
+        let c = g / RELEASE_CHUNK;
+        let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
+        let mut released = 0;
+        let mut pos = g;
+        while pos < hi {
+            let (set, n) = self.pending.run(pos, hi - pos);
+            if set {
+                let lo = pos * self.granule;
+                let len = self.granule_end(pos + n - 1) - lo;
+                self.release(lo, len);
+                // Only now: a writer that sees the bit clear skips the
+                // lock, so the punch must be over by then.
+                self.pending.clear_range(pos, n);
+                released += len;
+            }
+            pos += n;
+        }
+        released
+    }
+
+    /// Drops the granules fully inside `offset..offset + len` from the bitmap
+    /// only (they belong to the layers below again) and marks them pending
+    /// release: no system call, so a caller holding a lock that requests need
+    /// keeps it for a few atomic operations. The caller must keep readers and
+    /// writers of the range away until this returns; the space is released by
+    /// [`Overlay::release_pending`]. Returns the bytes that were allocated.
+    pub fn unallocate_deferred(&self, offset: u64, len: u64) -> Result<u64> {
+        check_range(offset, len, self.size)?;
+        let Some((g0, n)) = self.whole_granules(offset, offset + len) else {
+            return Ok(0);
+        };
+        let end = g0 + n;
+        let mut g = g0;
+        let mut bytes = 0;
+        while g < end {
+            let (set, run) = self.bitmap.run(g, end - g);
+            if set {
+                self.pending.set_range(g, run);
+                self.bitmap.clear_range(g, run);
+                bytes += self.granule_end(g + run - 1) - g * self.granule;
+            }
+            g += run;
+        }
+        Ok(bytes)
     }
 
     /// Empties the overlay and releases its space now (see the module
@@ -794,6 +827,41 @@ mod tests {
         }
         ov.release_pending();
         assert_eq!(ov.pending_release_bytes(), 0);
+    }
+
+    #[test]
+    fn deferred_unallocate_drops_at_once_and_releases_later() {
+        let (store, ov) = mem_overlay(4 << 20);
+        ov.write_at(0, &vec![7u8; 3 << 20]).unwrap();
+        store.reset_stats();
+        // Partial granules at the edges stay allocated.
+        assert_eq!(
+            ov.unallocate_deferred(100, (2 << 20) - 100).unwrap(),
+            (2 << 20) - 4096
+        );
+        assert_eq!(
+            store.stats().discards,
+            0,
+            "no system call while callers wait"
+        );
+        assert!(ov.is_allocated(0));
+        assert!(!ov.is_allocated(4096));
+        assert!(ov.is_allocated(2 << 20));
+        assert_eq!(ov.allocated_bytes(), (1 << 20) + 4096);
+        assert_eq!(ov.pending_release_bytes(), (2 << 20) - 4096);
+        let mut b = [1u8; 4096];
+        ov.read_at(8192, &mut b).unwrap();
+        assert_eq!(b, [0u8; 4096], "a dropped granule reads from below");
+        assert_eq!(ov.release_pending(), (2 << 20) - 4096);
+        assert_eq!(ov.pending_release_bytes(), 0);
+        let mut kept = vec![0u8; 4096];
+        ov.read_at(2 << 20, &mut kept).unwrap();
+        assert!(
+            kept.iter().all(|&x| x == 7),
+            "a granule outside the range lost"
+        );
+        ov.read_at(0, &mut kept).unwrap();
+        assert!(kept.iter().all(|&x| x == 7), "a partial edge granule lost");
     }
 
     #[test]

@@ -18,18 +18,25 @@
 //!   clusters shared while it reads below the active disk; copy-before-write holds
 //!   them exclusive from the copy until the primary's write has landed, so a
 //!   guest read never looks at hidden before the copy and at the secondary disk
-//!   after the write; the failover commit holds each cluster exclusive while it
-//!   moves it, so no guest write racing it is lost.
+//!   after the write; the failover commit copies a cluster holding nothing and
+//!   holds it exclusive only to drop it from the overlays, once it knows no
+//!   guest wrote to it meanwhile, so no guest write racing it is lost and no
+//!   guest request waits for the copy (see `commit`).
 
 mod commit;
+mod commit_stats;
+#[cfg(test)]
+mod commit_tests;
 mod io;
+mod lock_wait;
+mod pace;
 
 use super::gate::Gate;
 use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
-use crate::block::{Bitmap, Chain, Overlay, RangeLocks, SharedDev, DEFAULT_STRIPES};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use crate::block::{Bitmap, Chain, Overlay, RangeGuard, RangeLocks, SharedDev, DEFAULT_STRIPES};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -79,7 +86,10 @@ pub struct Secondary {
     cluster: u64,
     /// Clusters copied to hidden since the last checkpoint.
     copied: Bitmap,
-    locks: RangeLocks,
+    /// During failover: clusters whose overlay data a guest changed since the
+    /// commit last cleared the bit (see `commit`).
+    rewritten: Bitmap,
+    locks: Arc<RangeLocks>,
     gate: Gate,
     stage: AtomicU8,
     /// Serialises control commands with each other.
@@ -89,6 +99,14 @@ pub struct Secondary {
     /// A background thread is releasing emptied overlay space.
     releasing: AtomicBool,
     events: EventSink,
+    /// Guest requests served during failover: the commit rests between
+    /// bursts only while this moves.
+    guest_ops: AtomicU64,
+    /// The longest wait of a guest request for a cluster lock during failover.
+    guest_lock_wait_ns: AtomicU64,
+    /// Tests: tries of a cluster lock by the commit that found it busy.
+    #[cfg(test)]
+    busy_tries: AtomicU64,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -130,7 +148,8 @@ impl Secondary {
             chain,
             cluster: cluster_size,
             copied: Bitmap::new(clusters),
-            locks: RangeLocks::new(cluster_size, DEFAULT_STRIPES),
+            rewritten: Bitmap::new(clusters),
+            locks: Arc::new(RangeLocks::new(cluster_size, DEFAULT_STRIPES)),
             gate: Gate::new(),
             stage: AtomicU8::new(stage_code(Stage::None)),
             control: Mutex::new(()),
@@ -138,6 +157,10 @@ impl Secondary {
             commit: Mutex::new(CommitState::default()),
             releasing: AtomicBool::new(false),
             events,
+            guest_ops: AtomicU64::new(0),
+            guest_lock_wait_ns: AtomicU64::new(0),
+            #[cfg(test)]
+            busy_tries: AtomicU64::new(0),
         }))
     }
 
@@ -178,6 +201,28 @@ impl Secondary {
     /// The secondary disk.
     pub fn disk(&self) -> &SharedDev {
         &self.disk
+    }
+
+    /// Guest requests served during failover so far.
+    fn guest_ops(&self) -> u64 {
+        self.guest_ops.load(Ordering::Relaxed)
+    }
+
+    /// A guest request's shared hold on its clusters during failover. The
+    /// request is counted (the commit paces itself while guests are active)
+    /// and its wait for the lock timed: the commit logs the longest, the one
+    /// wait for the commit a guest request can have in this process.
+    fn failover_shared(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        self.guest_ops.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let held = self.locks.shared(offset, len);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // Read first: most waits are not the longest, and a load does not
+        // bounce the cache line between the serving threads.
+        if ns > self.guest_lock_wait_ns.load(Ordering::Relaxed) {
+            self.guest_lock_wait_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+        held
     }
 
     /// Waits for a failover commit started by `stop(failover)` to end (stage

@@ -66,8 +66,12 @@ impl Secondary {
         match self.stage() {
             Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.read_vectored(offset, bufs),
-            Stage::Running | Stage::Failover | Stage::FailoverFailed => {
+            Stage::Running => {
                 let _held = self.locks.shared(offset, len);
+                self.chain.read_vectored(offset, bufs)
+            }
+            Stage::Failover | Stage::FailoverFailed => {
+                let _held = self.failover_shared(offset, len);
                 self.chain.read_vectored(offset, bufs)
             }
         }
@@ -91,7 +95,7 @@ impl Secondary {
                 self.chain.write_top(offset, bufs)
             }
             Stage::Failover | Stage::FailoverFailed => {
-                let _held = self.locks.shared(offset, len);
+                let _held = self.failover_shared(offset, len);
                 self.split_write(offset, bufs)
             }
         }
@@ -106,7 +110,11 @@ impl Secondary {
             let (above, run) = self.chain.allocated_above(pos, end - pos);
             let part = iov_window(bufs, pos - offset, run)?;
             if above {
-                self.chain.write_top(pos, &part)?;
+                let written = self.chain.write_top(pos, &part);
+                // After the write (even a failed one), under the range lock:
+                // a commit that copied this cluster meanwhile copies it again.
+                self.mark_rewritten(pos, run);
+                written?;
             } else {
                 self.disk.write_vectored(pos, &part)?;
             }
@@ -133,13 +141,15 @@ impl Secondary {
                 self.chain.zero_top(offset, len)
             }
             Stage::Failover | Stage::FailoverFailed => {
-                let _held = self.locks.shared(offset, len);
+                let _held = self.failover_shared(offset, len);
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
                     let (above, run) = self.chain.allocated_above(pos, end - pos);
                     if above {
-                        self.chain.zero_top(pos, run)?;
+                        let zeroed = self.chain.zero_top(pos, run);
+                        self.mark_rewritten(pos, run);
+                        zeroed?;
                     } else {
                         on_disk(pos, run)?;
                     }
