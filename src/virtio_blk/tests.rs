@@ -686,6 +686,25 @@ fn writes_discards_and_zeroes_are_deferred_when_the_offload_takes_writes() {
 }
 
 #[test]
+fn a_truncated_write_whose_first_writable_descriptor_is_the_empty_last_kept_one_is_ioerr() {
+    // seg_max 14 keeps 17 descriptors: the header and 15 readable ones, then
+    // an empty writable one as the 17th; more follow. The write path looks
+    // for writable payload before it knows the chain was cut, and that empty
+    // descriptor's length must not go below zero (a debug build panicked).
+    let rig = Rig::with_queue_size(false, 16);
+    let mut descs = vec![(HDR, 16, R)];
+    descs.extend((0..15u64).map(|i| (DATA + i * 512, 512, R)));
+    descs.push((DATA + 15 * 512, 0, W));
+    descs.extend((16..20u64).map(|i| (DATA + i * 512, 512, W)));
+    descs.push((STATUS, 1, W));
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    let (c, st) = rig.run(&descs);
+    assert_ne!(st, OK);
+    assert!(c.used_len <= 1, "nothing but the status written");
+    assert!(rig.unchanged());
+}
+
+#[test]
 fn a_truncated_chain_ending_in_a_zero_length_writable_descriptor_is_ioerr() {
     // seg_max 14 keeps 17 descriptors; the 17th kept one is writable and
     // empty, and more follow (the status last). Every request type must answer
