@@ -180,7 +180,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "IDENTITY", num_args = 1..)]
     pub tls_authz: Vec<String>,
 
-    /// Secondary: allow --nbd-listen on a non-loopback TCP address without TLS.
+    /// Secondary: allow --nbd-listen (or QMP nbd-server-start) on a
+    /// non-loopback TCP address without TLS.
     #[arg(long)]
     pub nbd_insecure: bool,
 
@@ -245,6 +246,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Prometheus endpoint.
     pub metrics: Option<MetricsAddr>,
+    /// `--nbd-insecure`: a plain-text NBD export may listen beyond loopback
+    /// (also when opened later by `nbd-server-start`).
+    pub nbd_insecure: bool,
 }
 
 /// `--tls-*` settings (x509 credentials in QEMU's layout).
@@ -428,6 +432,7 @@ impl TryFrom<ServeArgs> for Config {
             mode,
             tls,
             metrics,
+            nbd_insecure: a.nbd_insecure,
         })
     }
 }
@@ -474,7 +479,7 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
             ..
         }) = mode
         {
-            if !a.nbd_insecure && !is_loopback_or_unix(listen) {
+            if !a.nbd_insecure && !listen.is_loopback_or_unix() {
                 return Err(invalid(
                     "nbd-listen",
                     format!(
@@ -516,20 +521,6 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
 }
 
 /// Unix sockets and loopback TCP stay usable without TLS.
-fn is_loopback_or_unix(addr: &NbdAddr) -> bool {
-    match addr {
-        NbdAddr::Unix(_) => true,
-        NbdAddr::Tcp { host, .. } => {
-            host == "localhost"
-                || host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }
-    }
-}
-
 fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
     let secondary_only = [
         ("active", a.active.is_some()),

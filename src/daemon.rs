@@ -394,6 +394,9 @@ impl SideServices {
                 }
                 .with_limits(export.limits);
                 let exports = NbdExports::new(export.dev.clone(), nodes, opts);
+                if cfg.nbd_insecure {
+                    exports.allow_plain_network();
+                }
                 if let Some(listen) = &export.listen {
                     exports.start_now(listen.clone(), &export.name)?;
                 }

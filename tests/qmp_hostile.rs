@@ -250,3 +250,51 @@ fn every_listed_command_refuses_an_unexpected_member() {
     assert_eq!(st["return"]["stage"], "none");
     assert!(daemon.terminate().success());
 }
+
+/// A secondary with no NBD server yet (QEMU's way: `nbd-server-start` later).
+fn secondary_without_export(dir: &Path, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let disk = dir.join("disk.img");
+    sparse_image(&disk, 8 << 20);
+    let control = dir.join("ctl.sock");
+    let mut args = vec![
+        "--mode",
+        "secondary",
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::serve(dir, &disk, &args);
+    (d, control)
+}
+
+fn nbd_server_start(s: &mut UnixStream, r: &mut Reader, host: &str) -> Value {
+    let msg = json!({"execute": "nbd-server-start", "arguments": {
+        "addr": {"type": "inet", "data": {"host": host, "port": "0"}}}});
+    execute(s, r, msg)
+}
+
+#[test]
+fn nbd_server_start_beyond_loopback_in_plain_text_needs_nbd_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, control) = secondary_without_export(dir.path(), &[]);
+    let (mut s, mut r) = negotiated(&control);
+    // Refused before anything is bound.
+    let refused = nbd_server_start(&mut s, &mut r, "0.0.0.0");
+    let desc = refused["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("--nbd-insecure"), "{refused}");
+    // Loopback is this host only: allowed without TLS.
+    assert_eq!(
+        nbd_server_start(&mut s, &mut r, "127.0.0.1"),
+        json!({"return": {}})
+    );
+
+    // With --nbd-insecure the policy lets it through to the bind. The test
+    // stays off the network: 192.0.2.1 (TEST-NET-1) is on no interface here,
+    // so the bind itself fails, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, control) = secondary_without_export(dir.path(), &["--nbd-insecure"]);
+    let (mut s, mut r) = negotiated(&control);
+    let bind = nbd_server_start(&mut s, &mut r, "192.0.2.1");
+    let desc = bind["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.starts_with("Failed to bind socket"), "{bind}");
+}

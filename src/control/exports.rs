@@ -59,6 +59,8 @@ pub struct NbdExports {
     dev: SharedDev,
     nodes: Vec<String>,
     base: nbd::ServerOptions,
+    /// `--nbd-insecure`: a plain-text export may listen beyond loopback.
+    plain_network: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -72,8 +74,16 @@ impl NbdExports {
             dev,
             nodes,
             base,
+            plain_network: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Lets `nbd-server-start` listen beyond loopback without TLS, as
+    /// `--nbd-insecure` lets `--nbd-listen` do.
+    pub fn allow_plain_network(&self) {
+        self.plain_network
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -121,6 +131,19 @@ impl NbdExports {
         let mut st = self.state();
         if st.listen.is_some() {
             return Err("NBD server already running".into());
+        }
+        // The same policy as --nbd-listen: plain text stays on this host.
+        if self.base.tls.is_none()
+            && !addr.is_loopback_or_unix()
+            && !self
+                .plain_network
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(format!(
+                "{addr} is reachable from the network and this daemon has no TLS \
+                 credentials: start it with --tls-creds-x509, or with --nbd-insecure to \
+                 serve the disk there in plain text"
+            ));
         }
         if let NbdAddr::Tcp { host, port } = &addr {
             std::net::TcpListener::bind((host.as_str(), *port))

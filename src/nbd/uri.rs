@@ -34,6 +34,22 @@ pub enum NbdAddr {
 }
 
 impl NbdAddr {
+    /// True for a unix socket or a TCP address only this host can reach:
+    /// anything else exposes the disk to the network.
+    pub fn is_loopback_or_unix(&self) -> bool {
+        match self {
+            NbdAddr::Unix(_) => true,
+            NbdAddr::Tcp { host, .. } => {
+                host == "localhost"
+                    || host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+
     /// Parses a listen address: `unix:PATH` or `tcp:HOST:PORT`
     /// (`tcp:[::1]:PORT` for IPv6).
     pub fn parse_listen(s: &str) -> Result<Self, NbdError> {
