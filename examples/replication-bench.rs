@@ -15,6 +15,7 @@ use colo_blk::block::{BlockDev, Overlay, RawFile, RawFileOptions, SharedDev};
 use colo_blk::replication::{
     no_events, Mode, Replication, Secondary, SyncMode, DEFAULT_CLUSTER_SIZE,
 };
+use colo_blk_testkit::XorShift;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,17 +23,6 @@ use vm_memory::VolatileSlice;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 1024 * MIB;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn raw(path: &Path, size: u64) -> Arc<RawFile> {
     let opts = RawFileOptions {
@@ -77,7 +67,7 @@ fn bed(dir: &Path, ovdir: &Path, tag: &str) -> Bed {
 }
 
 /// Ops per second of `op(i)` run for about `secs` on `threads` threads.
-fn rate(threads: u64, secs: f64, op: impl Fn(u64, &mut Rng, &mut [u8]) + Sync) -> f64 {
+fn rate(threads: u64, secs: f64, op: impl Fn(u64, &mut XorShift, &mut [u8]) + Sync) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let total: u64 = std::thread::scope(|s| {
@@ -85,7 +75,7 @@ fn rate(threads: u64, secs: f64, op: impl Fn(u64, &mut Rng, &mut [u8]) + Sync) -
             .map(|t| {
                 let op = &op;
                 s.spawn(move || {
-                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
+                    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
                     let mut buf = vec![0x5au8; 64 << 10];
                     let mut n = 0;
                     while Instant::now() < deadline {
@@ -112,7 +102,7 @@ fn checkpoint_bench(dir: &Path, ovdir: &Path) {
     for (name, scattered) in [("contiguous", false), ("scattered 4k", true)] {
         let mut times = Vec::new();
         for round in 0..3 {
-            let mut rng = Rng(42 + round);
+            let mut rng = XorShift::new(42 + round);
             let mut buf = vec![0x33u8; if scattered { 4096 } else { 4 * MIB as usize }];
             if scattered {
                 // 32768 scattered granules in active, hidden filled by CBW of
@@ -174,7 +164,7 @@ fn primary_bench(dir: &Path, ovdir: &Path) {
     let secs = 2.0;
     for (name, len) in [("4k random", 4096u64), ("64k random", 65536)] {
         let op = |dev: SharedDev| {
-            move |_t: u64, rng: &mut Rng, buf: &mut [u8]| {
+            move |_t: u64, rng: &mut XorShift, buf: &mut [u8]| {
                 let off = rng.next() % (DISK / len) * len;
                 dev.write_vectored(off, &[VolatileSlice::from(&mut buf[..len as usize])])
                     .unwrap();
@@ -222,14 +212,14 @@ fn guest_bench(dir: &Path, ovdir: &Path) {
     let plain: SharedDev = b.disk.clone();
     let secs = 2.0;
     let read = |dev: SharedDev| {
-        move |_t: u64, rng: &mut Rng, buf: &mut [u8]| {
+        move |_t: u64, rng: &mut XorShift, buf: &mut [u8]| {
             let off = rng.next() % (DISK / 4096) * 4096;
             dev.read_vectored(off, &[VolatileSlice::from(&mut buf[..4096])])
                 .unwrap();
         }
     };
     let write = |dev: SharedDev| {
-        move |_t: u64, rng: &mut Rng, buf: &mut [u8]| {
+        move |_t: u64, rng: &mut XorShift, buf: &mut [u8]| {
             let off = rng.next() % (DISK / 4096) * 4096;
             dev.write_vectored(off, &[VolatileSlice::from(&mut buf[..4096])])
                 .unwrap();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Worst guest latency during a secondary's failover commit: a secondary
 # (stage running) whose guest has written FILL MiB into the active overlay
-# runs 4k random read/write at QD8 (libblkio, examples/commit-latency.rs)
+# runs 4k random read/write at QD8 (libblkio, cli/examples/commit-latency.rs)
 # while `replication-stop {failover: true}` commits active ▸ hidden into the
 # disk. One fresh secondary per run; prints each run's worst latency during
 # the commit, before it and just after it, the secondary's own per-phase

@@ -9,15 +9,19 @@ log() { printf '== %s\n' "$*"; }
 log "installing test dependencies"
 ./integration/install-deps.sh
 
-log "cargo fmt / clippy"
+# The workspace (Cargo.toml): the library, cli/ (the binary and its
+# integration tests) and testkit/. Its default members are all three, so
+# --workspace only says so.
+log "cargo fmt / clippy / rustdoc"
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 log "unit tests in a debug build (overflow checks on: guest input must never wrap)"
-cargo test --lib --quiet
+cargo test --workspace --lib --bins --quiet
 
 log "cargo test (unit + integration, real binary through libblkio)"
-cargo test --release --all-targets 2>&1 | tee target/cargo-test.log
+cargo test --workspace --release --all-targets 2>&1 | tee target/cargo-test.log
 
 fuzz_secs=${FUZZ_SECONDS:-60}
 log "fuzz targets, ${fuzz_secs} s each, no crash allowed (fuzz/; README, Hardening: Fuzzing)"

@@ -7,10 +7,7 @@
 
 pub mod block;
 pub mod control;
-pub mod demo;
-pub mod frontend;
 pub mod nbd;
-pub mod pattern;
 pub mod replication;
 pub mod stats;
 pub mod tls;

@@ -6,6 +6,9 @@
 //! write, so a large sparse device costs little and concurrent requests to
 //! different pages do not serialise. A request spanning pages is not atomic, much
 //! like a real file.
+//!
+//! A test double: compiled for this crate's tests and, with the `test-utils`
+//! feature, for the crates that test against it; never in the product.
 
 use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
 use std::io;

@@ -15,6 +15,7 @@ mod chain;
 pub mod channel;
 mod error;
 mod iov;
+#[cfg(any(test, feature = "test-utils"))]
 mod mem;
 mod overlay;
 mod parallel;
@@ -25,6 +26,7 @@ pub(crate) use bitmap::Bitmap;
 pub use chain::Chain;
 pub use error::BlockError;
 pub(crate) use iov::{iov_window, iovecs_advance};
+#[cfg(any(test, feature = "test-utils"))]
 pub use mem::{MemDev, MemStats};
 pub use overlay::{Below, Emptied, Overlay, DEFAULT_GRANULE};
 pub use parallel::Parallel;

@@ -134,8 +134,8 @@ impl Overlay {
         Ok(overlay)
     }
 
-    /// An overlay over any node as its data store (tests use a
-    /// [`MemDev`](super::MemDev)). The store must read zeroes where it was never
+    /// An overlay over any node as its data store (tests use a `MemDev`).
+    /// The store must read zeroes where it was never
     /// written or was discarded; `granule` is a power of two of at least 512.
     pub fn with_store(store: SharedDev, granule: u64) -> Result<Self> {
         if !granule.is_power_of_two() || granule < 512 {
@@ -769,12 +769,10 @@ mod tests {
                 let (ov, pause, model, stop) =
                     (ov.clone(), pause.clone(), model.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let mut x = 0x1234_5678u64 + t;
+                    let mut rng = colo_blk_testkit::XorShift::new(0x1234_5678u64 + t);
                     let mut v = 0u8;
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = rng.next();
                         v = v.wrapping_add(1).max(1);
                         let g = x % granules;
                         let _running = pause.read().unwrap();

@@ -603,20 +603,12 @@ mod tests {
         assert_eq!(h.flags, REPLY_FLAG_DONE);
     }
 
-    /// xorshift64*: deterministic noise for the never-panics test.
-    fn noise(state: &mut u64) -> u64 {
-        *state ^= *state >> 12;
-        *state ^= *state << 25;
-        *state ^= *state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     #[test]
     fn arbitrary_bytes_never_panic_any_decoder() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = colo_blk_testkit::XorShift::new(0x9e37_79b9_7f4a_7c15);
         for round in 0..20_000 {
-            let len = (noise(&mut seed) % 64) as usize;
-            let mut buf: Vec<u8> = (0..len).map(|_| noise(&mut seed) as u8).collect();
+            let len = (noise.next() % 64) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| noise.next() as u8).collect();
             // Half the time start with a valid magic so decoders get past it.
             if round % 2 == 0 && buf.len() >= 8 {
                 let magic = match round % 6 {
@@ -672,13 +664,13 @@ mod tests {
             }
             .encode(),
         ];
-        let mut seed = 42u64;
+        let mut noise = colo_blk_testkit::XorShift::new(42);
         for _ in 0..5_000 {
             for s in &samples {
                 let mut m = s.clone();
-                let i = (noise(&mut seed) as usize) % m.len();
-                m[i] = noise(&mut seed) as u8;
-                let cut = (noise(&mut seed) as usize) % (m.len() + 1);
+                let i = (noise.next() as usize) % m.len();
+                m[i] = noise.next() as u8;
+                let cut = (noise.next() as usize) % (m.len() + 1);
                 m.truncate(cut);
                 let _ = InfoRequest::decode(&m);
                 let _ = MetaContextRequest::decode(&m);
