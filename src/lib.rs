@@ -10,6 +10,7 @@ pub mod control;
 pub mod nbd;
 pub mod replication;
 pub mod stats;
+mod sync;
 pub mod tls;
 pub mod unix_socket;
 pub mod vhost;

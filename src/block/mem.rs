@@ -11,9 +11,10 @@
 //! feature, for the crates that test against it; never in the product.
 
 use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
+use crate::sync::RwLockExt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::RwLock;
 use vm_memory::VolatileSlice;
 
 const PAGE: u64 = 64 * 1024;
@@ -84,14 +85,6 @@ impl std::fmt::Debug for MemDev {
     }
 }
 
-fn read_page(lock: &RwLock<Page>) -> RwLockReadGuard<'_, Page> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write_page(lock: &RwLock<Page>) -> RwLockWriteGuard<'_, Page> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Read,
@@ -120,7 +113,7 @@ impl MemDev {
         let dev = MemDev::new(size);
         for (i, p) in dev.pages.iter().enumerate() {
             let len = (size - i as u64 * PAGE).min(PAGE) as usize;
-            *write_page(p) = Some(vec![byte; len].into_boxed_slice());
+            *p.write_or_recover() = Some(vec![byte; len].into_boxed_slice());
         }
         dev
     }
@@ -256,7 +249,7 @@ impl MemDev {
     fn copy_out(&self, offset: u64, dst: &mut [u8]) {
         for (p, lo, hi, at) in self.spans(offset, dst.len() as u64) {
             let out = &mut dst[at..at + hi - lo];
-            match &*read_page(&self.pages[p]) {
+            match &*self.pages[p].read_or_recover() {
                 Some(data) => out.copy_from_slice(&data[lo..hi]),
                 None => out.fill(0),
             }
@@ -269,7 +262,7 @@ impl MemDev {
 
     fn zero_range(&self, offset: u64, len: u64) {
         for (p, lo, hi, _) in self.spans(offset, len) {
-            let mut page = write_page(&self.pages[p]);
+            let mut page = self.pages[p].write_or_recover();
             if lo == 0 && hi == self.page_len(p) {
                 *page = None;
             } else if let Some(data) = page.as_mut() {
@@ -314,7 +307,7 @@ impl BlockDev for MemDev {
         }
         for (p, lo, hi, at) in self.spans(offset, len) {
             let plen = self.page_len(p);
-            let mut page = write_page(&self.pages[p]);
+            let mut page = self.pages[p].write_or_recover();
             let buf = page.get_or_insert_with(|| vec![0u8; plen].into_boxed_slice());
             buf[lo..hi].copy_from_slice(&data[at..at + hi - lo]);
         }
@@ -356,7 +349,7 @@ impl BlockDev for MemDev {
         let mut kind = None;
         let mut run = 0;
         for (p, lo, hi, _) in self.spans(offset, len) {
-            let k = if read_page(&self.pages[p]).is_some() {
+            let k = if self.pages[p].read_or_recover().is_some() {
                 ExtentKind::Data
             } else {
                 ExtentKind::Hole

@@ -30,10 +30,11 @@ use super::iov::{iov_copy_out, iov_window, iov_zero};
 use super::{
     check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, RawFile, Result, SharedDev,
 };
+use crate::sync::MutexExt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use vm_memory::VolatileSlice;
 
 /// Default allocation granule: a 4 KiB aligned guest write needs no read from below.
@@ -90,10 +91,6 @@ impl std::fmt::Debug for Overlay {
             .field("allocated", &self.allocated_bytes())
             .finish()
     }
-}
-
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn zero_below(_offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -268,7 +265,7 @@ impl Overlay {
         let ge = self.granule_end(g);
         let part_lo = offset.max(gs);
         let part_hi = end.min(ge);
-        let _guard = lock(&self.rmw[g as usize % RMW_STRIPES]);
+        let _guard = self.rmw[g as usize % RMW_STRIPES].lock_or_recover();
         if self.bitmap.get(g) {
             // Another request allocated the granule while we waited.
             let part = iov_window(bufs, part_lo - offset, part_hi - part_lo)?;
@@ -359,7 +356,7 @@ impl Overlay {
         let end = g0 + n;
         let mut c = g0 / RELEASE_CHUNK;
         while c * RELEASE_CHUNK < end {
-            let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
+            let _guard = self.release_locks[c as usize % RELEASE_STRIPES].lock_or_recover();
             let lo = g0.max(c * RELEASE_CHUNK);
             let hi = end.min((c + 1) * RELEASE_CHUNK);
             self.pending.clear_range(lo, hi - lo);
@@ -417,7 +414,7 @@ impl Overlay {
     /// under the chunk's lock. Returns the bytes released.
     fn release_in_chunk(&self, g: u64, hi: u64) -> u64 {
         let c = g / RELEASE_CHUNK;
-        let _guard = lock(&self.release_locks[c as usize % RELEASE_STRIPES]);
+        let _guard = self.release_locks[c as usize % RELEASE_STRIPES].lock_or_recover();
         let mut released = 0;
         let mut pos = g;
         while pos < hi {

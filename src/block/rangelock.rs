@@ -14,7 +14,8 @@
 //! copy-before-write or a commit is not starved by a stream of guest reads.
 
 use super::channel::{Doorbell, Waiters};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use crate::sync::{CondvarExt, MutexExt};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Default number of stripes.
 pub const DEFAULT_STRIPES: usize = 1024;
@@ -39,13 +40,13 @@ struct Stripe {
 
 impl Stripe {
     fn lock(&self) -> MutexGuard<'_, StripeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock_or_recover()
     }
 
     fn sleep<'a>(&self, st: MutexGuard<'a, StripeState>) -> MutexGuard<'a, StripeState> {
         let mut st = st;
         st.sleepers += 1;
-        let mut st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.cv.wait_or_recover(st);
         st.sleepers -= 1;
         st
     }

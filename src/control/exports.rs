@@ -13,6 +13,7 @@
 
 use crate::block::{BlockDev, BlockError, Extent, SharedDev};
 use crate::nbd::{self, NbdAddr, NbdError};
+use crate::sync::MutexExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::VolatileSlice;
 
@@ -87,7 +88,7 @@ impl NbdExports {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock_or_recover()
     }
 
     /// `--nbd-listen`: listen on `addr` and serve the disk, writable, as `name`

@@ -15,6 +15,7 @@ use super::protocol::{error_reply, event_json, greeting, After, ColoHistory, Ses
 use super::ControlError;
 use crate::replication::{EventSink, Replication};
 use crate::stats::DeviceStats;
+use crate::sync::MutexExt;
 use crate::unix_socket::{self, SocketFile};
 use log::{info, warn};
 use serde_json::Value;
@@ -69,7 +70,7 @@ impl EventHub {
 
     /// Queues `msg` for every client; never blocks.
     fn publish(&self, msg: Value) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock_or_recover();
         clients.retain(|c| match c.tx.try_send(msg.clone()) {
             Ok(()) => true,
             Err(TrySendError::Disconnected(_)) => false,
@@ -86,12 +87,12 @@ impl EventHub {
     }
 
     fn add(&self, sub: Subscriber) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock_or_recover();
         clients.push(sub);
     }
 
     fn remove(&self, id: u64) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock_or_recover();
         clients.retain(|c| c.id != id);
     }
 }

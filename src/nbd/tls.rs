@@ -9,8 +9,9 @@
 //! their readers wait for the state to decrypt.
 
 use super::stream::Stream;
+use crate::sync::MutexExt;
 use std::io::{self, IoSlice, Read, Write};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use vm_memory::VolatileSlice;
 
 /// Plaintext handed to rustls per lock and sent per sendmsg: 256 KiB keeps
@@ -44,10 +45,6 @@ impl std::fmt::Debug for TlsStream {
             .field("sock", &self.sock)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn tls_io_error(e: rustls::Error) -> io::Error {
@@ -104,21 +101,22 @@ impl TlsStream {
     pub(crate) fn peer_certificates(
         &self,
     ) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
-        lock(&self.conn)
+        self.conn
+            .lock_or_recover()
             .peer_certificates()
             .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
     }
 
     /// Encrypts and sends `parts` as one ordered burst.
     pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut st = lock(&self.send);
+        let mut st = self.send.lock_or_recover();
         self.send_locked(&mut st.out, parts)
     }
 
     /// Sends `head` then guest memory, through a bounce buffer: guest memory
     /// may change under us, and rustls wants `&[u8]`.
     pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        let mut st = lock(&self.send);
+        let mut st = self.send.lock_or_recover();
         let SendState { out, bounce } = &mut *st;
         bounce.clear();
         bounce.extend_from_slice(head);
@@ -161,7 +159,7 @@ impl TlsStream {
 
     fn drain_queued(&self, out: &mut Vec<u8>) -> io::Result<()> {
         {
-            let mut conn = lock(&self.conn);
+            let mut conn = self.conn.lock_or_recover();
             while conn.wants_write() {
                 conn.write_tls(out)?;
             }
@@ -170,7 +168,7 @@ impl TlsStream {
     }
 
     fn encrypt(&self, slices: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
-        let mut conn = lock(&self.conn);
+        let mut conn = self.conn.lock_or_recover();
         let total: usize = slices.iter().map(|s| s.len()).sum();
         let mut written = 0;
         let mut idle = 0;
@@ -229,12 +227,12 @@ impl TlsStream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let mut rs = lock(&self.recv);
+        let mut rs = self.recv.lock_or_recover();
         let rs = &mut *rs;
         loop {
             let mut needs_send = false;
             let got = {
-                let mut conn = lock(&self.conn);
+                let mut conn = self.conn.lock_or_recover();
                 while rs.start < rs.end {
                     let mut avail = &rs.buf[rs.start..rs.end];
                     // An error here is rustls' plaintext buffer being full:
@@ -290,7 +288,7 @@ impl TlsStream {
             let n = self.sock.read_raw(&mut rs.buf[rs.end..])?;
             if n == 0 {
                 // EOF without close_notify: a truncation, not a clean end.
-                let mut conn = lock(&self.conn);
+                let mut conn = self.conn.lock_or_recover();
                 let _ = conn.read_tls(&mut &[][..]);
                 let _ = conn.process_new_packets();
                 return match conn.reader().read(buf) {

@@ -14,6 +14,7 @@
 
 use crate::block::channel::{Doorbell, Waiters};
 use crate::block::BlockError;
+use crate::sync::{CondvarExt, MutexExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -131,9 +132,9 @@ impl Fence {
             Admit::Fail(e) => Err(e),
             Admit::Hold => {
                 self.held_now.fetch_add(1, Ordering::AcqRel);
-                let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+                let mut reason = self.reason.lock_or_recover();
                 while !self.released.load(Ordering::Acquire) {
-                    reason = self.wake.wait(reason).unwrap_or_else(|e| e.into_inner());
+                    reason = self.wake.wait_or_recover(reason);
                 }
                 drop(reason);
                 self.held_now.fetch_sub(1, Ordering::AcqRel);
@@ -148,10 +149,7 @@ impl Fence {
     /// `bell` rings at [`Fence::release`].
     pub fn park(&self, bell: &Arc<Doorbell>) {
         self.held_now.fetch_add(1, Ordering::AcqRel);
-        self.bells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add(bell);
+        self.bells.lock_or_recover().add(bell);
         // A release that ran before the bell was added must still be seen.
         if self.is_released() {
             bell.ring();
@@ -174,7 +172,7 @@ impl Fence {
     /// Fences: from now on no write is admitted. True the first time only
     /// (the caller then announces it).
     pub fn trip(&self, reason: &str) -> bool {
-        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.reason.lock_or_recover();
         if self.is_fenced() {
             return false;
         }
@@ -186,13 +184,10 @@ impl Fence {
     /// Fails every held write and every later one (the tooling gave up on
     /// this side, or the process is stopping). Idempotent.
     pub fn release(&self) {
-        let _slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let _slot = self.reason.lock_or_recover();
         self.released.store(true, Ordering::Release);
         self.wake.notify_all();
-        self.bells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ring_all();
+        self.bells.lock_or_recover().ring_all();
     }
 
     /// Guest writes currently held.
@@ -214,11 +209,7 @@ impl Fence {
     }
 
     fn reason_text(&self) -> String {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
+        self.reason.lock_or_recover().clone().unwrap_or_default()
     }
 
     fn error(&self) -> BlockError {

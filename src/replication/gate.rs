@@ -8,6 +8,7 @@
 //! Closing takes every shard's write lock, in order. Waiting writers block new
 //! readers, so a checkpoint is not starved by a busy guest.
 
+use crate::sync::RwLockExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -48,17 +49,12 @@ impl Gate {
     /// before leaving: a closer waiting in between would deadlock it.
     pub(crate) fn enter(&self) -> Pass<'_> {
         let shard = &self.shards[my_shard()].0;
-        Pass(shard.read().unwrap_or_else(|e| e.into_inner()))
+        Pass(shard.read_or_recover())
     }
 
     /// Closes: returns once every request that entered has left.
     pub(crate) fn close(&self) -> Closed<'_> {
-        Closed(
-            self.shards
-                .iter()
-                .map(|s| s.0.write().unwrap_or_else(|e| e.into_inner()))
-                .collect(),
-        )
+        Closed(self.shards.iter().map(|s| s.0.write_or_recover()).collect())
     }
 }
 

@@ -29,6 +29,7 @@
 
 use crate::block::channel::{Doorbell, Waiters};
 use crate::block::Bitmap;
+use crate::sync::{CondvarExt, MutexExt, RwLockExt};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -220,7 +221,7 @@ impl WriteIntent {
         cluster_shift: u32,
         size: u64,
     ) -> Result<(), IntentError> {
-        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        let _io = self.io.lock_or_recover();
         self.write_header(cluster_shift, size, baseline)?;
         self.sync()
     }
@@ -230,7 +231,7 @@ impl WriteIntent {
     pub fn mark(&self, first: u64, last: u64) -> Result<IntentToken<'_>, IntentError> {
         let last = last.min(self.clusters.saturating_sub(1));
         let n = last.saturating_sub(first) + 1;
-        let _shared = self.switch.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = self.switch.read_or_recover();
         let slot = (self.epoch.load(Ordering::Acquire) & 1) as usize;
         self.in_flight[slot].fetch_add(1, Ordering::AcqRel);
         let token = IntentToken {
@@ -239,7 +240,7 @@ impl WriteIntent {
         };
         self.marked[slot].set_range(first, n);
         if self.on_disk.run(first, n) != (true, n) {
-            let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let _io = self.io.lock_or_recover();
             if self.on_disk.set_range(first, n) > 0 {
                 self.write_bits(first, n)?;
                 self.sync()?;
@@ -262,7 +263,7 @@ impl WriteIntent {
         if self.on_disk.run(first, n) == (true, n) {
             return self.mark(first, last).map(Marked::Now);
         }
-        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut asked = self.asked.lock_or_recover();
         if asked.failed {
             drop(asked);
             return self.mark(first, last).map(Marked::Now);
@@ -277,13 +278,9 @@ impl WriteIntent {
     /// durable with one sync, rings the askers. Returns whether it did work.
     pub(crate) fn sync_asked(&self, idle: Duration) -> bool {
         let (ranges, mut bells) = {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            let mut asked = self.asked.lock_or_recover();
             if asked.ranges.is_empty() {
-                asked = self
-                    .asked_cv
-                    .wait_timeout(asked, idle)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                asked = self.asked_cv.wait_timeout_or_recover(asked, idle).0;
             }
             if asked.ranges.is_empty() {
                 return false;
@@ -294,7 +291,7 @@ impl WriteIntent {
             )
         };
         let result = (|| {
-            let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let _io = self.io.lock_or_recover();
             let mut changed = false;
             for &(first, n) in &ranges {
                 if self.on_disk.set_range(first, n) > 0 {
@@ -309,7 +306,7 @@ impl WriteIntent {
         })();
         if let Err(e) = result {
             log::error!("primary: {e}; writes mark the bitmap one by one from now on");
-            self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+            self.asked.lock_or_recover().failed = true;
         }
         bells.ring_all();
         true
@@ -317,7 +314,7 @@ impl WriteIntent {
 
     /// No syncer will run: askers mark synchronously.
     pub(crate) fn no_syncer(&self) {
-        self.asked.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        self.asked.lock_or_recover().failed = true;
     }
 
     /// Ends a write whose token was [detached](IntentToken::detach).
@@ -335,7 +332,7 @@ impl WriteIntent {
         flush_both: impl FnOnce() -> bool,
     ) -> Result<bool, IntentError> {
         let old = {
-            let _alone = self.switch.write().unwrap_or_else(|e| e.into_inner());
+            let _alone = self.switch.write_or_recover();
             let cur = (self.epoch.load(Ordering::Acquire) & 1) as usize;
             let next = 1 - cur;
             if self.in_flight[next].load(Ordering::Acquire) != 0 {
@@ -355,8 +352,8 @@ impl WriteIntent {
         if !flush_both() {
             return Ok(false);
         }
-        let _alone = self.switch.write().unwrap_or_else(|e| e.into_inner());
-        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        let _alone = self.switch.write_or_recover();
+        let _io = self.io.lock_or_recover();
         let current = &self.marked[1 - old];
         let mut changed = false;
         let mut runs = Vec::new();

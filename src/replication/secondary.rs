@@ -36,8 +36,9 @@ use super::{
     Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
 use crate::block::{Bitmap, Chain, Overlay, RangeGuard, RangeLocks, SharedDev, DEFAULT_STRIPES};
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 /// Default copy-before-write cluster size (QEMU's backup job default).
@@ -64,10 +65,6 @@ fn stage_from(c: u8) -> Stage {
         5 => Stage::Fenced,
         _ => Stage::None,
     }
-}
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
@@ -228,7 +225,7 @@ impl Secondary {
     /// Waits for a failover commit started by `stop(failover)` to end (stage
     /// `done` or `failover-failed`). Returns at once when none runs.
     pub fn wait_commit(&self) {
-        let handle = locked(&self.commit).thread.take();
+        let handle = self.commit.lock_or_recover().thread.take();
         if let Some(h) = handle {
             if h.join().is_err() {
                 log::error!("replication: the commit thread panicked");
@@ -251,7 +248,7 @@ impl Secondary {
     /// Keeps an error for get-error and emits it.
     fn record_error(&self, message: String) {
         log::error!("replication (secondary): {message}");
-        *locked(&self.error) = Some(message.clone());
+        *self.error.lock_or_recover() = Some(message.clone());
         (self.events)(Event::Error {
             mode: Mode::Secondary,
             message,
@@ -259,7 +256,7 @@ impl Secondary {
     }
 
     fn set_progress(&self, p: Progress) {
-        locked(&self.commit).progress = Some(p);
+        self.commit.lock_or_recover().progress = Some(p);
     }
 
     /// Empties both overlays and forgets which clusters were copied. The gate
@@ -333,7 +330,7 @@ impl Replication for Secondary {
     }
 
     fn start(&self, mode: Mode, _sync: SyncMode) -> Result<(), ReplicationError> {
-        let _control = locked(&self.control);
+        let _control = self.control.lock_or_recover();
         match self.stage() {
             // A promoted secondary has nothing left to replicate.
             Stage::Failover | Stage::Done => return Ok(()),
@@ -352,7 +349,7 @@ impl Replication for Secondary {
         {
             let _closed = self.gate.close();
             self.set_stage(Stage::Running);
-            *locked(&self.error) = None;
+            *self.error.lock_or_recover() = None;
             self.empty_overlays();
         }
         self.release_in_background();
@@ -361,7 +358,7 @@ impl Replication for Secondary {
     }
 
     fn checkpoint(&self) -> Result<(), ReplicationError> {
-        let _control = locked(&self.control);
+        let _control = self.control.lock_or_recover();
         match self.stage() {
             Stage::Failover | Stage::Done => Ok(()),
             Stage::None | Stage::Fenced => Err(ReplicationError::NotRunning),
@@ -381,7 +378,7 @@ impl Replication for Secondary {
     }
 
     fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
-        let _control = locked(&self.control);
+        let _control = self.control.lock_or_recover();
         match self.stage() {
             Stage::Failover | Stage::Done => return Ok(()),
             Stage::Running => {}
@@ -416,7 +413,7 @@ impl Replication for Secondary {
             .spawn(move || me.run_commit());
         match spawned {
             Ok(handle) => {
-                locked(&self.commit).thread = Some(handle);
+                self.commit.lock_or_recover().thread = Some(handle);
                 Ok(())
             }
             Err(e) => {
@@ -433,7 +430,7 @@ impl Replication for Secondary {
         if self.stage() == Stage::None {
             return Err(ReplicationError::NotRunning);
         }
-        match locked(&self.error).clone() {
+        match self.error.lock_or_recover().clone() {
             Some(message) => Err(ReplicationError::Io(message)),
             None => Ok(()),
         }
@@ -443,9 +440,9 @@ impl Replication for Secondary {
         Status {
             mode: Mode::Secondary,
             stage: self.stage(),
-            error: locked(&self.error).clone(),
+            error: self.error.lock_or_recover().clone(),
             resync: None,
-            commit: locked(&self.commit).progress,
+            commit: self.commit.lock_or_recover().progress,
             dirty_clusters: None,
             fence: None,
         }

@@ -8,8 +8,9 @@
 //! control socket already receives ([`ReplicationCounters::observe`]).
 
 use crate::replication::{Event, Progress};
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 
 /// The process's replication counters.
 #[derive(Debug, Default)]
@@ -89,7 +90,7 @@ impl ReplicationCounters {
 
     /// Takes what the counters need from a replication event.
     pub fn observe(&self, ev: &Event) {
-        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut jobs = self.jobs.lock_or_recover();
         match ev {
             Event::Error { .. } => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +103,7 @@ impl ReplicationCounters {
 
     /// A copy of the counters.
     pub fn snapshot(&self) -> ReplicationSnapshot {
-        let jobs = *self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let jobs = *self.jobs.lock_or_recover();
         ReplicationSnapshot {
             forwarded_writes: self.forwarded_writes.load(Ordering::Relaxed),
             forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),

@@ -21,6 +21,7 @@
 //! TLS-PSK (`--tls-creds-psk`) is not available: rustls has no external
 //! pre-shared-key support (rustls issue #174); [`psk_unsupported`] says so.
 
+use crate::sync::RwLockExt;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -265,11 +266,11 @@ fn build_client(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
 }
 
 fn read<T: Clone>(l: &RwLock<T>) -> T {
-    l.read().unwrap_or_else(|e| e.into_inner()).clone()
+    l.read_or_recover().clone()
 }
 
 fn replace<T>(l: &RwLock<T>, v: T) {
-    *l.write().unwrap_or_else(|e| e.into_inner()) = v;
+    *l.write_or_recover() = v;
 }
 
 /// Server credentials (an NBD server's) and the identities allowed in.

@@ -5,6 +5,7 @@ use super::inflight::{self, InflightBuffer};
 use super::queue_io::QueueIo;
 use super::vring::Vring;
 use super::worker;
+use crate::sync::MutexExt;
 use crate::virtio_blk::{BlkDevice, GuestMem};
 use std::fs::File;
 use std::io;
@@ -200,8 +201,7 @@ impl VhostUserBackend for BlkBackend {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
             Ok(pair) => {
                 self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+                    .lock_or_recover()
                     .push(pair.0.as_raw_fd());
                 Some(pair)
             }

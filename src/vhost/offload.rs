@@ -11,10 +11,11 @@
 //! to drain) ever writes the used ring, and each queue has its own pool: queues
 //! share nothing here.
 
+use crate::sync::{CondvarExt, MutexExt};
 use crate::virtio_blk::{BlkDevice, Completion, Deferred, GuestMem, Offload};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use vm_memory::GuestMemoryLoadGuard;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -45,10 +46,6 @@ pub(crate) struct IoPool {
     in_flight: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl IoPool {
@@ -97,7 +94,7 @@ impl IoPool {
     fn start(&self) -> Sender<Deferred> {
         let (tx, rx) = channel::<Deferred>();
         let rx = Arc::new(Mutex::new(rx));
-        let mut threads = lock(&self.threads);
+        let mut threads = self.threads.lock_or_recover();
         for i in 0..self.threads_wanted {
             let rx = Arc::clone(&rx);
             let device = Arc::clone(&self.device);
@@ -112,7 +109,7 @@ impl IoPool {
             let spawned = std::thread::Builder::new()
                 .name(format!("colo-blk-io{}.{i}", self.queue_index))
                 .spawn(move || loop {
-                    let next = lock(&rx).recv();
+                    let next = rx.lock_or_recover().recv();
                     let Ok(request) = next else { return };
                     if done.send(request.run(&device)).is_err() {
                         return;
@@ -148,13 +145,13 @@ impl IoPool {
     /// completion queued while draining wakes the worker again).
     pub(crate) fn drain(&self, out: &mut Vec<Completion>) {
         let _ = self.notify.read();
-        out.extend(lock(&self.done_rx).try_iter());
+        out.extend(self.done_rx.lock_or_recover().try_iter());
     }
 
     /// Records that `n` drained completions are now in the used ring.
     pub(crate) fn retire(&self, n: usize) {
         if n > 0 && self.in_flight.fetch_sub(n, Ordering::SeqCst) == n {
-            let _guard = lock(&self.idle_lock);
+            let _guard = self.idle_lock.lock_or_recover();
             self.idle.notify_all();
         }
     }
@@ -163,12 +160,9 @@ impl IoPool {
     /// must not report a ring position with requests still running, and a
     /// stopped queue must not have writes still landing on the disk).
     pub(crate) fn wait_idle(&self) {
-        let mut guard = lock(&self.idle_lock);
+        let mut guard = self.idle_lock.lock_or_recover();
         while self.in_flight.load(Ordering::SeqCst) > 0 {
-            guard = self
-                .idle
-                .wait(guard)
-                .unwrap_or_else(PoisonError::into_inner);
+            guard = self.idle.wait_or_recover(guard);
         }
     }
 }
@@ -179,7 +173,7 @@ impl Drop for IoPool {
         // request queued (a write picked up is never dropped); the requests keep
         // guest memory mapped until then.
         self.jobs.take();
-        for t in lock(&self.threads).drain(..) {
+        for t in self.threads.lock_or_recover().drain(..) {
             let _ = t.join();
         }
     }

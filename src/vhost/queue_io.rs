@@ -6,10 +6,11 @@
 use super::inflight::QueueRegion;
 use super::offload::IoPool;
 use super::poll::Poller;
+use crate::sync::MutexExt;
 use crate::virtio_blk::{AsyncQueue, BlkDevice};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// What a queue worker holds while it serves (behind one mutex that only the
@@ -61,7 +62,7 @@ impl QueueIo {
 
     /// The worker's state, for one pass.
     pub(crate) fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock_or_recover()
     }
 
     /// The eventfds that signal completions: the pool's, and the channel's.

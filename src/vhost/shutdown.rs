@@ -1,5 +1,6 @@
 //! Asking a running `serve` loop to stop, from any thread.
 
+use crate::sync::MutexExt;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,8 +65,6 @@ impl Shutdown {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
         // A panic while holding this lock cannot leave the Option inconsistent.
-        self.connection
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.connection.lock_or_recover()
     }
 }

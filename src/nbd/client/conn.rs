@@ -11,10 +11,11 @@ use crate::nbd::wire::transmission::{
 };
 use crate::nbd::wire::*;
 use crate::nbd::NbdError;
+use crate::sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
@@ -67,7 +68,7 @@ impl Ticket {
     }
 
     fn complete(&self, outcome: Outcome) {
-        *lock(&self.slot) = Some(outcome);
+        *self.slot.lock_or_recover() = Some(outcome);
         self.done.store(true, Ordering::Release);
         self.cv.notify_one();
         if let Some(b) = &self.bell {
@@ -83,27 +84,20 @@ impl Ticket {
     /// Blocks until the reply (or the connection's failure) arrives, or
     /// until `deadline` passes (then `None`).
     fn wait_until(&self, deadline: Option<Instant>) -> Option<Outcome> {
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot.lock_or_recover();
         loop {
             if let Some(o) = slot.take() {
                 return Some(o);
             }
             slot = match deadline {
-                None => self.cv.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                None => self.cv.wait_or_recover(slot),
                 Some(d) => {
                     let left = d.checked_duration_since(Instant::now())?;
-                    self.cv
-                        .wait_timeout(slot, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    self.cv.wait_timeout_or_recover(slot, left).0
                 }
             };
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Pending {
@@ -217,7 +211,7 @@ impl Conn {
 
     /// Why the connection is unusable, if it is.
     pub(super) fn broken(&self) -> Option<String> {
-        lock(&self.shared.state).broken.clone()
+        self.shared.state.lock_or_recover().broken.clone()
     }
 
     /// Sends one request (with `payload` for a WRITE) and returns where to wait
@@ -253,7 +247,7 @@ impl Conn {
             Vec::new()
         };
         let cookie = {
-            let mut st = lock(&sh.state);
+            let mut st = sh.state.lock_or_recover();
             loop {
                 if let Some(why) = &st.broken {
                     return Err(Failure::Broken(why.clone()));
@@ -262,7 +256,7 @@ impl Conn {
                     break;
                 }
                 st.window_waiters += 1;
-                st = sh.window.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = sh.window.wait_or_recover(st);
                 st.window_waiters -= 1;
             }
             let cookie = st.next_cookie;
@@ -293,7 +287,7 @@ impl Conn {
         }
         .encode();
         let sent = {
-            let _g = lock(&sh.send_lock);
+            let _g = sh.send_lock.lock_or_recover();
             sh.stream.send_volatile(&header, payload)
         };
         if let Err(e) = sent {
@@ -309,7 +303,7 @@ impl Drop for Conn {
         let sh = &*self.shared;
         sh.closing.store(true, Ordering::SeqCst);
         let idle = {
-            let st = lock(&sh.state);
+            let st = sh.state.lock_or_recover();
             st.broken.is_none() && st.in_flight == 0
         };
         if idle {
@@ -321,7 +315,7 @@ impl Drop for Conn {
                 offset: 0,
                 len: 0,
             };
-            let _g = lock(&sh.send_lock);
+            let _g = sh.send_lock.lock_or_recover();
             let _ = sh.stream.send_all(&[&disc.encode()]);
         }
         sh.fail("connection closed by the client".into());
@@ -338,7 +332,7 @@ impl Shared {
     /// waiter and shuts the socket so the reader stops.
     fn fail(&self, why: String) {
         let drained: Vec<Pending> = {
-            let mut st = lock(&self.state);
+            let mut st = self.state.lock_or_recover();
             if st.broken.is_none() {
                 if !self.closing.load(Ordering::SeqCst) {
                     log::warn!("nbd client {}: connection lost: {why}", self.peer);
@@ -350,7 +344,12 @@ impl Shared {
         };
         self.window.notify_all();
         self.stream.shutdown();
-        let why = lock(&self.state).broken.clone().unwrap_or_default();
+        let why = self
+            .state
+            .lock_or_recover()
+            .broken
+            .clone()
+            .unwrap_or_default();
         for p in drained {
             p.ticket.complete(Err(Failure::Broken(why.clone())));
         }
@@ -365,7 +364,7 @@ impl Shared {
         loop {
             std::thread::sleep(step);
             let oldest = {
-                let st = lock(&self.state);
+                let st = self.state.lock_or_recover();
                 if st.broken.is_some() || self.closing.load(Ordering::SeqCst) {
                     return;
                 }
@@ -388,7 +387,7 @@ impl Shared {
         };
         // The request being received when the stream broke fails with the rest.
         if let Some(p) = holding.take() {
-            let mut st = lock(&self.state);
+            let mut st = self.state.lock_or_recover();
             st.in_flight = st.in_flight.saturating_sub(1);
             drop(st);
             self.window.notify_one();
@@ -401,7 +400,8 @@ impl Shared {
     /// Takes the pending request `cookie` out of the table while its reply is
     /// read, so the socket is never read with the table locked.
     fn take(&self, cookie: u64) -> Result<Pending, NbdError> {
-        lock(&self.state)
+        self.state
+            .lock_or_recover()
             .pending
             .remove(&cookie)
             .ok_or_else(|| NbdError::Protocol(format!("reply for unknown cookie {cookie}")))
@@ -409,7 +409,7 @@ impl Shared {
 
     fn finish(&self, p: Pending, outcome: Outcome) {
         let wake = {
-            let mut st = lock(&self.state);
+            let mut st = self.state.lock_or_recover();
             st.in_flight = st.in_flight.saturating_sub(1);
             st.window_waiters > 0
         };
@@ -457,7 +457,7 @@ impl Shared {
                     return Err(e);
                 }
                 if h.flags & REPLY_FLAG_DONE == 0 {
-                    lock(&self.state).pending.insert(h.cookie, p);
+                    self.state.lock_or_recover().pending.insert(h.cookie, p);
                     return Ok(());
                 }
                 let outcome = match p.error.take() {

@@ -43,6 +43,7 @@ use crate::block::channel::Doorbell;
 use crate::block::{
     check_range, iov_len, iov_window, BlockDev, BlockError, Extent, ExtentKind, Result,
 };
+use crate::sync::RwLockExt;
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -125,10 +126,7 @@ impl Client {
                 new: conn.info().size,
             });
         }
-        let old = std::mem::replace(
-            &mut *self.conn.write().unwrap_or_else(|e| e.into_inner()),
-            Arc::new(conn),
-        );
+        let old = std::mem::replace(&mut *self.conn.write_or_recover(), Arc::new(conn));
         drop(old);
         Ok(())
     }
@@ -155,7 +153,7 @@ impl Client {
     }
 
     fn current(&self) -> Arc<Conn> {
-        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.conn.read_or_recover().clone()
     }
 
     /// Sends a write of `bufs` at `offset` and returns without waiting for

@@ -26,6 +26,7 @@ use super::stream::{Listener, Stream};
 use super::uri::NbdAddr;
 use super::NbdError;
 use crate::block::SharedDev;
+use crate::sync::MutexExt;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -234,7 +235,7 @@ impl Server {
 
     /// Connections currently open.
     pub fn connections(&self) -> usize {
-        lock(&self.inner.conns).len()
+        self.inner.conns.lock_or_recover().len()
     }
 
     /// Stops serving: closes the listener (removing a Unix socket file),
@@ -253,7 +254,13 @@ impl Server {
         if accept.join().is_err() {
             log::error!("nbd: accept thread panicked");
         }
-        let entries: Vec<ConnEntry> = lock(&self.inner.conns).drain().map(|(_, e)| e).collect();
+        let entries: Vec<ConnEntry> = self
+            .inner
+            .conns
+            .lock_or_recover()
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
         for e in &entries {
             e.stream.shutdown();
         }
@@ -272,11 +279,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panicking connection thread must not take the whole server down.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Waits for connections or the wake-up byte; the listener is dropped (and
@@ -357,7 +359,7 @@ impl Inner {
     /// Closes negotiations past the deadline, then admits waiting
     /// newcomers, evicting one connection for each when the slots are full.
     fn sweep(self: &Arc<Self>, limits: &Limits, waiting: &mut VecDeque<Waiting>) {
-        let mut conns = lock(&self.conns);
+        let mut conns = self.conns.lock_or_recover();
         for (id, e) in conns.iter() {
             if e.activity.verdict(limits) == Verdict::Expired && e.activity.doom() {
                 log::warn!(
@@ -443,7 +445,7 @@ impl Inner {
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     serve_connection(&inner, stream, id, &activity);
-                    lock(&inner.conns).remove(&id);
+                    inner.conns.lock_or_recover().remove(&id);
                 })
         };
         match thread {

@@ -1,6 +1,7 @@
 //! Resource bounds: byte budgets for payloads in flight (one per connection,
 //! one for the whole server) and a pool of reusable payload buffers.
 
+use crate::sync::{CondvarExt, MutexExt};
 use std::sync::{Condvar, Mutex};
 
 /// Counts payload bytes in flight; `acquire` blocks while the budget is spent,
@@ -32,10 +33,10 @@ impl Budget {
     /// it), waiting until they are free. Every request takes its bytes in one
     /// call, so no thread holds part of what it waits for: no deadlock.
     pub(super) fn acquire(&self, n: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         while st.free < n {
             st.waiting += 1;
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.cv.wait_or_recover(st);
             st.waiting -= 1;
         }
         st.free -= n;
@@ -45,7 +46,7 @@ impl Budget {
         if n == 0 {
             return;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         st.free += n;
         if st.waiting > 0 {
             drop(st);
@@ -96,7 +97,7 @@ impl BufPool {
     /// A kept buffer (any length, contents unspecified) or an empty one,
     /// for callers that grow it themselves as bytes arrive.
     pub(super) fn take(&self) -> Vec<u8> {
-        let mut kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.bufs.lock_or_recover();
         match kept.bufs.pop() {
             Some(b) => {
                 kept.bytes -= b.len();
@@ -110,7 +111,7 @@ impl BufPool {
         if buf.len() > KEEP_MAX || buf.is_empty() {
             return;
         }
-        let mut kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.bufs.lock_or_recover();
         if kept.bytes + buf.len() <= self.keep_bytes {
             kept.bytes += buf.len();
             kept.bufs.push(buf);
@@ -153,10 +154,10 @@ impl<T> JobQueue<T> {
 
     /// Queues a job, waiting while the queue is full.
     pub(super) fn push(&self, job: T) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         while st.jobs.len() >= self.depth {
             st.reader_waiting = true;
-            st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.room.wait_or_recover(st);
         }
         st.reader_waiting = false;
         st.jobs.push_back(job);
@@ -169,7 +170,7 @@ impl<T> JobQueue<T> {
 
     /// Next job; `None` once the queue is closed and drained.
     pub(super) fn pop(&self) -> Option<T> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         loop {
             if let Some(job) = st.jobs.pop_front() {
                 let wake = st.reader_waiting;
@@ -183,14 +184,14 @@ impl<T> JobQueue<T> {
                 return None;
             }
             st.idle_workers += 1;
-            st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.work.wait_or_recover(st);
             st.idle_workers -= 1;
         }
     }
 
     /// No more jobs will come: workers finish what is queued, then stop.
     pub(super) fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.state.lock_or_recover().closed = true;
         self.work.notify_all();
     }
 }

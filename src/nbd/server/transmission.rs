@@ -13,11 +13,12 @@ use super::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use super::inbuf::{Fill, InBuf};
 use super::pool::{Budget, JobQueue};
 use super::watch::Activity;
-use super::{lock, Inner, MAX_PAYLOAD};
+use super::{Inner, MAX_PAYLOAD};
 use crate::block::{BlockError, ExtentKind};
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::transmission::{encode_chunk, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE};
 use crate::nbd::wire::*;
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -556,7 +557,7 @@ impl Conn<'_> {
             .encode()
             .to_vec()
         };
-        let guard = lock(&self.send_lock);
+        let guard = self.send_lock.lock_or_recover();
         if !self.send_locked(&guard, &[&head, buf]) {
             return Ok(());
         }
@@ -684,7 +685,7 @@ impl Conn<'_> {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
-        let guard = lock(&self.send_lock);
+        let guard = self.send_lock.lock_or_recover();
         self.send_locked(&guard, parts);
     }
 

@@ -43,6 +43,7 @@ use crate::block::channel::{Doorbell, IoChannel, IoCompletion, Kind};
 use crate::block::{check_range, BlockDev, BlockError, OwnedRangeGuard, Result as BlockResult};
 use crate::nbd;
 use crate::replication::fence::Admit;
+use crate::sync::MutexExt;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -372,10 +373,7 @@ impl PrimaryChannel {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                p.link_bells
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .add(&self.bell);
+                p.link_bells.lock_or_recover().add(&self.bell);
                 // The switch may have ended before the bell was left.
                 match p.link.try_read() {
                     Ok(g) => g,

@@ -33,6 +33,7 @@ use crate::block::{
     Result as BlockResult, SharedDev, DEFAULT_STRIPES,
 };
 use crate::nbd;
+use crate::sync::{CondvarExt, MutexExt, RwLockExt};
 use log::{info, warn};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -356,7 +357,7 @@ impl Primary {
             return;
         };
         let remote = {
-            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            let link = self.link.read_or_recover();
             match self.forwarding(&link) {
                 Some(r) => r.clone(),
                 None => return,
@@ -389,11 +390,11 @@ impl Primary {
     }
 
     fn stage(&self) -> Stage {
-        *self.stage.lock().unwrap_or_else(|e| e.into_inner())
+        *self.stage.lock_or_recover()
     }
 
     fn set_stage(&self, stage: Stage) {
-        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = stage;
+        *self.stage.lock_or_recover() = stage;
         info!("primary: stage {stage}");
         (self.events)(Event::StageChanged {
             mode: Mode::Primary,
@@ -402,7 +403,7 @@ impl Primary {
     }
 
     fn recorded_error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.error.lock_or_recover().clone()
     }
 
     /// A forwarded I/O failed: keep serving, stop forwarding, tell the tooling.
@@ -416,7 +417,7 @@ impl Primary {
         if self.healthy.swap(false, Ordering::AcqRel) {
             let message = format!("forwarding to the secondary failed ({what}): {err}");
             warn!("primary: {message}; carrying on alone, tracking dirty clusters");
-            *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+            *self.error.lock_or_recover() = Some(message.clone());
             self.resync_cancel.store(true, Ordering::Release);
             (self.events)(Event::Error {
                 mode: Mode::Primary,
@@ -445,7 +446,7 @@ impl Primary {
             }
         );
         log::error!("primary: {message}");
-        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        *self.error.lock_or_recover() = Some(message.clone());
         self.set_stage(Stage::Fenced);
         (self.events)(Event::Fenced { policy, reason });
         (self.events)(Event::Error {
@@ -457,7 +458,7 @@ impl Primary {
     /// The link, alone, once no channel request still uses its old state.
     /// Channels that find it switching wait and are rung when this ends.
     fn switch_link(&self) -> LinkSwitch<'_> {
-        let guard = self.link.write().unwrap_or_else(|e| e.into_inner());
+        let guard = self.link.write_or_recover();
         // Completions need no lock this thread holds (queue workers never
         // wait on `link`), so this ends; bounded by the NBD request timeout
         // when the secondary hangs, as a threaded write would be.
@@ -487,7 +488,7 @@ impl Primary {
     ) -> BlockResult<()> {
         self.fence.wait_admitted()?;
         let fenced = {
-            let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+            let link = self.link.read_or_recover();
             self.replicate_under(&link, what, offset, len, op)?
         };
         // Held (or failed) with no lock held: control commands stay free.
@@ -550,7 +551,7 @@ impl Primary {
     /// The body of [`Primary::replicate_write`]; `Ok(true)`: fenced.
     fn forward_write(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> BlockResult<bool> {
         let len = crate::block::iov_len(bufs);
-        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        let link = self.link.read_or_recover();
         let Some(client) = self.forwarding(&link).and_then(|t| t.nbd.as_ref()) else {
             return self.replicate_under(&link, "write", offset, len, |d, _| {
                 d.write_vectored(offset, bufs)
@@ -598,7 +599,7 @@ impl Primary {
         self.resync_total.store(total, Ordering::Release);
         self.resync_cancel.store(false, Ordering::Release);
         let cursor = Arc::new(Mutex::new(Cursor::default()));
-        self.resync.lock().unwrap_or_else(|e| e.into_inner()).active = true;
+        self.resync.lock_or_recover().active = true;
         info!(
             "primary: {} resync of {total} bytes started",
             if full { "full" } else { "dirty" }
@@ -632,11 +633,7 @@ impl Primary {
                 }
             }
         }
-        self.resync
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .threads
-            .extend(threads);
+        self.resync.lock_or_recover().threads.extend(threads);
         match spawn_error {
             None => Ok(()),
             Some(e) => Err(ReplicationError::Io(format!("cannot start resync: {e}"))),
@@ -652,7 +649,7 @@ impl Primary {
     /// cluster lock is right whatever happened since; a hole is checked again
     /// under the lock. Dirty windows are copied as data (a hole reads zeroes).
     fn next_window(&self, full: bool, cursor: &Mutex<Cursor>) -> Option<(u64, u64, bool)> {
-        let mut cur = cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = cursor.lock_or_recover();
         let size = self.local.size();
         if full {
             let off = cur.pos;
@@ -713,7 +710,7 @@ impl Primary {
                 break;
             };
             let remote = {
-                let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+                let link = self.link.read_or_recover();
                 match self.forwarding(&link) {
                     Some(r) => r.clone(),
                     None => break,
@@ -898,16 +895,16 @@ impl Primary {
             warn!("primary: resync stopped after {done} of {total} bytes");
         }
         (self.events)(Event::ResyncProgress(Progress { done, total }));
-        let mut st = self.resync.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.resync.lock_or_recover();
         st.active = false;
         self.resync_done.notify_all();
     }
 
     /// Waits for a running resync to end; joins its threads.
     fn wait_resync(&self) {
-        let mut st = self.resync.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.resync.lock_or_recover();
         while st.active {
-            st = self.resync_done.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.resync_done.wait_or_recover(st);
         }
         let threads = std::mem::take(&mut st.threads);
         drop(st);
@@ -923,7 +920,7 @@ impl Primary {
     /// `start` out meanwhile.
     fn start_arc(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
         {
-            let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+            let stage = self.stage.lock_or_recover();
             match *stage {
                 Stage::None | Stage::Done => {}
                 Stage::Fenced => {
@@ -996,7 +993,7 @@ impl Primary {
         }
         // The link before the stage, as a failing write takes them.
         let mut link = self.switch_link();
-        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stage = self.stage.lock_or_recover();
         if !matches!(*stage, Stage::None | Stage::Done) {
             // Fenced while connecting (a late refusal of an older link).
             return Err(ReplicationError::Invalid(format!(
@@ -1011,7 +1008,7 @@ impl Primary {
             self.dirty.clear_all();
         }
         drop(link);
-        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.error.lock_or_recover() = None;
         *stage = Stage::Running;
         drop(stage);
         info!("primary: replication started (sync {sync:?})");
@@ -1056,7 +1053,7 @@ impl Replication for PrimaryControl {
             _ => return Err(ReplicationError::NotRunning),
         }
         p.wait_resync();
-        let link = p.link.read().unwrap_or_else(|e| e.into_inner());
+        let link = p.link.read_or_recover();
         let Some(remote) = p.forwarding(&link) else {
             return Err(ReplicationError::Io(
                 p.recorded_error()
@@ -1156,7 +1153,7 @@ impl BlockDev for Primary {
 
     fn flush(&self) -> BlockResult<()> {
         self.local.flush()?;
-        let link = self.link.read().unwrap_or_else(|e| e.into_inner());
+        let link = self.link.read_or_recover();
         if let Some(remote) = self.forwarding(&link) {
             if let Err(e) = remote.dev.flush() {
                 self.forward_failed("flush", &e);
@@ -1229,10 +1226,7 @@ impl std::ops::DerefMut for LinkSwitch<'_> {
 impl Drop for LinkSwitch<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
-        self.bells
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ring_all();
+        self.bells.lock_or_recover().ring_all();
     }
 }
 

@@ -38,6 +38,7 @@ use super::pace::Pacer;
 use super::{Secondary, Stage};
 use crate::block::{BlockError, Result};
 use crate::replication::{Event, Progress};
+use crate::sync::MutexExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,7 +155,7 @@ impl Secondary {
             }
             self.disk.flush()?;
             self.empty_overlays();
-            *super::locked(&self.error) = None;
+            *self.error.lock_or_recover() = None;
             self.set_stage(Stage::Done);
             stats.quiesced.since(t);
         }
