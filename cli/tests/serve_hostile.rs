@@ -211,9 +211,23 @@ fn next_frontend_is_served(d: &Daemon) {
     }
 }
 
-#[test]
-fn a_pipe_as_kick_fd_does_not_wedge_the_daemon() {
+/// Which of a raw frontend's fds is a pipe, and what it does with the pipe.
+#[derive(Clone, Copy)]
+enum PipeAs {
+    /// The kick fd, with one byte in it: an 8-byte eventfd read would block.
+    KickWithOneByte,
+    /// The kick fd, its write end closed: a read hits EOF at once.
+    KickAtEof,
+    /// The call fd, never drained: notifications would fill it and block.
+    Call,
+}
+
+/// A frontend hands over a pipe where an eventfd belongs and leaves; the next
+/// frontend must be served within 10 s and SIGTERM must end the daemon with
+/// status 0 within 5 s.
+fn pipe_fd_does_not_wedge_the_daemon(how: PipeAs, refusal: &str) {
     use std::os::fd::FromRawFd;
+    use vmm_sys_util::eventfd::EventFd;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     sparse_image(&img, SIZE);
@@ -223,17 +237,55 @@ fn a_pipe_as_kick_fd_does_not_wedge_the_daemon() {
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     // SAFETY: fds[0] is the pipe's read end, owned by this EventFd from now on;
     // the backend receives a copy through SCM_RIGHTS.
-    let kick = unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fds[0]) };
-    let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-    let (fe, _mem) = raw_frontend(d.socket(), &kick, &call);
-    // One byte: an 8-byte eventfd read on it would block forever.
-    // SAFETY: writes one byte from a valid buffer to the pipe's write end.
-    assert_eq!(unsafe { libc::write(fds[1], [1u8].as_ptr().cast(), 1) }, 1);
+    let pipe = unsafe { EventFd::from_raw_fd(fds[0]) };
+    let eventfd = EventFd::new(0).unwrap();
+    let (kick, call) = match how {
+        PipeAs::KickWithOneByte | PipeAs::KickAtEof => (&pipe, &eventfd),
+        PipeAs::Call => (&eventfd, &pipe),
+    };
+    let (fe, _mem) = raw_frontend(d.socket(), kick, call);
+    match how {
+        // SAFETY: writes one byte from a valid buffer to the pipe's write end.
+        PipeAs::KickWithOneByte => unsafe {
+            assert_eq!(libc::write(fds[1], [1u8].as_ptr().cast(), 1), 1);
+        },
+        // SAFETY: the write end, opened by this test, is closed once.
+        PipeAs::KickAtEof => unsafe {
+            libc::close(fds[1]);
+            fds[1] = -1;
+        },
+        // A kick makes the worker run a pass and try to notify through the pipe.
+        PipeAs::Call => eventfd.write(1).unwrap(),
+    }
     std::thread::sleep(std::time::Duration::from_millis(300));
     drop(fe);
     next_frontend_is_served(&d);
-    assert!(d.log().contains("kick fd refused"), "{}", d.log());
+    assert!(d.log().contains(refusal), "{}", d.log());
+    let asked = std::time::Instant::now();
     assert!(d.terminate().success(), "{}", d.log());
-    // SAFETY: closes the write end this test opened.
-    unsafe { libc::close(fds[1]) };
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(5),
+        "SIGTERM took {:?}\n{}",
+        asked.elapsed(),
+        d.log()
+    );
+    if fds[1] >= 0 {
+        // SAFETY: closes the write end this test opened.
+        unsafe { libc::close(fds[1]) };
+    }
+}
+
+#[test]
+fn a_pipe_as_kick_fd_does_not_wedge_the_daemon() {
+    pipe_fd_does_not_wedge_the_daemon(PipeAs::KickWithOneByte, "kick fd refused");
+}
+
+#[test]
+fn a_kick_fd_at_eof_does_not_end_the_worker_or_wedge_the_daemon() {
+    pipe_fd_does_not_wedge_the_daemon(PipeAs::KickAtEof, "kick fd refused");
+}
+
+#[test]
+fn a_blocking_pipe_as_call_fd_does_not_wedge_the_daemon() {
+    pipe_fd_does_not_wedge_the_daemon(PipeAs::Call, "call fd refused");
 }
