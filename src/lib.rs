@@ -5,6 +5,7 @@
 //! replication state machine from outside. ARCHITECTURE.md at the root of the
 //! repository maps the modules, the replication invariants and the threads.
 
+mod acceptor;
 pub mod block;
 pub mod control;
 pub mod nbd;

@@ -13,6 +13,7 @@ use super::exports::NbdExports;
 use super::framing::{Frame, Framer};
 use super::protocol::{error_reply, event_json, greeting, After, ColoHistory, Session, Targets};
 use super::ControlError;
+use crate::acceptor::{Acceptor, Event};
 use crate::replication::{EventSink, Replication};
 use crate::stats::DeviceStats;
 use crate::sync::MutexExt;
@@ -21,13 +22,11 @@ use log::{info, warn};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::Shutdown as SocketShutdown;
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 /// Longest QMP message accepted; longer ones are answered with an error.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -116,13 +115,10 @@ pub struct ControlContext {
 
 /// A listening control socket; dropping it stops accepting and removes the file.
 pub struct ControlServer {
+    /// Declared first: stopped (and the listener closed) before the path goes.
+    _acceptor: Acceptor,
     /// Removes the socket path when the server is dropped.
     _file: SocketFile,
-    /// The same listening socket as the acceptor's: shutting it down wakes
-    /// accept() even when the path is gone (a connect would then fail).
-    waker: UnixListener,
-    stopping: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
@@ -130,35 +126,25 @@ impl ControlServer {
     /// The path appears only once it accepts connections, already private.
     pub fn spawn(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
         let (listener, file) = unix_socket::bind(path, Some(0o600))?;
-        let waker = listener.try_clone().map_err(ControlError::Io)?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&stopping);
-        let acceptor = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_loop(listener, ctx, stop))
-            .map_err(ControlError::Thread)?;
+        let next_id = AtomicU64::new(1);
+        let shared = Arc::new(Shared {
+            ctx,
+            colo: ColoHistory::default(),
+            clients: AtomicUsize::new(0),
+        });
+        let acceptor = Acceptor::spawn("control", listener, None, move |event| {
+            if let Event::Accepted(stream) = event {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                admit(id, stream, &shared);
+            }
+            None
+        })
+        .map_err(ControlError::Thread)?;
         info!("control socket listening on {}", path.display());
         Ok(ControlServer {
+            _acceptor: acceptor,
             _file: file,
-            waker,
-            stopping,
-            acceptor: Some(acceptor),
         })
-    }
-}
-
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // Wake the blocking accept() so the thread sees the flag: on Linux,
-        // shutdown() of a listening unix socket makes accept() fail at once.
-        // SAFETY: shutdown only reads its integer arguments; the fd is owned
-        // by `self.waker`, alive for this call.
-        unsafe { libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-        // Dropping `file` removes the socket.
     }
 }
 
@@ -169,39 +155,24 @@ struct Shared {
     clients: AtomicUsize,
 }
 
-fn accept_loop(listener: UnixListener, ctx: ControlContext, stopping: Arc<AtomicBool>) {
-    let next_id = AtomicU64::new(1);
-    let shared = Arc::new(Shared {
-        ctx,
-        colo: ColoHistory::default(),
-        clients: AtomicUsize::new(0),
-    });
-    for conn in listener.incoming() {
-        if stopping.load(Ordering::SeqCst) {
-            break;
-        }
-        match conn {
-            Ok(stream) => {
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                if shared.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    shared.clients.fetch_sub(1, Ordering::AcqRel);
-                    warn!("control: {MAX_CLIENTS} clients connected; closing client {id}");
-                    continue;
-                }
-                let sh = Arc::clone(&shared);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("control-{id}"))
-                    .spawn(move || {
-                        serve_client(id, stream, &sh);
-                        sh.clients.fetch_sub(1, Ordering::AcqRel);
-                    });
-                if let Err(e) = spawned {
-                    shared.clients.fetch_sub(1, Ordering::AcqRel);
-                    warn!("control: cannot start a client thread: {e}");
-                }
-            }
-            Err(e) => warn!("control: accept failed: {e}"),
-        }
+/// Serves client `id` on a thread of its own, unless [`MAX_CLIENTS`] are
+/// connected already (it is then closed at once).
+fn admit(id: u64, stream: UnixStream, shared: &Arc<Shared>) {
+    if shared.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+        shared.clients.fetch_sub(1, Ordering::AcqRel);
+        warn!("control: {MAX_CLIENTS} clients connected; closing client {id}");
+        return;
+    }
+    let sh = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("control-{id}"))
+        .spawn(move || {
+            serve_client(id, stream, &sh);
+            sh.clients.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        shared.clients.fetch_sub(1, Ordering::AcqRel);
+        warn!("control: cannot start a client thread: {e}");
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::uri::NbdAddr;
 use super::NbdError;
+use crate::acceptor::Accept;
 use crate::unix_socket::{self, SocketFile};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -239,12 +240,23 @@ impl Listener {
             }
         })
     }
+}
 
-    pub(crate) fn accept(&self) -> io::Result<Stream> {
+impl Accept for Listener {
+    type Conn = Stream;
+
+    fn set_nonblocking(&self) -> io::Result<()> {
         match self {
-            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+            Listener::Unix(l, _) => Accept::set_nonblocking(l),
+            Listener::Tcp(l) => Accept::set_nonblocking(l),
+        }
+    }
+
+    fn accept_conn(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept_conn()?)),
             Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+                let s = l.accept_conn()?;
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }

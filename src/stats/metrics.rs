@@ -4,15 +4,14 @@
 //! I/O, and the endpoint has no authentication.
 
 use super::StatsError;
+use crate::acceptor::{Accept, Acceptor, Event};
 use crate::unix_socket::{self, SocketFile};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Where the endpoint listens.
@@ -72,12 +71,36 @@ enum Listener {
     Tcp(TcpListener),
 }
 
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Accept for Listener {
+    type Conn = Box<dyn Conn>;
+
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l, _) => Accept::set_nonblocking(l),
+            Listener::Tcp(l) => Accept::set_nonblocking(l),
+        }
+    }
+
+    fn accept_conn(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Listener::Unix(l, _) => Box::new(l.accept_conn()?),
+            Listener::Tcp(l) => Box::new(l.accept_conn()?),
+        })
+    }
+}
+
 /// A running endpoint; dropping it stops it (and removes a unix socket).
 pub struct MetricsServer {
-    fd: i32,
-    stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    _listener: Arc<Listener>,
+    _acceptor: Acceptor,
 }
 
 impl MetricsServer {
@@ -92,64 +115,23 @@ impl MetricsServer {
                 Listener::Tcp(TcpListener::bind(a).map_err(|e| StatsError::Listen(*a, e))?)
             }
         };
-        let listener = Arc::new(listener);
-        let fd = match &*listener {
-            Listener::Unix(l, _) => l.as_raw_fd(),
-            Listener::Tcp(l) => l.as_raw_fd(),
-        };
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (l, stop) = (Arc::clone(&listener), Arc::clone(&stopping));
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || serve(&l, &stop, &render))
-            .map_err(StatsError::Thread)?;
+        let acceptor = Acceptor::spawn("metrics", listener, None, move |event| {
+            if let Event::Accepted(mut c) = event {
+                if let Err(e) = answer(&mut *c, &render) {
+                    log::debug!("metrics: {e}");
+                }
+            }
+            None
+        })
+        .map_err(StatsError::Thread)?;
         log::info!("metrics endpoint on {addr:?}");
         Ok(MetricsServer {
-            fd,
-            stopping,
-            thread: Some(thread),
-            _listener: listener,
+            _acceptor: acceptor,
         })
     }
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown only reads its integer arguments; the fd belongs to
-        // the listener this struct keeps alive. It makes a blocked accept()
-        // return on Linux.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(l: &Listener, stopping: &AtomicBool, render: &Render) {
-    loop {
-        let conn: Result<Box<dyn Conn>, std::io::Error> = match l {
-            Listener::Unix(u, _) => u.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
-            Listener::Tcp(t) => t.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
-        };
-        if stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        match conn {
-            Ok(mut c) => {
-                if let Err(e) = answer(&mut *c, render) {
-                    log::debug!("metrics: {e}");
-                }
-            }
-            Err(e) => {
-                log::warn!("metrics: accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-trait Conn: Read + Write {
+trait Conn: Read + Write + Send {
     fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
 }
 

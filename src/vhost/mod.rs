@@ -20,6 +20,7 @@ mod worker;
 
 pub use shutdown::Shutdown;
 
+use crate::acceptor::Wake;
 use crate::block::{BlockError, SharedDev};
 use crate::unix_socket::{self, UnixSocketError};
 use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
@@ -174,35 +175,11 @@ fn accept_loop(
 /// requested (false).
 fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> Result<bool, VhostError> {
     loop {
-        if shutdown.is_requested() {
-            return Ok(false);
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shutdown.wake_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(VhostError::Poll(err));
-        }
-        if fds[1].revents != 0 || shutdown.is_requested() {
-            return Ok(false);
-        }
-        if fds[0].revents != 0 {
-            return Ok(true);
+        match shutdown.wait_readable(listener.as_raw_fd()) {
+            Ok(Wake::Ready) => return Ok(true),
+            Ok(Wake::Stopped) => return Ok(false),
+            Ok(Wake::TimedOut) => {}
+            Err(e) => return Err(VhostError::Poll(e)),
         }
     }
 }

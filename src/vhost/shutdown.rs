@@ -1,12 +1,11 @@
 //! Asking a running `serve` loop to stop, from any thread.
 
+use crate::acceptor::{Stop, Wake};
 use crate::sync::MutexExt;
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::io::RawFd;
 use std::sync::Mutex;
 use vhost_user_backend::ShutdownHandle;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// A stop request shared between the serve loop and whoever may ask for it (the
 /// signal thread, a control socket's `quit`, a test).
@@ -15,8 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 /// queue workers (so every request they picked up completes), flushes the disk,
 /// and removes the socket.
 pub struct Shutdown {
-    requested: AtomicBool,
-    wake: EventFd,
+    stop: Stop,
     /// The live connection, if any. Control path only: never touched by workers.
     connection: Mutex<Option<ShutdownHandle>>,
 }
@@ -25,17 +23,14 @@ impl Shutdown {
     /// A handle nobody has triggered yet.
     pub fn new() -> io::Result<Self> {
         Ok(Shutdown {
-            requested: AtomicBool::new(false),
-            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            stop: Stop::new()?,
             connection: Mutex::new(None),
         })
     }
 
     /// Asks the serve loop to stop. Idempotent; safe from any thread.
     pub fn request(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        // A full counter (EAGAIN) still leaves the fd readable.
-        let _ = self.wake.write(1);
+        self.stop.request();
         if let Some(conn) = self.lock().as_ref() {
             conn.shutdown();
         }
@@ -43,12 +38,13 @@ impl Shutdown {
 
     /// True once [`request`](Self::request) was called.
     pub fn is_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+        self.stop.is_requested()
     }
 
-    /// Readable once a stop was requested.
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake.as_raw_fd()
+    /// Waits until `fd` (the vhost-user listener) is readable or a stop was
+    /// requested.
+    pub(crate) fn wait_readable(&self, fd: RawFd) -> io::Result<Wake> {
+        self.stop.wait_readable(fd, None)
     }
 
     /// Records the live connection so that a stop request can close it. A request

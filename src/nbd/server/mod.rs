@@ -25,12 +25,11 @@ mod watch;
 use super::stream::{Listener, Stream};
 use super::uri::NbdAddr;
 use super::NbdError;
+use crate::acceptor::{Acceptor, Event};
 use crate::block::SharedDev;
 use crate::sync::MutexExt;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -134,8 +133,8 @@ impl ServerOptions {
 pub struct Server {
     inner: Arc<Inner>,
     addr: NbdAddr,
-    waker: UnixStream,
-    accept: Option<JoinHandle<()>>,
+    /// Taken by the first stop.
+    accept: Option<Acceptor>,
 }
 
 /// State shared by the accept thread and the connection threads.
@@ -188,7 +187,6 @@ impl Server {
         }
         let listener = Listener::bind(listen)?;
         let addr = listener.local_addr()?;
-        let (waker, wake_rx) = UnixStream::pair()?;
         let inner = Arc::new(Inner {
             dev,
             stopping: AtomicBool::new(false),
@@ -199,12 +197,7 @@ impl Server {
             epoch: Instant::now(),
             opts,
         });
-        let accept = {
-            let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("nbd-accept".into())
-                .spawn(move || accept_loop(&inner, listener, wake_rx))?
-        };
+        let accept = accept_loop(&inner, listener)?;
         log::info!(
             "nbd: serving export {:?} ({} bytes) on {addr}{}",
             inner.opts.export_name,
@@ -218,7 +211,6 @@ impl Server {
         Ok(Server {
             inner,
             addr,
-            waker,
             accept: Some(accept),
         })
     }
@@ -245,15 +237,13 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        let Some(accept) = self.accept.take() else {
+        let Some(mut accept) = self.accept.take() else {
             return;
         };
         self.inner.stopping.store(true, Ordering::SeqCst);
-        // The accept thread polls this socket; a failed write means it is gone.
-        let _ = (&self.waker).write_all(&[1]);
-        if accept.join().is_err() {
-            log::error!("nbd: accept thread panicked");
-        }
+        // Joins the accept thread, which drops the listener (and removes a
+        // Unix socket file).
+        accept.stop();
         let entries: Vec<ConnEntry> = self
             .inner
             .conns
@@ -281,67 +271,29 @@ impl Drop for Server {
     }
 }
 
-/// Waits for connections or the wake-up byte; the listener is dropped (and
-/// its socket file removed) when this returns. Between events it enforces the
-/// handshake deadline and admits waiting newcomers.
-fn accept_loop(inner: &Arc<Inner>, listener: Listener, mut wake: UnixStream) {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+/// Accepts connections until the server stops; the listener is dropped (and
+/// its socket file removed) when the acceptor is stopped. Between events it
+/// enforces the handshake deadline and admits waiting newcomers.
+fn accept_loop(inner: &Arc<Inner>, listener: Listener) -> io::Result<Acceptor> {
     let limits = inner.limits();
     // Deadlines are enforced to within a tenth of the handshake deadline.
     let tick = (limits.handshake / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
-    loop {
-        let timeout = if waiting.is_empty() {
+    let inner = Arc::clone(inner);
+    Acceptor::spawn("nbd-accept", listener, Some(tick), move |event| {
+        if let Event::Accepted(stream) = event {
+            waiting.push_back(Waiting {
+                stream,
+                accepted: Instant::now(),
+            });
+        }
+        inner.sweep(&limits, &mut waiting);
+        Some(if waiting.is_empty() {
             tick
         } else {
             tick.min(Duration::from_millis(50))
-        };
-        // SAFETY: fds is a valid array of two pollfd for the whole call.
-        let rc = unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis() as libc::c_int,
-            )
-        };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            log::error!("nbd: poll on listener failed: {err}; no longer accepting");
-            return;
-        }
-        if fds[1].revents != 0 || inner.stopping.load(Ordering::SeqCst) {
-            let _ = wake.read(&mut [0u8; 1]);
-            return;
-        }
-        if fds[0].revents != 0 {
-            match listener.accept() {
-                Ok(stream) => waiting.push_back(Waiting {
-                    stream,
-                    accepted: Instant::now(),
-                }),
-                Err(e) => {
-                    log::warn!("nbd: accept failed: {e}");
-                    // EMFILE and friends: do not spin on a listener that stays ready.
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        inner.sweep(&limits, &mut waiting);
-    }
+        })
+    })
 }
 
 impl Inner {
