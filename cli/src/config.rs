@@ -12,8 +12,6 @@ use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
 use thiserror::Error;
 
-/// Default NBD export name of the secondary's disk (QEMU's COLO examples use it).
-pub const DEFAULT_NBD_EXPORT: &str = "parent0";
 pub use colo_blk::replication::DEFAULT_CLUSTER_SIZE;
 /// Default `--forward-timeout`: long enough for a busy link, short enough that a
 /// hung secondary does not stall the primary guest for long.
@@ -575,7 +573,10 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
                     mode: "secondary",
                 });
             }
-            let export = a.nbd_export.clone().unwrap_or(DEFAULT_NBD_EXPORT.into());
+            let export = a
+                .nbd_export
+                .clone()
+                .unwrap_or(colo_blk::nbd::DEFAULT_EXPORT.into());
             if export.is_empty() || export.len() > 4096 {
                 return Err(invalid("nbd-export", "must be 1 to 4096 bytes"));
             }

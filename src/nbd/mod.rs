@@ -11,6 +11,15 @@
 //!   pipelined, for the primary's forwarding path.
 //! * [`uri`]: listen addresses and QEMU-style NBD URIs.
 
+/// Export name used when none is configured (QEMU COLO's convention): what
+/// the server offers and the daemon's `--nbd-export` defaults to.
+pub const DEFAULT_EXPORT: &str = "parent0";
+
+/// Largest READ or WRITE payload colo-blk sends or accepts (the protocol's
+/// interoperable maximum): the server refuses larger requests and
+/// advertises it, the client splits its requests to it.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
 mod client;
 mod error;
 mod server;
@@ -21,5 +30,5 @@ pub mod wire;
 
 pub use client::{Client, ClientOptions, ExportInfo, Started, SubmittedWrite};
 pub use error::NbdError;
-pub use server::{Server, ServerLimits, ServerOptions, DEFAULT_EXPORT, MAX_PAYLOAD};
+pub use server::{Server, ServerLimits, ServerOptions};
 pub use uri::{NbdAddr, NbdUri};

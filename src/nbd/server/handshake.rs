@@ -1,9 +1,10 @@
 //! Server side of the fixed newstyle negotiation.
 
-use super::{Inner, MAX_PAYLOAD};
+use super::Inner;
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::{self, handshake::decode_export_name, *};
 use crate::nbd::NbdError;
+use crate::nbd::MAX_PAYLOAD;
 use std::io::{self, Read};
 
 /// Option data we read into memory; larger options are skipped unread.

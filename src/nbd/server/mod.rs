@@ -24,7 +24,7 @@ mod watch;
 
 use super::stream::{Listener, Stream};
 use super::uri::NbdAddr;
-use super::NbdError;
+use super::{NbdError, DEFAULT_EXPORT, MAX_PAYLOAD};
 use crate::acceptor::{Acceptor, Event};
 use crate::block::SharedDev;
 use crate::sync::MutexExt;
@@ -35,12 +35,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use watch::{Activity, Limits, Verdict};
-
-/// Export name used when none is configured (QEMU COLO's convention).
-pub const DEFAULT_EXPORT: &str = "parent0";
-
-/// Largest READ or WRITE payload accepted (the protocol's interoperable maximum).
-pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// How a [`Server`] behaves. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
