@@ -11,7 +11,7 @@
 //! checkpoint, primary, guest (default: all). Reports ratios; absolute
 //! numbers depend on the machine and its page cache.
 
-use colo_blk::block::{BlockDev, Overlay, RawFile, RawFileOptions, SharedDev};
+use colo_blk::block::{BlockDev, Overlay, RawFile, SharedDev};
 use colo_blk::replication::{
     no_events, Mode, Replication, Secondary, SyncMode, DEFAULT_CLUSTER_SIZE,
 };
@@ -25,11 +25,7 @@ const MIB: u64 = 1 << 20;
 const DISK: u64 = 1024 * MIB;
 
 fn raw(path: &Path, size: u64) -> Arc<RawFile> {
-    let opts = RawFileOptions {
-        create_size: Some(size),
-        ..Default::default()
-    };
-    Arc::new(RawFile::open(path, &opts).expect("open disk"))
+    Arc::new(RawFile::create(path, size).expect("open disk"))
 }
 
 fn fill(dev: &dyn BlockDev, byte: u8) {

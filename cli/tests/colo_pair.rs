@@ -6,7 +6,7 @@ mod common;
 
 use colo_blk::block::BlockDevExt;
 use colo_blk::nbd;
-use common::{ctl, ctl_ok, ctl_status, pattern, sparse_image, Client, Daemon};
+use common::{ctl, ctl_ok, ctl_status, free_port, pattern, sparse_image, Client, Daemon};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,8 +54,8 @@ impl Side {
             self.control.display().to_string(),
         ];
         args.extend_from_slice(extra);
-        let d = Daemon::spawn(&args, &self.socket, &self.dir.join("serve.log"));
-        wait_path(&self.control);
+        let mut d = Daemon::spawn(&args, &self.socket, &self.dir.join("serve.log"));
+        d.wait_for_socket(&self.control);
         d
     }
 }
@@ -72,23 +72,6 @@ fn make_certs(root: &Path) -> PathBuf {
         .expect("run make-certs.sh");
     assert!(st.success(), "make-certs.sh failed");
     out
-}
-
-fn wait_path(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Pair {

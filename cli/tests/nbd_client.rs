@@ -3,6 +3,7 @@
 
 mod nbd_util;
 
+use colo_blk::block::testing::{Gate, Intercept, Op, OpenOnDrop};
 use colo_blk::block::{BlockDev, BlockDevExt, BlockError, ExtentKind};
 use colo_blk::nbd::{Client, ClientOptions, NbdError, NbdUri, ServerOptions};
 use nbd_util::*;
@@ -199,14 +200,7 @@ fn client_against_our_server_round_trips_big_and_concurrent_io() {
 #[test]
 fn client_over_tcp_loopback_to_our_server() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = colo_blk::block::RawFile::open(
-        &dir.path().join("img"),
-        &colo_blk::block::RawFileOptions {
-            create_size: Some(1 << 20),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let dev = colo_blk::block::RawFile::create(&dir.path().join("img"), 1 << 20).unwrap();
     let server = colo_blk::nbd::Server::start(
         &colo_blk::nbd::NbdAddr::parse_listen("tcp:127.0.0.1:0").unwrap(),
         Arc::new(dev),
@@ -238,31 +232,13 @@ fn unknown_export_is_reported() {
 
 #[test]
 fn a_fenced_secondary_refuses_writes_with_refused() {
-    struct Fenced(colo_blk::block::SharedDev);
-    impl BlockDev for Fenced {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-            self.0.read_vectored(o, b)
-        }
-        fn write_vectored(&self, _: u64, _: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-            Err(BlockError::Refused("failover: primary fenced".into()))
-        }
-        fn flush(&self) -> colo_blk::block::Result<()> {
-            Ok(())
-        }
-        fn discard(&self, _: u64, _: u64) -> colo_blk::block::Result<()> {
-            Err(BlockError::Refused("fenced".into()))
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> colo_blk::block::Result<()> {
-            Err(BlockError::Refused("fenced".into()))
-        }
-        fn block_status(&self, o: u64, l: u64) -> colo_blk::block::Result<colo_blk::block::Extent> {
-            self.0.block_status(o, l)
-        }
-    }
-    let s = Served::with(1 << 20, ServerOptions::default(), |d| Arc::new(Fenced(d)));
+    let s = Served::with(1 << 20, ServerOptions::default(), |d| {
+        Arc::new(Intercept::new(d, |op, _, _| match op {
+            Op::Write => Err(BlockError::Refused("failover: primary fenced".into())),
+            Op::Discard | Op::WriteZeroes => Err(BlockError::Refused("fenced".into())),
+            Op::Read | Op::Flush => Ok(()),
+        }))
+    });
     let client = Client::connect(&s.uri()).unwrap();
     let err = client.write_at(0, &[1u8; 4096]).unwrap_err();
     match &err {
@@ -355,61 +331,21 @@ fn reconnect_refuses_an_export_whose_size_changed() {
     assert!(matches!(err, NbdError::SizeChanged { old, new } if old == 4 << 20 && new == 8 << 20));
 }
 
-/// Reads stall until the gate opens: a hung server, as seen by the client.
-struct Stalled {
-    inner: colo_blk::block::SharedDev,
-    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-}
-
-impl BlockDev for Stalled {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-        let (m, cv) = &*self.open;
-        let mut open = m.lock().unwrap();
-        while !*open {
-            open = cv.wait(open).unwrap();
-        }
-        drop(open);
-        self.inner.read_vectored(o, b)
-    }
-    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-        self.inner.write_vectored(o, b)
-    }
-    fn flush(&self) -> colo_blk::block::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> colo_blk::block::Result<()> {
-        self.inner.discard(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> colo_blk::block::Result<()> {
-        self.inner.write_zeroes(o, l, u)
-    }
-    fn block_status(&self, o: u64, l: u64) -> colo_blk::block::Result<colo_blk::block::Extent> {
-        self.inner.block_status(o, l)
-    }
-}
-
 #[test]
 fn a_request_timeout_turns_a_hung_server_into_a_broken_connection() {
-    let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    let gate = open.clone();
+    // Reads stall until the gate opens: a hung server, as seen by the client.
+    let gate = Arc::new(Gate::closed());
+    let g = gate.clone();
     let s = Served::with(1 << 20, ServerOptions::default(), move |d| {
-        Arc::new(Stalled {
-            inner: d,
-            open: gate,
-        })
+        Arc::new(Intercept::new(d, move |op, _, _| {
+            if op == Op::Read {
+                g.pass();
+            }
+            Ok(())
+        }))
     });
     // Opens the gate however the test ends, so the server can shut down.
-    struct OpenOnDrop(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
-    impl Drop for OpenOnDrop {
-        fn drop(&mut self) {
-            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            self.0 .1.notify_all();
-        }
-    }
-    let _gate = OpenOnDrop(open);
+    let _open = OpenOnDrop(gate);
     let client = Client::connect_to(
         &NbdUri::parse(&s.uri()).unwrap(),
         ClientOptions {

@@ -4,16 +4,15 @@
 
 mod nbd_util;
 
-use colo_blk::block::{BlockDev, Extent, SharedDev};
+use colo_blk::block::testing::{Gate, Intercept, Op, OpenOnDrop};
 use colo_blk::nbd::wire::transmission::REPLY_TYPE_NONE;
 use colo_blk::nbd::wire::*;
 use colo_blk::nbd::ServerOptions;
 use nbd_util::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use vm_memory::VolatileSlice;
 
 const SIZE: u64 = 4 << 20;
 
@@ -101,14 +100,7 @@ impl Raw {
     }
 
     fn request(&mut self, kind: Command, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let req = Request {
-            flags,
-            kind: kind.to_u16(),
-            cookie,
-            offset,
-            len,
-        };
-        self.send(&req.encode());
+        self.send(&Request::new(kind, flags, cookie, offset, len).encode());
     }
 
     /// Reads one reply; returns (cookie, error, payload of data or chunk).
@@ -405,14 +397,7 @@ fn bad_requests_get_error_replies_and_the_connection_goes_on() {
 fn bad_request_magic_disconnects() {
     let s = Served::raw(SIZE);
     let mut r = Raw::go(&s, true);
-    let mut raw = Request {
-        flags: 0,
-        kind: 0,
-        cookie: 1,
-        offset: 0,
-        len: 512,
-    }
-    .encode();
+    let mut raw = Request::new(Command::Read, 0, 1, 0, 512).encode();
     raw[0] = 0x12;
     r.send(&raw);
     assert!(r.closed());
@@ -442,14 +427,7 @@ fn peer_vanishing_inside_a_write_payload_writes_nothing() {
 fn peer_vanishing_inside_a_request_header_is_survived() {
     let s = Served::raw(SIZE);
     let mut r = Raw::go(&s, false);
-    let raw = Request {
-        flags: 0,
-        kind: Command::Write.to_u16(),
-        cookie: 1,
-        offset: 0,
-        len: 512,
-    }
-    .encode();
+    let raw = Request::new(Command::Write, 0, 1, 0, 512).encode();
     r.send(&raw[..13]);
     drop(r);
     still_serves(&s);
@@ -479,70 +457,21 @@ fn block_status_reports_holes_and_data_with_and_without_req_one() {
     assert_eq!(bs.extents, vec![(8192, STATE_HOLE | STATE_ZERO)]);
 }
 
-/// A device whose reads at offset 0 wait until the test opens a gate.
-struct Gated {
-    inner: SharedDev,
-    open: Arc<(Mutex<bool>, Condvar)>,
-}
-
-impl BlockDev for Gated {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(
-        &self,
-        offset: u64,
-        bufs: &[VolatileSlice<'_>],
-    ) -> colo_blk::block::Result<()> {
-        if offset == 0 {
-            let (m, cv) = &*self.open;
-            let mut open = m.lock().unwrap();
-            while !*open {
-                open = cv.wait(open).unwrap();
-            }
-        }
-        self.inner.read_vectored(offset, bufs)
-    }
-    fn write_vectored(
-        &self,
-        offset: u64,
-        bufs: &[VolatileSlice<'_>],
-    ) -> colo_blk::block::Result<()> {
-        self.inner.write_vectored(offset, bufs)
-    }
-    fn flush(&self) -> colo_blk::block::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> colo_blk::block::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> colo_blk::block::Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> colo_blk::block::Result<Extent> {
-        self.inner.block_status(offset, len)
-    }
-}
-
 #[test]
 fn replies_go_out_of_order_while_a_slow_request_runs() {
-    let open = Arc::new((Mutex::new(false), Condvar::new()));
-    let gate = open.clone();
+    // Reads at offset 0 wait until the test opens the gate.
+    let gate = Arc::new(Gate::closed());
+    let g = gate.clone();
     let s = Served::with(SIZE, ServerOptions::default(), move |d| {
-        Arc::new(Gated {
-            inner: d,
-            open: gate,
-        })
+        Arc::new(Intercept::new(d, move |op, offset, _| {
+            if op == Op::Read && offset == 0 {
+                g.pass();
+            }
+            Ok(())
+        }))
     });
     // Opens the gate however the test ends, so the server can shut down.
-    struct OpenOnDrop(Arc<(Mutex<bool>, Condvar)>);
-    impl Drop for OpenOnDrop {
-        fn drop(&mut self) {
-            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            self.0 .1.notify_all();
-        }
-    }
-    let _gate = OpenOnDrop(open.clone());
+    let _open = OpenOnDrop(gate.clone());
     let mut r = Raw::go(&s, false);
     r.request(Command::Read, 0, 100, 0, 4096); // blocks in the device
     r.request(Command::Read, 0, 101, 8192, 4096);
@@ -556,7 +485,6 @@ fn replies_go_out_of_order_while_a_slow_request_runs() {
         [101, 102],
         "requests behind the slow read must finish first"
     );
-    *open.0.lock().unwrap() = true;
-    open.1.notify_all();
+    gate.open();
     assert_eq!(r.reply(4096).0, 100);
 }

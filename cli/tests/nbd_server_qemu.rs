@@ -187,14 +187,7 @@ fn qemu_img_map_over_nbd_shows_holes_and_data() {
 fn tcp_loopback_export_with_default_name_works() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img");
-    let dev = colo_blk::block::RawFile::open(
-        &image,
-        &colo_blk::block::RawFileOptions {
-            create_size: Some(4 << 20),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let dev = colo_blk::block::RawFile::create(&image, 4 << 20).unwrap();
     let server = Server::start(
         &NbdAddr::parse_listen("tcp:127.0.0.1:0").unwrap(),
         Arc::new(dev),

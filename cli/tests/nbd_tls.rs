@@ -10,7 +10,7 @@ mod common;
 use colo_blk::block::{BlockDev, BlockDevExt};
 use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri};
 use colo_blk::tls::ClientTls;
-use common::{pattern, Daemon, Process, BIN, PATIENCE};
+use common::{free_port, pattern, Daemon, Process, BIN, PATIENCE};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -33,14 +33,6 @@ fn certs(root: &Path) -> PathBuf {
         .expect("run make-certs.sh");
     assert!(st.success(), "make-certs.sh failed");
     out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 enum Link {

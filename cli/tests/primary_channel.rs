@@ -8,106 +8,27 @@
 mod nbd_util;
 
 use colo_blk::block::channel::{IoChannel, IoCompletion};
-use colo_blk::block::{
-    BlockDev, BlockDevExt, BlockError, Extent, MemDev, Result as BlockResult, SharedDev,
-};
+use colo_blk::block::testing::{Gate, Intercept, Op};
+use colo_blk::block::{BlockDev, BlockDevExt, BlockError, MemDev};
 use colo_blk::nbd::{Client, ClientOptions, NbdUri, ServerOptions};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, Replication, SyncMode};
 use nbd_util::Served;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_memory::VolatileSlice;
 
 const SIZE: u64 = 4 << 20;
 const CLUSTER: u64 = 64 << 10;
 
-/// The secondary's disk: writes wait at a gate (bounded), counted while
-/// they wait; with `refuse`, every write is refused as a failed-over
-/// secondary refuses a fenced primary.
-struct Gate {
-    inner: SharedDev,
-    open: Mutex<bool>,
-    changed: Condvar,
-    waiting: AtomicUsize,
-    most_waiting: AtomicUsize,
-    refuse: AtomicBool,
-}
-
-impl Gate {
-    fn new(inner: SharedDev) -> Arc<Gate> {
-        Arc::new(Gate {
-            inner,
-            open: Mutex::new(false),
-            changed: Condvar::new(),
-            waiting: AtomicUsize::new(0),
-            most_waiting: AtomicUsize::new(0),
-            refuse: AtomicBool::new(false),
-        })
-    }
-
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.changed.notify_all();
-    }
-
-    /// Waits (bounded) until `n` writes wait at the gate at once.
-    fn wait_for(&self, n: usize) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.waiting.load(Ordering::SeqCst) < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        self.waiting.load(Ordering::SeqCst)
-    }
-}
-
-impl BlockDev for Gate {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> BlockResult<()> {
-        self.inner.read_vectored(o, b)
-    }
-    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> BlockResult<()> {
-        if self.refuse.load(Ordering::SeqCst) {
-            return Err(BlockError::Refused("failed over".into()));
-        }
-        let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
-        self.most_waiting.fetch_max(now, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut open = self.open.lock().unwrap();
-        while !*open && Instant::now() < deadline {
-            open = self
-                .changed
-                .wait_timeout(open, Duration::from_millis(50))
-                .unwrap()
-                .0;
-        }
-        drop(open);
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.inner.write_vectored(o, b)
-    }
-    fn flush(&self) -> BlockResult<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> BlockResult<()> {
-        self.inner.discard(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> BlockResult<()> {
-        self.inner.write_zeroes(o, l, u)
-    }
-    fn block_status(&self, o: u64, l: u64) -> BlockResult<Extent> {
-        self.inner.block_status(o, l)
-    }
-    fn concurrent_writes(&self) -> usize {
-        // The server then runs writes on its workers, not inline.
-        32
-    }
-}
-
 struct Pair {
+    /// The secondary's disk: writes wait at this gate (bounded), counted
+    /// while they wait...
     gate: Arc<Gate>,
+    /// ...and with this set, every write is refused as a failed-over
+    /// secondary refuses a fenced primary.
+    refuse: Arc<AtomicBool>,
     secondary: Served,
     local: Arc<MemDev>,
     primary: Arc<Primary>,
@@ -115,15 +36,27 @@ struct Pair {
 }
 
 fn pair() -> Pair {
-    let mut gate = None;
+    let gate = Arc::new(Gate::closed());
+    let refuse = Arc::new(AtomicBool::new(false));
     let opts = ServerOptions {
         workers_per_connection: 32,
         ..ServerOptions::default()
     };
-    let secondary = Served::with(SIZE, opts, |d| {
-        let g = Gate::new(d);
-        gate = Some(g.clone());
-        g
+    let (g, r) = (gate.clone(), refuse.clone());
+    let secondary = Served::with(SIZE, opts, move |d| {
+        Arc::new(
+            Intercept::new(d, move |op, _, _| {
+                if op == Op::Write {
+                    if r.load(Ordering::SeqCst) {
+                        return Err(BlockError::Refused("failed over".into()));
+                    }
+                    g.pass();
+                }
+                Ok(())
+            })
+            // The server then runs writes on its workers, not inline.
+            .with_concurrent_writes(32),
+        )
     });
     let uri = NbdUri::parse(&secondary.uri()).unwrap();
     let local = Arc::new(MemDev::new(SIZE));
@@ -141,7 +74,8 @@ fn pair() -> Pair {
     ctl.start(colo_blk::replication::Mode::Primary, SyncMode::None)
         .unwrap();
     Pair {
-        gate: gate.unwrap(),
+        gate,
+        refuse,
         secondary,
         local,
         primary,
@@ -211,7 +145,9 @@ fn channel(p: &Pair) -> Box<dyn IoChannel> {
 
 fn secondary_bytes(p: &Pair, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    p.gate.inner.read_at(offset, &mut v).unwrap();
+    std::fs::File::open(&p.secondary.image)
+        .and_then(|f| f.read_exact_at(&mut v, offset))
+        .unwrap();
     v
 }
 
@@ -226,7 +162,11 @@ fn one_queue_keeps_many_forwarded_writes_in_flight_on_one_thread() {
     ch.submit();
     // All 24 reach the secondary's disk at once, though nothing but this
     // thread drives the channel and none has completed.
-    assert_eq!(p.gate.wait_for(24), 24, "writes in flight at the secondary");
+    assert_eq!(
+        p.gate.wait_for(24, Duration::from_secs(20)),
+        24,
+        "writes in flight at the secondary"
+    );
     assert_eq!(ch.in_flight(), 24);
     p.gate.open();
     let done = reap(ch.as_mut(), 24);
@@ -247,18 +187,18 @@ fn a_second_write_to_a_cluster_in_flight_waits_and_both_copies_end_equal() {
     let mut bufs = Bufs(Vec::new());
     bufs.add(ch.as_mut(), 1, 0, 0xaa, 8192);
     ch.submit();
-    assert_eq!(p.gate.wait_for(1), 1);
+    assert_eq!(p.gate.wait_for(1, Duration::from_secs(20)), 1);
     // Same cluster, overlapping bytes: held back in the channel, not sent.
     bufs.add(ch.as_mut(), 2, 4096, 0xbb, 8192);
     ch.submit();
     assert!(reap_for(ch.as_mut(), 100).is_empty());
-    assert_eq!(p.gate.waiting.load(Ordering::SeqCst), 1);
+    assert_eq!(p.gate.waiting(), 1);
     assert_eq!(ch.in_flight(), 2);
     p.gate.open();
     let done = reap(ch.as_mut(), 2);
     assert_eq!(done.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
     assert!(done.iter().all(|c| c.result.is_ok()));
-    assert_eq!(p.gate.most_waiting.load(Ordering::SeqCst), 1);
+    assert_eq!(p.gate.most_waiting(), 1);
     let mut local = vec![0u8; 12288];
     p.local.read_at(0, &mut local).unwrap();
     let mut want = vec![0xaa; 4096];
@@ -274,7 +214,7 @@ fn stop_waits_for_the_write_in_flight_and_later_writes_stay_local_and_dirty() {
     let mut bufs = Bufs(Vec::new());
     bufs.add(ch.as_mut(), 1, 0, 0x11, 4096);
     ch.submit();
-    assert_eq!(p.gate.wait_for(1), 1);
+    assert_eq!(p.gate.wait_for(1, Duration::from_secs(20)), 1);
     let stopped = Arc::new(AtomicBool::new(false));
     let stopper = {
         let (primary, stopped) = (p.primary.clone(), stopped.clone());
@@ -306,7 +246,7 @@ fn stop_waits_for_the_write_in_flight_and_later_writes_stay_local_and_dirty() {
 #[test]
 fn a_write_the_secondary_refuses_is_held_until_released_then_fails() {
     let p = pair();
-    p.gate.refuse.store(true, Ordering::SeqCst);
+    p.refuse.store(true, Ordering::SeqCst);
     p.gate.open();
     let mut ch = channel(&p);
     let mut bufs = Bufs(Vec::new());

@@ -34,14 +34,7 @@ fn setup() -> Setup {
     let secondary = Served::raw(SIZE);
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("primary.img");
-    let dev = RawFile::open(
-        &local,
-        &RawFileOptions {
-            create_size: Some(SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let dev = RawFile::create(&local, SIZE).unwrap();
     // Data everywhere but one hole, so a full resync copies both kinds.
     let mut rng = XorShift::new(7);
     for at in (0..SIZE - 4 * CLUSTER).step_by(CLUSTER as usize) {

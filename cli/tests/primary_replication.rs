@@ -1,9 +1,8 @@
 //! The primary replication node over real image files: write-through forwarding,
 //! full and dirty resync racing guest writes, forwarding failure handling.
 
-use colo_blk::block::{
-    BlockDev, BlockDevExt, BlockError, Extent, RawFile, RawFileOptions, SharedDev,
-};
+use colo_blk::block::testing::{Intercept, Op};
+use colo_blk::block::{BlockDev, BlockDevExt, BlockError, RawFile, SharedDev};
 use colo_blk::replication::{
     Event, Mode, Primary, PrimaryControl, Replication, ReplicationError, Stage, SyncMode,
 };
@@ -11,7 +10,6 @@ use colo_blk_testkit::XorShift;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use vm_memory::VolatileSlice;
 
 const SIZE: u64 = 16 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -19,7 +17,7 @@ const CLUSTER: u64 = 64 << 10;
 /// A secondary stand-in: a raw file that counts written bytes and can be made
 /// to fail every request (a dead link).
 struct Remote {
-    inner: RawFile,
+    file: Arc<RawFile>,
     dead: AtomicBool,
     written: AtomicU64,
     zeroed: AtomicU64,
@@ -28,66 +26,36 @@ struct Remote {
 impl Remote {
     fn new(path: &Path) -> Arc<Self> {
         Arc::new(Remote {
-            inner: raw(path),
+            file: Arc::new(raw(path)),
             dead: AtomicBool::new(false),
             written: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
         })
     }
-    fn check(&self) -> Result<(), BlockError> {
-        if self.dead.load(Ordering::SeqCst) {
-            Err(BlockError::io(
-                "write",
-                0,
-                std::io::ErrorKind::BrokenPipe.into(),
-            ))
-        } else {
-            Ok(())
-        }
-    }
-}
 
-impl BlockDev for Remote {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
-        self.check()?;
-        self.inner.read_vectored(o, b)
-    }
-    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
-        self.check()?;
-        self.written
-            .fetch_add(colo_blk::block::iov_len(b), Ordering::SeqCst);
-        self.inner.write_vectored(o, b)
-    }
-    fn flush(&self) -> Result<(), BlockError> {
-        self.check()?;
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
-        self.check()?;
-        self.inner.discard(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), BlockError> {
-        self.check()?;
-        self.zeroed.fetch_add(l, Ordering::SeqCst);
-        self.inner.write_zeroes(o, l, u)
-    }
-    fn block_status(&self, o: u64, l: u64) -> Result<Extent, BlockError> {
-        self.inner.block_status(o, l)
+    /// The file as the primary sees it: counted, failing once dead.
+    fn dev(self: &Arc<Self>) -> SharedDev {
+        let me = Arc::clone(self);
+        Arc::new(Intercept::new(self.file.clone(), move |op, _, len| {
+            if me.dead.load(Ordering::SeqCst) {
+                return Err(BlockError::io(
+                    "write",
+                    0,
+                    std::io::ErrorKind::BrokenPipe.into(),
+                ));
+            }
+            match op {
+                Op::Write => me.written.fetch_add(len, Ordering::SeqCst),
+                Op::WriteZeroes => me.zeroed.fetch_add(len, Ordering::SeqCst),
+                _ => 0,
+            };
+            Ok(())
+        }))
     }
 }
 
 fn raw(path: &Path) -> RawFile {
-    RawFile::open(
-        path,
-        &RawFileOptions {
-            create_size: Some(SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    RawFile::create(path, SIZE).unwrap()
 }
 
 struct Pair {
@@ -110,7 +78,7 @@ fn pair() -> Pair {
     let ev = Arc::clone(&events);
     let primary = Primary::new(
         local,
-        Box::new(move || Ok(r.lock().unwrap().clone() as SharedDev)),
+        Box::new(move || Ok(r.lock().unwrap().dev())),
         CLUSTER,
         Arc::new(move |e| ev.lock().unwrap().push(e)),
     );
@@ -154,7 +122,7 @@ fn full_resync_racing_guest_writes_leaves_disks_equal_at_checkpoint() {
     p.remote
         .lock()
         .unwrap()
-        .inner
+        .file
         .write_at(0, &vec![0xee; SIZE as usize])
         .unwrap();
     random_writes(p.primary.as_ref(), 1, 300);
@@ -281,6 +249,6 @@ fn discard_and_write_zeroes_reach_the_secondary_as_zeroes() {
     p.ctl.checkpoint().unwrap();
     assert_same(&p.dir.join("primary.img"), &p.dir.join("secondary.img"));
     let mut b = vec![1u8; CLUSTER as usize];
-    p.remote.lock().unwrap().inner.read_at(0, &mut b).unwrap();
+    p.remote.lock().unwrap().file.read_at(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }

@@ -14,11 +14,11 @@
 mod common;
 
 use colo_blk_testkit::Client;
-use common::{pattern, sparse_image, Daemon, PATIENCE};
+use common::{free_port, pattern, sparse_image, Daemon, Process, PATIENCE};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 16 << 20;
@@ -26,7 +26,7 @@ const CHUNK: usize = 1 << 20;
 
 /// The `qemu.qmp` client, one connection per command.
 struct Bridge {
-    child: Child,
+    _child: Process,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
@@ -42,7 +42,7 @@ impl Bridge {
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Bridge {
-            child,
+            _child: Process::adopt("qmp_bridge.py", child),
             stdin,
             stdout,
         }
@@ -65,79 +65,39 @@ impl Bridge {
     }
 }
 
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Starts a QEMU (killed by pid when dropped) with a QMP socket
+/// DIR/NAME.qmp, logging to DIR/NAME.log; returns it once the socket is there.
+fn spawn_qemu(dir: &Path, name: &str, args: &[String]) -> (Process, PathBuf) {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-nographic",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ))
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let mut q = Process::adopt("qemu", child);
+    if let Err(e) = q.wait_for_sockets(&[&qmp]) {
+        panic!(
+            "{e}: no {}:\n{}",
+            qmp.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
-}
-
-/// A QEMU process, killed (by pid) when dropped.
-struct Qemu {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Qemu {
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> (Qemu, PathBuf) {
-        let qmp = dir.join(format!("{name}.qmp"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "none",
-                "-nographic",
-                "-display",
-                "none",
-                "-nodefaults",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("qemu-system-x86_64");
-        let mut q = Qemu { child, log };
-        wait_socket(&qmp, &mut q);
-        (q, qmp)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_socket(path: &Path, q: &mut Qemu) {
-    let deadline = Instant::now() + PATIENCE;
-    while !common::is_socket(path) {
-        if let Ok(Some(st)) = q.child.try_wait() {
-            panic!(
-                "qemu exited ({st}): {}",
-                std::fs::read_to_string(&q.log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "no {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (q, qmp)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +108,7 @@ enum Kind {
 
 enum Proc {
     Colo(Daemon),
-    Qemu(Qemu),
+    Qemu(Process),
 }
 
 impl Proc {
@@ -280,7 +240,7 @@ fn qemu_secondary_with(dir: &Path, run: &mut Run, guest: bool) -> Node {
         "-blockdev".into(),
         "driver=replication,node-name=secrep,mode=secondary,top-id=secrep,file=active".into(),
     ];
-    let (q, qmp) = Qemu::spawn(&d, "sec", &args);
+    let (q, qmp) = spawn_qemu(&d, "sec", &args);
     let vhost = d.join("vhost.sock");
     let node = Node {
         kind: Kind::Qemu,
@@ -342,7 +302,7 @@ fn qemu_primary(dir: &Path, port: u16, run: &mut Run) -> Node {
             disk.display()
         ),
     ];
-    let (q, qmp) = Qemu::spawn(&d, "pri", &args);
+    let (q, qmp) = spawn_qemu(&d, "pri", &args);
     let vhost = d.join("vhost.sock");
     let node = Node {
         kind: Kind::Qemu,

@@ -1,6 +1,7 @@
 //! Failures: the failover commit failing part-way (injected I/O errors on the
 //! secondary disk) and copy-before-write failing while running.
 
+use colo_blk::block::testing::memory_overlay;
 use colo_blk::block::{BlockDevExt, BlockError, MemDev, Overlay, SharedDev, DEFAULT_GRANULE};
 use colo_blk::replication::{
     Event, EventSink, Mode, Replication, ReplicationError, Secondary, Stage, SyncMode,
@@ -26,8 +27,7 @@ impl Setup {
     fn new() -> Self {
         let disk = Arc::new(MemDev::filled(SIZE, 0x11));
         let hidden_store = Arc::new(MemDev::new(SIZE));
-        let active =
-            Arc::new(Overlay::with_store(Arc::new(MemDev::new(SIZE)), DEFAULT_GRANULE).unwrap());
+        let active = memory_overlay(SIZE);
         let hidden = Arc::new(Overlay::with_store(hidden_store.clone(), DEFAULT_GRANULE).unwrap());
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink: EventSink = {

@@ -17,7 +17,8 @@
 //!   the failover; guest readers are not, so a read may straddle a checkpoint and
 //!   must then equal, whole, either the state before or the state after it.
 
-use colo_blk::block::{BlockError, MemDev, Overlay, SharedDev, DEFAULT_GRANULE};
+use colo_blk::block::testing::memory_overlay;
+use colo_blk::block::{BlockError, MemDev, SharedDev, DEFAULT_GRANULE};
 use colo_blk::replication::{no_events, Mode, Replication, Secondary, Stage, SyncMode};
 use colo_blk_testkit::XorShift;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -258,9 +259,7 @@ fn run(seed: u64, cfg: &Config) {
     let mut initial = vec![0u8; DISK as usize];
     rng.fill(&mut initial);
     let disk = Arc::new(MemDev::new(DISK));
-    let overlay =
-        || Arc::new(Overlay::with_store(Arc::new(MemDev::new(DISK)), DEFAULT_GRANULE).unwrap());
-    let (active, hidden) = (overlay(), overlay());
+    let (active, hidden) = (memory_overlay(DISK), memory_overlay(DISK));
     let node = Secondary::new(
         disk.clone(),
         active.clone(),

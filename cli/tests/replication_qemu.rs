@@ -4,14 +4,13 @@
 //! as the NBD-fed writer. Bytes are compared for equality (QEMU's test uses
 //! `memcmp(...) <= 0`, which cannot tell 0x11 from 0x22).
 
-use colo_blk::block::{
-    BlockDev, BlockDevExt, BlockError, Overlay, RawFile, RawFileOptions, SharedDev,
-};
+use colo_blk::block::testing::{Gate, Intercept};
+use colo_blk::block::{BlockDev, BlockDevExt, BlockError, Overlay, RawFile, SharedDev};
 use colo_blk::replication::{
     no_events, Event, EventSink, Mode, Replication, ReplicationError, Secondary, Stage, SyncMode,
     DEFAULT_CLUSTER_SIZE,
 };
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use vm_memory::VolatileSlice;
 
 const IMG_SIZE: u64 = 64 << 20;
@@ -26,11 +25,7 @@ struct Setup {
 }
 
 fn open_disk(path: &std::path::Path) -> SharedDev {
-    let opts = RawFileOptions {
-        create_size: Some(IMG_SIZE),
-        ..Default::default()
-    };
-    Arc::new(RawFile::open(path, &opts).unwrap())
+    Arc::new(RawFile::create(path, IMG_SIZE).unwrap())
 }
 
 fn setup_with(events: EventSink, wrap: impl FnOnce(SharedDev) -> SharedDev) -> Setup {
@@ -267,54 +262,6 @@ fn checkpoint_and_stop_before_start_are_refused() {
     assert_eq!(s.node.stop(true), Err(ReplicationError::NotRunning));
 }
 
-/// A disk whose writes wait while `held` is true: keeps the commit in stage
-/// failover for as long as the test needs.
-struct HeldWrites {
-    inner: SharedDev,
-    held: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl HeldWrites {
-    fn wait(&self) {
-        let mut h = self.held.lock().unwrap();
-        while *h {
-            h = self.cv.wait(h).unwrap();
-        }
-    }
-    fn release(&self) {
-        *self.held.lock().unwrap() = false;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockDev for HeldWrites {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-        self.inner.read_vectored(o, b)
-    }
-    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-        self.wait();
-        self.inner.write_vectored(o, b)
-    }
-    fn flush(&self) -> colo_blk::block::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> colo_blk::block::Result<()> {
-        self.wait();
-        self.inner.discard(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> colo_blk::block::Result<()> {
-        self.wait();
-        self.inner.write_zeroes(o, l, u)
-    }
-    fn block_status(&self, o: u64, l: u64) -> colo_blk::block::Result<colo_blk::block::Extent> {
-        self.inner.block_status(o, l)
-    }
-}
-
 #[test]
 fn get_error_in_every_stage_and_events_in_order() {
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -322,24 +269,26 @@ fn get_error_in_every_stage_and_events_in_order() {
         let events = events.clone();
         Arc::new(move |e| events.lock().unwrap().push(e))
     };
-    let held = Arc::new(Mutex::new(None::<Arc<HeldWrites>>));
+    // The disk's write-type requests wait while the gate is closed: keeps
+    // the commit in stage failover for as long as the test needs.
+    let gate = Arc::new(Gate::closed());
+    gate.open();
+    let g = gate.clone();
     let s = setup_with(sink, |d| {
-        let h = Arc::new(HeldWrites {
-            inner: d,
-            held: Mutex::new(false),
-            cv: Condvar::new(),
-        });
-        *held.lock().unwrap() = Some(h.clone());
-        h
+        Arc::new(Intercept::new(d, move |op, _, _| {
+            if op.is_write_type() {
+                g.pass();
+            }
+            Ok(())
+        }))
     });
-    let gate = held.lock().unwrap().clone().unwrap();
 
     assert_eq!(s.node.get_error(), Err(ReplicationError::NotRunning));
     s.node.start(Mode::Secondary, SyncMode::Full).unwrap();
     assert_eq!(s.node.get_error(), Ok(()));
     primary_22_guest_33(&s);
 
-    *gate.held.lock().unwrap() = true;
+    gate.close();
     s.node.stop(true).unwrap();
     assert_eq!(s.node.stage(), Stage::Failover);
     assert_eq!(s.node.get_error(), Ok(()));
@@ -350,7 +299,7 @@ fn get_error_in_every_stage_and_events_in_order() {
     // Control commands are accepted no-ops meanwhile.
     s.node.checkpoint().unwrap();
     s.node.start(Mode::Secondary, SyncMode::Full).unwrap();
-    gate.release();
+    gate.open();
     s.node.wait_commit();
     assert_eq!(s.node.stage(), Stage::Done);
     assert_eq!(s.node.get_error(), Ok(()));

@@ -8,111 +8,23 @@
 //! Correct code gives the asserted result whatever the timing; the short waits
 //! only give broken code the chance to show itself.
 
-use colo_blk::block::{
-    BlockDev, BlockDevExt, Extent, MemDev, Overlay, Result, SharedDev, DEFAULT_GRANULE,
-};
+use colo_blk::block::testing::{memory_overlay, Hold, Op};
+use colo_blk::block::{BlockDevExt, MemDev, SharedDev};
 use colo_blk::replication::{no_events, Mode, Replication, Secondary, Stage, SyncMode};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use vm_memory::VolatileSlice;
 
 const SIZE: u64 = 4 << 20;
 const CLUSTER: u64 = 64 << 10;
 /// How long a request that must go through may take before the test calls
 /// it stuck (a guard against hanging, not a measurement).
 const HANG_MS: u64 = 20_000;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-}
-
-#[derive(Default)]
-struct HoldState {
-    armed: Option<Op>,
-    entered: bool,
-    released: bool,
-}
-
-/// Wraps a disk; when armed, the next request of one kind stops until released.
-struct HoldOne {
-    inner: Arc<MemDev>,
-    state: Mutex<HoldState>,
-    cv: Condvar,
-}
-
-impl HoldOne {
-    fn new(inner: Arc<MemDev>) -> Arc<Self> {
-        Arc::new(HoldOne {
-            inner,
-            state: Mutex::new(HoldState::default()),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn arm(&self, op: Op) {
-        *self.state.lock().unwrap() = HoldState {
-            armed: Some(op),
-            ..Default::default()
-        };
-    }
-
-    fn maybe_hold(&self, op: Op) {
-        let mut s = self.state.lock().unwrap();
-        if s.armed != Some(op) {
-            return;
-        }
-        s.armed = None;
-        s.entered = true;
-        self.cv.notify_all();
-        while !s.released {
-            s = self.cv.wait(s).unwrap();
-        }
-    }
-
-    fn wait_entered(&self) {
-        let mut s = self.state.lock().unwrap();
-        while !s.entered {
-            s = self.cv.wait(s).unwrap();
-        }
-    }
-
-    fn release(&self) {
-        self.state.lock().unwrap().released = true;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockDev for HoldOne {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> Result<()> {
-        self.maybe_hold(Op::Read);
-        self.inner.read_vectored(o, b)
-    }
-    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> Result<()> {
-        self.maybe_hold(Op::Write);
-        self.inner.write_vectored(o, b)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> Result<()> {
-        self.inner.discard(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<()> {
-        self.inner.write_zeroes(o, l, u)
-    }
-    fn block_status(&self, o: u64, l: u64) -> Result<Extent> {
-        self.inner.block_status(o, l)
-    }
-}
+const HANG: Duration = Duration::from_millis(HANG_MS);
 
 struct Setup {
     mem: Arc<MemDev>,
-    hold: Arc<HoldOne>,
+    /// When armed, the disk's next request of one kind stops until released.
+    hold: Arc<Hold>,
     node: Arc<Secondary>,
     guest: SharedDev,
     primary: SharedDev,
@@ -120,10 +32,10 @@ struct Setup {
 
 fn setup() -> Setup {
     let mem = Arc::new(MemDev::filled(SIZE, 0x11));
-    let hold = HoldOne::new(mem.clone());
-    let overlay =
-        || Arc::new(Overlay::with_store(Arc::new(MemDev::new(SIZE)), DEFAULT_GRANULE).unwrap());
-    let node = Secondary::new(hold.clone(), overlay(), overlay(), CLUSTER, no_events()).unwrap();
+    let hold = Arc::new(Hold::new());
+    let disk = Arc::new(hold.wrap(mem.clone()));
+    let (active, hidden) = (memory_overlay(SIZE), memory_overlay(SIZE));
+    let node = Secondary::new(disk, active, hidden, CLUSTER, no_events()).unwrap();
     node.start(Mode::Secondary, SyncMode::None).unwrap();
     Setup {
         mem,
@@ -161,7 +73,10 @@ fn guest_read_of_the_disk_never_sees_a_primary_write_that_started_after_it() {
         guest.read_at(CLUSTER + 4096, &mut buf).unwrap();
         buf
     });
-    s.hold.wait_entered();
+    assert!(
+        s.hold.wait_entered(Op::Read, HANG),
+        "the held request never started"
+    );
     // The primary now overwrites that cluster (copy-before-write, then the write).
     let primary = s.primary.clone();
     let (finished, writer) = spawn_and_wait(200, move || {
@@ -173,7 +88,7 @@ fn guest_read_of_the_disk_never_sees_a_primary_write_that_started_after_it() {
         !finished,
         "the primary write to a cluster a guest is reading did not wait"
     );
-    s.hold.release();
+    s.hold.release(Op::Read);
     let seen = reader.join().unwrap();
     writer.join().unwrap();
     assert!(
@@ -199,7 +114,10 @@ fn guest_write_racing_the_commit_of_its_cluster_is_not_lost() {
     // Stop the commit inside its first write to the disk (cluster 0).
     s.hold.arm(Op::Write);
     s.node.stop(true).unwrap();
-    s.hold.wait_entered();
+    assert!(
+        s.hold.wait_entered(Op::Write, HANG),
+        "the held request never started"
+    );
     assert_eq!(s.node.stage(), Stage::Failover);
     // The guest rewrites part of the cluster being committed, and of a later
     // one. The commit copies holding nothing, so the writes go through at
@@ -214,7 +132,7 @@ fn guest_write_racing_the_commit_of_its_cluster_is_not_lost() {
         finished,
         "a guest write to the cluster being copied waited for the copy"
     );
-    s.hold.release();
+    s.hold.release(Op::Write);
     writer.join().unwrap();
     s.node.wait_commit();
     assert_eq!(s.node.stage(), Stage::Done);
@@ -248,12 +166,15 @@ fn guest_writes_during_failover_to_clean_clusters_go_to_the_disk() {
         .unwrap();
     s.hold.arm(Op::Write);
     s.node.stop(true).unwrap();
-    s.hold.wait_entered();
+    assert!(
+        s.hold.wait_entered(Op::Write, HANG),
+        "the held request never started"
+    );
     // A clean cluster far from the one being committed: no waiting, straight to
     // the disk, nothing allocated in active.
     s.guest.write_at(SIZE - CLUSTER, &[0x66u8; 4096]).unwrap();
     assert!(!s.node.active().is_allocated(SIZE - CLUSTER));
-    s.hold.release();
+    s.hold.release(Op::Write);
     s.node.wait_commit();
     let disk = s.mem.snapshot();
     assert!(
@@ -277,7 +198,10 @@ fn guest_requests_to_the_cluster_being_copied_are_served_during_the_copy() {
     // Stop the commit inside its copy of cluster 0 to the disk.
     s.hold.arm(Op::Write);
     s.node.stop(true).unwrap();
-    s.hold.wait_entered();
+    assert!(
+        s.hold.wait_entered(Op::Write, HANG),
+        "the held request never started"
+    );
     let guest = s.guest.clone();
     let (finished, requests) = spawn_and_wait(HANG_MS, move || {
         let mut seen = vec![0u8; CLUSTER as usize];
@@ -300,7 +224,7 @@ fn guest_requests_to_the_cluster_being_copied_are_served_during_the_copy() {
         old.iter().all(|&b| b == 0x11),
         "guest saw the primary's write"
     );
-    s.hold.release();
+    s.hold.release(Op::Write);
     s.node.wait_commit();
     assert_eq!(s.node.stage(), Stage::Done);
     let disk = s.mem.snapshot();

@@ -62,27 +62,14 @@ fn serve(overlays: Option<&Path>) -> Pair {
         extra.push(ov.join("a.hidden").display().to_string());
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let daemon = Daemon::serve(dir.path(), &disk, &extra);
-    wait_for(&nbd_sock, &daemon);
-    wait_for(&control, &daemon);
+    let mut daemon = Daemon::serve(dir.path(), &disk, &extra);
+    daemon.wait_for_socket(&nbd_sock);
+    daemon.wait_for_socket(&control);
     Pair {
         nbd_uri: format!("nbd+unix:///parent0?socket={}", nbd_sock.display()),
         dir,
         daemon,
         control,
-    }
-}
-
-fn wait_for(path: &Path, d: &Daemon) {
-    let deadline = Instant::now() + common::PATIENCE;
-    while !common::is_socket(path) {
-        assert!(
-            Instant::now() < deadline,
-            "no {}:\n{}",
-            path.display(),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -279,7 +266,7 @@ fn default_overlays_are_created_next_to_the_image_and_reused() {
     let control = pair.control.clone();
     let nbd_sock = pair.dir.path().join("nbd2.sock");
     let listen = format!("unix:{}", nbd_sock.display());
-    let d2 = Daemon::serve(
+    let mut d2 = Daemon::serve(
         pair.dir.path(),
         &disk,
         &[
@@ -291,7 +278,7 @@ fn default_overlays_are_created_next_to_the_image_and_reused() {
             control.to_str().unwrap(),
         ],
     );
-    wait_for(&control, &d2);
+    d2.wait_for_socket(&control);
     let again = Pair {
         dir: pair.dir,
         daemon: d2,

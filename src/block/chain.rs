@@ -190,15 +190,12 @@ impl BlockDev for Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::{BlockDevExt, MemDev, DEFAULT_GRANULE};
-
-    fn overlay(size: u64) -> Arc<Overlay> {
-        Arc::new(Overlay::with_store(Arc::new(MemDev::new(size)), DEFAULT_GRANULE).unwrap())
-    }
+    use crate::block::testing::memory_overlay;
+    use crate::block::{BlockDevExt, MemDev};
 
     fn chain3(size: u64) -> (Arc<Overlay>, Arc<Overlay>, Arc<MemDev>, Chain) {
-        let a = overlay(size);
-        let h = overlay(size);
+        let a = memory_overlay(size);
+        let h = memory_overlay(size);
         let base = Arc::new(MemDev::filled(size, 0x11));
         let c = Chain::new(vec![a.clone(), h.clone()], base.clone());
         (a, h, base, c)

@@ -21,6 +21,8 @@ mod overlay;
 mod parallel;
 mod rangelock;
 mod raw;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub(crate) use bitmap::Bitmap;
 pub use chain::Chain;

@@ -43,6 +43,19 @@ const DIRECT_ALIGN: usize = 4096;
 const IOV_MAX: usize = 1024;
 
 impl RawFile {
+    /// A writable image of `size` bytes at `path` through the page cache,
+    /// created sparse if it does not exist (as [`Overlay::create`] does for an
+    /// overlay): [`RawFile::open`] with only `create_size` set.
+    ///
+    /// [`Overlay::create`]: super::Overlay::create
+    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+        let opts = RawFileOptions {
+            create_size: Some(size),
+            ..RawFileOptions::default()
+        };
+        Self::open(path, &opts)
+    }
+
     /// Opens (or creates) the image at `path`.
     pub fn open(path: &Path, opts: &RawFileOptions) -> io::Result<Self> {
         let mut oo = OpenOptions::new();
@@ -440,11 +453,7 @@ mod tests {
 
     fn image(size: u64) -> (tempfile::TempDir, RawFile) {
         let dir = tempfile::tempdir().unwrap();
-        let opts = RawFileOptions {
-            create_size: Some(size),
-            ..Default::default()
-        };
-        let dev = RawFile::open(&dir.path().join("img"), &opts).unwrap();
+        let dev = RawFile::create(&dir.path().join("img"), size).unwrap();
         (dir, dev)
     }
 

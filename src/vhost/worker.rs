@@ -195,6 +195,7 @@ fn notify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::testing::{Gate, Intercept, Op};
     use crate::block::RawFile;
     use crate::virtio_blk::Geometry;
     use std::fs::File;
@@ -208,6 +209,8 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const SIZE: u16 = 16;
+    /// A guard against hanging, not a measurement.
+    const HANG: std::time::Duration = std::time::Duration::from_secs(20);
 
     /// A 1 MiB raw disk on an unlinked temporary file.
     fn temp_disk() -> Arc<RawFile> {
@@ -347,8 +350,9 @@ mod tests {
     fn deferred_reads_complete_through_the_pool_and_the_worker() {
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
-        let disk = Arc::new(GatedDisk::closed(temp_disk()));
-        let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
+        let gate = Arc::new(Gate::closed());
+        let disk = gated_disk(temp_disk(), &gate);
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
@@ -384,9 +388,9 @@ mod tests {
         // The worker returns while the read is still held at the gate in the
         // pool; only the worker puts it in the used ring, once the pool says
         // it is done.
-        disk.wait_for_callers(1);
+        assert_eq!(gate.wait_for(1, HANG), 1);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
-        disk.open_gate();
+        gate.open();
         let mut pfd = libc::pollfd {
             fd: io.pool.notify_fd().as_raw_fd(),
             events: libc::POLLIN,
@@ -403,84 +407,17 @@ mod tests {
         io.wait_idle();
     }
 
-    /// A disk whose reads and writes wait at a gate, and that asks for writes
-    /// to run concurrently (as a forwarding primary does).
-    struct GatedDisk {
-        inner: Arc<RawFile>,
-        open: std::sync::Mutex<bool>,
-        changed: std::sync::Condvar,
-        waiting: std::sync::atomic::AtomicUsize,
-    }
-
-    impl GatedDisk {
-        fn wait_for_callers(&self, n: usize) {
-            let mut open = self.open.lock().unwrap();
-            while self.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
-                open = self.changed.wait(open).unwrap();
+    /// A disk whose reads and writes wait at `gate`, and that asks for
+    /// writes to run concurrently (as a forwarding primary does).
+    fn gated_disk(inner: Arc<RawFile>, gate: &Arc<Gate>) -> Arc<Intercept> {
+        let gate = gate.clone();
+        let disk = Intercept::new(inner, move |op, _, _| {
+            if matches!(op, Op::Read | Op::Write) {
+                gate.pass();
             }
-        }
-
-        fn open_gate(&self) {
-            *self.open.lock().unwrap() = true;
-            self.changed.notify_all();
-        }
-
-        /// Counts the caller as waiting, then blocks until the gate opens.
-        fn pass_gate(&self) {
-            let mut open = self.open.lock().unwrap();
-            self.waiting
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.changed.notify_all();
-            while !*open {
-                open = self.changed.wait(open).unwrap();
-            }
-        }
-
-        fn closed(inner: Arc<RawFile>) -> Self {
-            GatedDisk {
-                inner,
-                open: std::sync::Mutex::new(false),
-                changed: std::sync::Condvar::new(),
-                waiting: std::sync::atomic::AtomicUsize::new(0),
-            }
-        }
-    }
-
-    impl crate::block::BlockDev for GatedDisk {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_vectored(
-            &self,
-            o: u64,
-            b: &[vm_memory::VolatileSlice<'_>],
-        ) -> crate::block::Result<()> {
-            self.pass_gate();
-            self.inner.read_vectored(o, b)
-        }
-        fn write_vectored(
-            &self,
-            o: u64,
-            b: &[vm_memory::VolatileSlice<'_>],
-        ) -> crate::block::Result<()> {
-            self.pass_gate();
-            self.inner.write_vectored(o, b)
-        }
-        fn flush(&self) -> crate::block::Result<()> {
-            self.inner.flush()
-        }
-        fn discard(&self, o: u64, l: u64) -> crate::block::Result<()> {
-            self.inner.discard(o, l)
-        }
-        fn write_zeroes(&self, o: u64, l: u64, u: bool) -> crate::block::Result<()> {
-            self.inner.write_zeroes(o, l, u)
-        }
-        fn block_status(&self, o: u64, l: u64) -> crate::block::Result<crate::block::Extent> {
-            self.inner.block_status(o, l)
-        }
-        fn concurrent_writes(&self) -> usize {
-            4
-        }
+            Ok(())
+        });
+        Arc::new(disk.with_concurrent_writes(4))
     }
 
     /// Appends 4k writes `first..first + n` of byte `i + 1` to sector `8 * i`.
@@ -521,8 +458,9 @@ mod tests {
         use crate::block::BlockDevExt;
 
         let raw = temp_disk();
-        let disk = Arc::new(GatedDisk::closed(raw.clone()));
-        let device = Arc::new(BlkDevice::new(disk.clone(), geometry(), ""));
+        let gate = Arc::new(Gate::closed());
+        let disk = gated_disk(raw.clone(), &gate);
+        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
         let io = Arc::new(QueueIo::new(device.clone(), 0, SIZE, 0).unwrap());
 
         let atomic = guest_memory();
@@ -536,7 +474,7 @@ mod tests {
         serve(&vring, &atomic, &device, &io);
         // The worker is free again while all three writes are in progress at
         // once, on the pool's threads.
-        disk.wait_for_callers(3);
+        assert_eq!(gate.wait_for(3, HANG), 3);
         assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
 
         // A stop (GET_VRING_BASE) waits until every write is in the used ring,
@@ -549,7 +487,7 @@ mod tests {
                 stopped_tx.send(()).unwrap();
             })
         };
-        disk.open_gate();
+        gate.open();
         let mut done = 0;
         while done < 3 {
             let mut pfd = libc::pollfd {

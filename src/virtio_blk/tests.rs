@@ -36,14 +36,7 @@ impl Rig {
     fn with_queue_size(read_only: bool, queue_size: u16) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        let rw = RawFile::open(
-            &path,
-            &RawFileOptions {
-                create_size: Some(DISK),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let rw = RawFile::create(&path, DISK).unwrap();
         // A recognisable pattern, so that "unchanged" is observable.
         let pattern: Vec<u8> = (0..DISK).map(|i| (i % 251) as u8).collect();
         rw.write_at(0, &pattern).unwrap();

@@ -66,6 +66,14 @@ impl Daemon {
         Daemon::spawn(args, &socket, &dir.join("serve.log"))
     }
 
+    /// Waits until `path` (another socket of the daemon's: control, NBD,
+    /// metrics) is a socket; fails the test with the log if it exits first.
+    pub fn wait_for_socket(&mut self, path: &Path) {
+        if let Err(e) = self.process.wait_for_sockets(&[path]) {
+            panic!("{e}: no socket {}:\n{}", path.display(), self.log());
+        }
+    }
+
     /// The vhost-user socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -110,6 +118,14 @@ pub fn repo_path(path: &str) -> PathBuf {
         .parent()
         .expect("cli/ is inside the repository")
         .join(path)
+}
+
+/// A loopback TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 /// A sparse file of `size` bytes at `path`.

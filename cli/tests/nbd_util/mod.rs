@@ -2,7 +2,7 @@
 //! image and running QEMU's tools (guarded by the test kit's [`Process`]).
 #![allow(dead_code)]
 
-use colo_blk::block::{RawFile, RawFileOptions, SharedDev};
+use colo_blk::block::{RawFile, SharedDev};
 use colo_blk::nbd::{NbdAddr, Server, ServerOptions};
 #[allow(unused_imports)]
 pub use colo_blk_testkit::{pattern, Process};
@@ -33,14 +33,7 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let socket = dir.path().join("nbd.sock");
-        let dev = RawFile::open(
-            &image,
-            &RawFileOptions {
-                create_size: Some(size),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let dev = RawFile::create(&image, size).unwrap();
         let dev: SharedDev = wrap(Arc::new(dev));
         let server = Server::start(&NbdAddr::Unix(socket.clone()), dev, opts).unwrap();
         Served {

@@ -278,14 +278,7 @@ impl Conn {
             );
             cookie
         };
-        let header = Request {
-            flags,
-            kind: cmd.to_u16(),
-            cookie,
-            offset,
-            len,
-        }
-        .encode();
+        let header = Request::new(cmd, flags, cookie, offset, len).encode();
         let sent = {
             let _g = sh.send_lock.lock_or_recover();
             sh.stream.send_volatile(&header, payload)
@@ -308,13 +301,7 @@ impl Drop for Conn {
         };
         if idle {
             // A polite goodbye; the server may already be gone.
-            let disc = Request {
-                flags: 0,
-                kind: Command::Disc.to_u16(),
-                cookie: 0,
-                offset: 0,
-                len: 0,
-            };
+            let disc = Request::new(Command::Disc, 0, 0, 0, 0);
             let _g = sh.send_lock.lock_or_recover();
             let _ = sh.stream.send_all(&[&disc.encode()]);
         }

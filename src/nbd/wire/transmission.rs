@@ -104,6 +104,17 @@ impl Request {
     /// Encoded length.
     pub const LEN: usize = 28;
 
+    /// A request for `command`.
+    pub fn new(command: Command, flags: u16, cookie: u64, offset: u64, len: u32) -> Self {
+        Request {
+            flags,
+            kind: command.to_u16(),
+            cookie,
+            offset,
+            len,
+        }
+    }
+
     /// The command, if the type is known.
     pub fn command(&self) -> Option<Command> {
         Command::from_u16(self.kind)
@@ -499,14 +510,7 @@ mod tests {
 
     #[test]
     fn request_with_bad_magic_is_rejected() {
-        let mut raw = Request {
-            flags: 0,
-            kind: 0,
-            cookie: 1,
-            offset: 0,
-            len: 512,
-        }
-        .encode();
+        let mut raw = Request::new(Command::Read, 0, 1, 0, 512).encode();
         raw[3] ^= 0xff;
         assert!(matches!(
             Request::decode(&raw),
