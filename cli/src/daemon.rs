@@ -261,7 +261,7 @@ fn primary_stack(
             ..nbd::ClientOptions::default()
         };
         let client = nbd::Client::connect_to(&uri, opts)
-            .map_err(|e| BlockError::io("connect", 0, io::Error::other(format!("{uri}: {e}"))))?;
+            .map_err(|e| BlockError::connect(uri.to_string(), e))?;
         Ok(ForwardTarget::nbd(Arc::new(client)))
     });
     let node = Primary::with_target(disk, connect, cfg.cluster_size, events);

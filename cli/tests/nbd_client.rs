@@ -4,7 +4,7 @@
 mod nbd_util;
 
 use colo_blk::block::testing::{Gate, Intercept, Op, OpenOnDrop};
-use colo_blk::block::{BlockDev, BlockDevExt, BlockError, ExtentKind};
+use colo_blk::block::{BlockDev, BlockDevExt, BlockError, ExtentKind, Refusal};
 use colo_blk::nbd::{Client, ClientOptions, NbdError, NbdUri, ServerOptions};
 use nbd_util::*;
 use std::path::{Path, PathBuf};
@@ -234,15 +234,16 @@ fn unknown_export_is_reported() {
 fn a_fenced_secondary_refuses_writes_with_refused() {
     let s = Served::with(1 << 20, ServerOptions::default(), |d| {
         Arc::new(Intercept::new(d, |op, _, _| match op {
-            Op::Write => Err(BlockError::Refused("failover: primary fenced".into())),
-            Op::Discard | Op::WriteZeroes => Err(BlockError::Refused("fenced".into())),
+            Op::Write | Op::Discard | Op::WriteZeroes => {
+                Err(BlockError::Refused(Refusal::TakenOver))
+            }
             Op::Read | Op::Flush => Ok(()),
         }))
     });
     let client = Client::connect(&s.uri()).unwrap();
     let err = client.write_at(0, &[1u8; 4096]).unwrap_err();
     match &err {
-        BlockError::Refused(msg) => assert!(msg.contains("fenced"), "{msg}"),
+        BlockError::Refused(why) => assert!(why.to_string().contains("fenced"), "{why}"),
         other => panic!("expected Refused, got {other:?}"),
     }
     assert_eq!(err.errno(), libc::EPERM);

@@ -3,11 +3,11 @@
 
 mod nbd_util;
 
-use colo_blk::block::{BlockDev, BlockError, Extent, SharedDev};
+use colo_blk::block::testing::{Intercept, Op};
+use colo_blk::block::{BlockError, Refusal};
 use colo_blk::nbd::{NbdAddr, Server, ServerOptions};
 use nbd_util::*;
 use std::sync::Arc;
-use vm_memory::VolatileSlice;
 
 #[test]
 fn qemu_io_patterns_written_over_nbd_read_back_over_nbd_and_on_disk() {
@@ -250,41 +250,15 @@ fn several_clients_at_once_write_their_own_regions() {
     }
 }
 
-/// A device that refuses writes, as the replication filter does once the
-/// secondary has failed over (the old primary is fenced).
-struct Fenced(SharedDev);
-
-impl BlockDev for Fenced {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_vectored(
-        &self,
-        offset: u64,
-        bufs: &[VolatileSlice<'_>],
-    ) -> colo_blk::block::Result<()> {
-        self.0.read_vectored(offset, bufs)
-    }
-    fn write_vectored(&self, _: u64, _: &[VolatileSlice<'_>]) -> colo_blk::block::Result<()> {
-        Err(BlockError::Refused("failover done: primary fenced".into()))
-    }
-    fn flush(&self) -> colo_blk::block::Result<()> {
-        self.0.flush()
-    }
-    fn discard(&self, _: u64, _: u64) -> colo_blk::block::Result<()> {
-        Err(BlockError::Refused("fenced".into()))
-    }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> colo_blk::block::Result<()> {
-        Err(BlockError::Refused("fenced".into()))
-    }
-    fn block_status(&self, offset: u64, len: u64) -> colo_blk::block::Result<Extent> {
-        self.0.block_status(offset, len)
-    }
-}
-
 #[test]
 fn refused_writes_reach_qemu_as_eperm_and_reads_still_work() {
-    let s = Served::with(1 << 20, ServerOptions::default(), |d| Arc::new(Fenced(d)));
+    // A fenced device: write-type requests refused, reads served.
+    let s = Served::with(1 << 20, ServerOptions::default(), |d| {
+        Arc::new(Intercept::new(d, |op, _, _| match op {
+            Op::Read | Op::Flush => Ok(()),
+            _ => Err(BlockError::Refused(Refusal::TakenOver)),
+        }))
+    });
     let out = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);

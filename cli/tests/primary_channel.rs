@@ -9,7 +9,7 @@ mod nbd_util;
 
 use colo_blk::block::channel::{IoChannel, IoCompletion};
 use colo_blk::block::testing::{Gate, Intercept, Op};
-use colo_blk::block::{BlockDev, BlockDevExt, BlockError, MemDev};
+use colo_blk::block::{BlockDev, BlockDevExt, BlockError, MemDev, Refusal};
 use colo_blk::nbd::{Client, ClientOptions, NbdUri, ServerOptions};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, Replication, SyncMode};
 use nbd_util::Served;
@@ -48,7 +48,7 @@ fn pair() -> Pair {
             Intercept::new(d, move |op, _, _| {
                 if op == Op::Write {
                     if r.load(Ordering::SeqCst) {
-                        return Err(BlockError::Refused("failed over".into()));
+                        return Err(BlockError::Refused(Refusal::TakenOver));
                     }
                     g.pass();
                 }
@@ -64,7 +64,7 @@ fn pair() -> Pair {
         local.clone(),
         Box::new(move || {
             let client = Client::connect_to(&uri, ClientOptions::default())
-                .map_err(|e| BlockError::Refused(e.to_string()))?;
+                .map_err(|e| BlockError::connect(uri.to_string(), e))?;
             Ok(ForwardTarget::nbd(Arc::new(client)))
         }),
         CLUSTER,

@@ -46,7 +46,7 @@ fn setup() -> Setup {
         Arc::new(dev) as SharedDev,
         Box::new(move || {
             let client = Client::connect_to(&uri, ClientOptions::default())
-                .map_err(|e| colo_blk::block::BlockError::Refused(e.to_string()))?;
+                .map_err(|e| colo_blk::block::BlockError::connect(uri.to_string(), e))?;
             Ok(ForwardTarget::nbd(Arc::new(client)))
         }),
         CLUSTER,
@@ -156,7 +156,10 @@ fn writes_racing_the_loss_of_the_secondary_all_succeed_and_dirty_resync_restores
 
     let server = s.secondary.server.take().unwrap();
     run_writers_for(&s.primary, 300, true, move || server.shutdown());
-    assert!(matches!(s.ctl.get_error(), Err(ReplicationError::Io(_))));
+    assert!(matches!(
+        s.ctl.get_error(),
+        Err(ReplicationError::Failed(_))
+    ));
     let dirty = s.ctl.status().dirty_clusters.unwrap();
     assert!(
         dirty > 0 && dirty <= HOT / CLUSTER,

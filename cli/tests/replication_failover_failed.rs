@@ -91,7 +91,7 @@ fn commit_failing_part_way_keeps_error_and_follows_split_policy_without_losing_w
     assert_eq!(s.node.stage(), Stage::FailoverFailed);
     let err = s.node.get_error().unwrap_err();
     assert!(
-        matches!(&err, ReplicationError::Io(m) if m.contains("commit")),
+        matches!(&err, ReplicationError::Failed(f) if f.to_string().contains("commit")),
         "{err}"
     );
     assert!(s.node.status().error.is_some());
@@ -145,13 +145,16 @@ fn commit_failing_part_way_keeps_error_and_follows_split_policy_without_losing_w
     // again, stop reports not running, and the old primary stays fenced.
     assert!(matches!(
         s.node.checkpoint(),
-        Err(ReplicationError::Invalid(_))
+        Err(ReplicationError::FailoverFailed)
     ));
-    assert_eq!(s.node.stop(true), Err(ReplicationError::NotRunning));
-    assert_eq!(
+    assert!(matches!(
+        s.node.stop(true),
+        Err(ReplicationError::NotRunning)
+    ));
+    assert!(matches!(
         s.node.start(Mode::Secondary, SyncMode::None),
         Err(ReplicationError::AlreadyStarted)
-    );
+    ));
     assert!(matches!(
         s.primary.write_at(0, &[0u8; 512]),
         Err(BlockError::Refused(_))
@@ -186,10 +189,20 @@ fn copy_before_write_failure_fails_the_primary_write_records_error_and_keeps_gue
         .primary
         .write_at(MIB, &vec![0x22u8; CLUSTER as usize])
         .unwrap_err();
-    assert!(matches!(err, BlockError::Io { .. }), "{err}");
+    // An I/O error of the copy-before-write step, with the hidden disk's
+    // failure as its cause.
+    assert!(
+        matches!(&err, BlockError::Below { op: "copy-before-write", source, .. }
+            if matches!(**source, BlockError::Io { .. })),
+        "{err}"
+    );
+    assert_eq!(err.errno(), libc::EIO);
     assert!(all(&s.disk_at(MIB, CLUSTER), 0x11));
     assert_eq!(s.node.stage(), Stage::Running);
-    assert!(matches!(s.node.get_error(), Err(ReplicationError::Io(_))));
+    assert!(matches!(
+        s.node.get_error(),
+        Err(ReplicationError::Failed(_))
+    ));
     assert!(s
         .events
         .lock()
@@ -211,6 +224,6 @@ fn copy_before_write_failure_fails_the_primary_write_records_error_and_keeps_gue
     s.node.stop(true).unwrap();
     s.node.wait_commit();
     assert_eq!(s.node.stage(), Stage::Done);
-    assert_eq!(s.node.get_error(), Ok(()));
+    s.node.get_error().unwrap();
     assert_eq!(s.disk.snapshot(), s.model);
 }

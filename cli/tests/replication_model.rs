@@ -346,7 +346,7 @@ fn run(seed: u64, cfg: &Config) {
     };
     node.wait_commit();
     assert_eq!(node.stage(), Stage::Done);
-    assert_eq!(node.get_error(), Ok(()));
+    node.get_error().unwrap();
     let want = model.snapshot();
     let have = disk.snapshot();
     if let Some(i) = have.iter().zip(&want).position(|(a, b)| a != b) {

@@ -26,7 +26,7 @@ pub mod testing;
 
 pub(crate) use bitmap::Bitmap;
 pub use chain::Chain;
-pub use error::BlockError;
+pub use error::{BlockError, Refusal};
 pub(crate) use iov::{iov_window, iovecs_advance};
 #[cfg(any(test, feature = "test-utils"))]
 pub use mem::{MemDev, MemStats};

@@ -126,7 +126,7 @@ impl Overlay {
     fn from_file(file: File) -> io::Result<Self> {
         let store = RawFile::from_file(file.try_clone()?, false)?;
         let mut overlay = Self::with_store(Arc::new(store), DEFAULT_GRANULE)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         overlay.file = Some(file);
         Ok(overlay)
     }
@@ -136,9 +136,11 @@ impl Overlay {
     /// written or was discarded; `granule` is a power of two of at least 512.
     pub fn with_store(store: SharedDev, granule: u64) -> Result<Self> {
         if !granule.is_power_of_two() || granule < 512 {
-            return Err(BlockError::Refused(format!(
-                "overlay granule {granule} is not a power of two >= 512"
-            )));
+            return Err(BlockError::NotPowerOfTwo {
+                what: "overlay granule",
+                value: granule,
+                min: 512,
+            });
         }
         let size = store.size();
         Ok(Overlay {

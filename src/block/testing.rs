@@ -293,7 +293,7 @@ impl Hold {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::{BlockDevExt, BlockError};
+    use crate::block::{BlockDevExt, BlockError, Refusal};
 
     #[test]
     fn the_hook_sees_every_request_and_can_fail_it() {
@@ -302,7 +302,7 @@ mod tests {
         let dev = Intercept::new(Arc::new(MemDev::new(1 << 20)), move |op, o, l| {
             s.lock_or_recover().push((op, o, l));
             if op == Op::Discard {
-                return Err(BlockError::Refused("no".into()));
+                return Err(BlockError::Refused(Refusal::Remote("no".into())));
             }
             Ok(())
         });

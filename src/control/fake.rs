@@ -1,6 +1,8 @@
 //! A replication node stand-in for control-socket tests.
 
-use crate::replication::{Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode};
+use crate::replication::{
+    Failure, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
+};
 use std::sync::Mutex;
 
 /// Records calls and answers like a secondary in the stage it is given
@@ -50,7 +52,7 @@ impl Replication for Fake {
         }
         match (self.stage(), self.error.lock().unwrap().clone()) {
             (Stage::None, _) => Err(ReplicationError::NotRunning),
-            (_, Some(e)) => Err(ReplicationError::Io(e)),
+            (_, Some(e)) => Err(Failure::new(e).into()),
             _ => Ok(()),
         }
     }

@@ -29,6 +29,6 @@ pub mod uri;
 pub mod wire;
 
 pub use client::{Client, ClientOptions, ExportInfo, Started, SubmittedWrite};
-pub use error::NbdError;
+pub use error::{NbdError, Violation};
 pub use server::{Server, ServerLimits, ServerOptions};
 pub use uri::{NbdAddr, NbdUri};

@@ -3,8 +3,10 @@
 //!
 //! Both modes implement [`Replication`], the surface the control socket drives.
 
+use crate::block::BlockError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 /// Which side of a COLO pair this process is.
@@ -148,8 +150,41 @@ pub fn no_events() -> EventSink {
     Arc::new(|_| {})
 }
 
-/// Why a replication command failed. The text is what QMP clients see.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+/// A failure a replication node recorded (a forwarded request, the resync,
+/// fencing, the failover commit): what `replication-get-error` returns and
+/// `query-replication` shows, with its cause.
+#[derive(Debug, Clone, Error)]
+#[error("{context}{}", .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+pub struct Failure {
+    context: String,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Failure {
+    /// A failure with no underlying error.
+    pub fn new(context: impl Into<String>) -> Self {
+        Failure {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// `context` failed because of `source`.
+    pub fn caused_by(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Failure {
+            context: context.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+/// Why a replication command failed. The text is what QMP clients see; the
+/// causes stay reachable through [`std::error::Error::source`].
+#[derive(Debug, Error)]
 pub enum ReplicationError {
     /// `start` outside stage `none`.
     #[error("Block replication is running or done")]
@@ -168,12 +203,64 @@ pub enum ReplicationError {
     /// Active, hidden and secondary disk differ in length.
     #[error("Active disk, hidden disk, secondary disk's length are not the same")]
     LengthMismatch,
-    /// An I/O error recorded earlier (get-error) or hit now.
-    #[error("{0}")]
-    Io(String),
-    /// The command is not valid in this mode or stage.
-    #[error("{0}")]
-    Invalid(String),
+    /// The primary's and the secondary's disk differ in size.
+    #[error("secondary disk is {secondary} bytes, primary disk is {primary}")]
+    SizeMismatch {
+        /// The secondary's, in bytes.
+        secondary: u64,
+        /// The primary's, in bytes.
+        primary: u64,
+    },
+    /// A secondary's cluster size is not usable with its overlays.
+    #[error("cluster size {size} must be a power of two of at least {granule} bytes")]
+    ClusterSize {
+        /// The cluster size asked for.
+        size: u64,
+        /// The overlays' granule.
+        granule: u64,
+    },
+    /// A failure recorded earlier (get-error, checkpoint) or hit now.
+    #[error(transparent)]
+    Failed(#[from] Failure),
+    /// The write-intent bitmap could not be updated.
+    #[error(transparent)]
+    Intent(#[from] IntentError),
+    /// `start` could not reach the secondary.
+    #[error("cannot reach the secondary: {0}")]
+    Unreachable(#[source] BlockError),
+    /// `start` did not reach the secondary within the connect deadline.
+    #[error("cannot reach the secondary: no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    /// A thread the command needs could not be started.
+    #[error("cannot start {what}: {source}")]
+    Thread {
+        /// What the thread was for.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `start` on a fenced primary.
+    #[error(
+        "this primary is fenced: its secondary took over at failover and holds the newer \
+         disk; restart this side as the new primary's secondary (full resync)"
+    )]
+    Fenced,
+    /// `start --sync dirty` without a dirty-resync baseline.
+    #[error("no dirty bitmap: the secondary was never in sync with this primary; use sync full")]
+    NoBaseline,
+    /// A second `start` while one is connecting.
+    #[error("a replication-start is already in progress")]
+    StartInProgress,
+    /// The stage changed (fenced) while `start` was connecting.
+    #[error("stage changed to {0} while starting")]
+    StageChanged(Stage),
+    /// A command after the failover commit failed.
+    #[error("Block replication failover failed; the overlays hold data the secondary disk lacks")]
+    FailoverFailed,
+    /// The node is being dropped.
+    #[error("the replication node is closing")]
+    Closing,
 }
 
 /// The control surface of a replication node, in either mode.

@@ -33,7 +33,8 @@ mod pace;
 
 use super::gate::Gate;
 use super::{
-    Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
+    Event, EventSink, Failure, Mode, Progress, Replication, ReplicationError, Stage, Status,
+    SyncMode,
 };
 use crate::block::{Bitmap, Chain, Overlay, RangeGuard, RangeLocks, SharedDev, DEFAULT_STRIPES};
 use crate::sync::MutexExt;
@@ -91,7 +92,7 @@ pub struct Secondary {
     stage: AtomicU8,
     /// Serialises control commands with each other.
     control: Mutex<()>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Failure>>,
     commit: Mutex<CommitState>,
     /// A background thread is releasing emptied overlay space.
     releasing: AtomicBool,
@@ -131,9 +132,10 @@ impl Secondary {
     ) -> Result<Arc<Self>, ReplicationError> {
         let granule = active.granule().max(hidden.granule());
         if !cluster_size.is_power_of_two() || cluster_size < granule {
-            return Err(ReplicationError::Invalid(format!(
-                "cluster size {cluster_size} must be a power of two of at least {granule} bytes"
-            )));
+            return Err(ReplicationError::ClusterSize {
+                size: cluster_size,
+                granule,
+            });
         }
         let clusters = disk.size().div_ceil(cluster_size);
         let chain = Chain::new(vec![active.clone(), hidden.clone()], disk.clone());
@@ -245,10 +247,11 @@ impl Secondary {
         });
     }
 
-    /// Keeps an error for get-error and emits it.
-    fn record_error(&self, message: String) {
+    /// Keeps a failure for get-error and `query-replication`, and emits it.
+    fn record_error(&self, failure: Failure) {
+        let message = failure.to_string();
         log::error!("replication (secondary): {message}");
-        *self.error.lock_or_recover() = Some(message.clone());
+        *self.error.lock_or_recover() = Some(failure);
         (self.events)(Event::Error {
             mode: Mode::Secondary,
             message,
@@ -362,10 +365,7 @@ impl Replication for Secondary {
         match self.stage() {
             Stage::Failover | Stage::Done => Ok(()),
             Stage::None | Stage::Fenced => Err(ReplicationError::NotRunning),
-            Stage::FailoverFailed => Err(ReplicationError::Invalid(
-                "Block replication failover failed; the overlays hold data the secondary disk lacks"
-                    .into(),
-            )),
+            Stage::FailoverFailed => Err(ReplicationError::FailoverFailed),
             Stage::Running => {
                 {
                     let _closed = self.gate.close();
@@ -397,9 +397,7 @@ impl Replication for Secondary {
             return Ok(());
         }
         let Some(me) = self.me.upgrade() else {
-            return Err(ReplicationError::Invalid(
-                "the replication node is closing".into(),
-            ));
+            return Err(ReplicationError::Closing);
         };
         {
             // Drains in-flight primary writes: none may land once the commit runs.
@@ -417,11 +415,11 @@ impl Replication for Secondary {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("cannot start the failover commit: {e}");
-                self.record_error(msg.clone());
+                let failure = Failure::caused_by("cannot start the failover commit", e);
+                self.record_error(failure.clone());
                 self.set_stage(Stage::FailoverFailed);
                 self.announce(Stage::FailoverFailed);
-                Err(ReplicationError::Io(msg))
+                Err(failure.into())
             }
         }
     }
@@ -431,7 +429,7 @@ impl Replication for Secondary {
             return Err(ReplicationError::NotRunning);
         }
         match self.error.lock_or_recover().clone() {
-            Some(message) => Err(ReplicationError::Io(message)),
+            Some(failure) => Err(failure.into()),
             None => Ok(()),
         }
     }
@@ -440,7 +438,11 @@ impl Replication for Secondary {
         Status {
             mode: Mode::Secondary,
             stage: self.stage(),
-            error: self.error.lock_or_recover().clone(),
+            error: self
+                .error
+                .lock_or_recover()
+                .as_ref()
+                .map(Failure::to_string),
             resync: None,
             commit: self.commit.lock_or_recover().progress,
             dirty_clusters: None,

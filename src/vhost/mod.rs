@@ -63,9 +63,22 @@ pub enum VhostError {
     /// Waiting for a frontend failed.
     #[error("waiting for a frontend: {0}")]
     Poll(#[source] io::Error),
-    /// Setting up the vhost-user daemon or accepting a connection failed.
+    /// Setting up a connection's queues (channels, pools) failed.
     #[error("vhost-user: {0}")]
-    Daemon(String),
+    Queues(#[source] io::Error),
+    /// Setting up the vhost-user daemon or accepting a connection failed
+    /// (kept as is: the crate's error does not implement `Error`).
+    #[error("vhost-user: {0}")]
+    Daemon(vhost_user_backend::Error),
+    /// A queue worker cannot watch its completions.
+    #[error("vhost-user: queue {queue} completions: {source}")]
+    Completions {
+        /// The queue.
+        queue: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The final flush before exiting failed.
     #[error("final flush: {0}")]
     Flush(#[source] BlockError),
@@ -128,10 +141,10 @@ fn accept_loop(
                 usize::from(opts.queue_size),
                 opts.poll_us,
             )
-            .map_err(|e| VhostError::Daemon(e.to_string()))?,
+            .map_err(VhostError::Queues)?,
         );
         let mut daemon = VhostUserDaemon::new("colo-blk-vhost".to_string(), backend.clone(), mem)
-            .map_err(|e| VhostError::Daemon(e.to_string()))?;
+            .map_err(VhostError::Daemon)?;
         // Each queue worker also watches its channel's and pool's completions.
         for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
             for fd in backend
@@ -141,12 +154,10 @@ fn accept_loop(
             {
                 handler
                     .register_listener(fd, EventSet::IN, backend.completion_event())
-                    .map_err(|e| VhostError::Daemon(format!("queue {q} completions: {e}")))?;
+                    .map_err(|source| VhostError::Completions { queue: q, source })?;
             }
         }
-        daemon
-            .start(listener)
-            .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        daemon.start(listener).map_err(VhostError::Daemon)?;
         log::info!("frontend connected");
         shutdown.attach(daemon.shutdown_handle());
         let ended = daemon.wait();

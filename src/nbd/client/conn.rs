@@ -10,7 +10,7 @@ use crate::nbd::wire::transmission::{
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
 };
 use crate::nbd::wire::*;
-use crate::nbd::NbdError;
+use crate::nbd::{NbdError, Violation};
 use crate::sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
@@ -391,7 +391,7 @@ impl Shared {
             .lock_or_recover()
             .pending
             .remove(&cookie)
-            .ok_or_else(|| NbdError::Protocol(format!("reply for unknown cookie {cookie}")))
+            .ok_or(NbdError::Protocol(Violation::UnknownCookie(cookie)))
     }
 
     fn finish(&self, p: Pending, outcome: Outcome) {
@@ -483,9 +483,11 @@ impl Shared {
                 rd.read_exact(&mut off)?;
                 let off = u64::from_be_bytes(off);
                 if !in_request(off, n.into()) {
-                    return Err(NbdError::Protocol(format!(
-                        "data chunk {off}+{n} outside the request"
-                    )));
+                    return Err(NbdError::Protocol(Violation::ChunkOutside {
+                        kind: "data",
+                        offset: off,
+                        len: n,
+                    }));
                 }
                 let at = (off - p.offset) as usize;
                 rd.read_exact(&mut p.data[at..at + n as usize])?;
@@ -497,7 +499,11 @@ impl Shared {
                 rd.read_exact(&mut raw)?;
                 let hole = OffsetHole::decode(&raw)?;
                 if !in_request(hole.offset, hole.len.into()) {
-                    return Err(NbdError::Protocol("hole chunk outside the request".into()));
+                    return Err(NbdError::Protocol(Violation::ChunkOutside {
+                        kind: "hole",
+                        offset: hole.offset,
+                        len: hole.len,
+                    }));
                 }
                 let at = (hole.offset - p.offset) as usize;
                 p.data[at..at + hole.len as usize].fill(0);
@@ -523,11 +529,11 @@ impl Shared {
                 p.error.get_or_insert((errno, e.message));
                 Ok(())
             }
-            k => Err(NbdError::Protocol(format!(
-                "unexpected chunk type {k} ({} bytes) for {}",
-                h.len,
-                p.cmd.name()
-            ))),
+            k => Err(NbdError::Protocol(Violation::UnexpectedChunk {
+                kind: k,
+                len: h.len,
+                command: p.cmd.name(),
+            })),
         }
     }
 }

@@ -3,7 +3,7 @@
 use crate::nbd::stream::Stream;
 use crate::nbd::tls::TlsStream;
 use crate::nbd::wire::*;
-use crate::nbd::{NbdError, MAX_PAYLOAD};
+use crate::nbd::{NbdError, Violation, MAX_PAYLOAD};
 use crate::tls::ClientTls;
 use rustls_pki_types::ServerName;
 use std::io::{self, Read};
@@ -148,9 +148,11 @@ fn finish(
         && preferred >= min
         && max >= min;
     if !valid {
-        return Err(NbdError::Protocol(format!(
-            "server block sizes min {min} preferred {preferred} max {max} are inconsistent"
-        )));
+        return Err(NbdError::Protocol(Violation::BlockSizes {
+            min,
+            preferred,
+            max,
+        }));
     }
     // Largest multiple of min_block not above the server's maximum or ours.
     let max_payload = max.min(MAX_PAYLOAD) / min * min;
@@ -180,18 +182,16 @@ impl Negotiator {
         self.rd.read_exact(&mut raw)?;
         let h = OptionReplyHeader::decode(&raw)?;
         if h.option != option {
-            return Err(NbdError::Protocol(format!(
-                "reply for option {} while waiting for {}",
-                h.option,
-                option_name(option)
-            )));
+            return Err(NbdError::Protocol(Violation::ReplyToOtherOption {
+                got: h.option,
+                waiting: option_name(option),
+            }));
         }
         if h.len > MAX_OPTION_REPLY {
-            return Err(NbdError::Protocol(format!(
-                "{}-byte reply to {}",
-                h.len,
-                option_name(option)
-            )));
+            return Err(NbdError::Protocol(Violation::ReplyTooLong {
+                len: h.len,
+                option: option_name(option),
+            }));
         }
         let mut data = vec![0u8; h.len as usize];
         self.rd.read_exact(&mut data)?;
@@ -225,9 +225,10 @@ impl Negotiator {
                 // Block status is optional: go on without it.
                 _ if h.is_error() => return Ok(None),
                 other => {
-                    return Err(NbdError::Protocol(format!(
-                        "unexpected reply {other:#x} to NBD_OPT_SET_META_CONTEXT"
-                    )))
+                    return Err(NbdError::Protocol(Violation::UnexpectedReply {
+                        reply: other,
+                        option: "NBD_OPT_SET_META_CONTEXT",
+                    }))
                 }
             }
         }
@@ -255,9 +256,8 @@ impl Negotiator {
                     _ => {}
                 },
                 REP_ACK => {
-                    let (size, flags) = export_info.ok_or_else(|| {
-                        NbdError::Protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into())
-                    })?;
+                    let (size, flags) =
+                        export_info.ok_or(NbdError::Protocol(Violation::GoWithoutExport))?;
                     return Ok(Some((size, flags, sizes)));
                 }
                 REP_ERR_UNSUP => return Ok(None),
@@ -270,9 +270,10 @@ impl Negotiator {
                     })
                 }
                 other => {
-                    return Err(NbdError::Protocol(format!(
-                        "unexpected reply {other:#x} to NBD_OPT_GO"
-                    )))
+                    return Err(NbdError::Protocol(Violation::UnexpectedReply {
+                        reply: other,
+                        option: "NBD_OPT_GO",
+                    }))
                 }
             }
         }

@@ -41,7 +41,7 @@ use super::wire::*;
 use super::NbdError;
 use crate::block::channel::Doorbell;
 use crate::block::{
-    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, ExtentKind, Result,
+    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, ExtentKind, Refusal, Result,
 };
 use crate::sync::RwLockExt;
 use std::io;
@@ -477,7 +477,7 @@ fn to_block_error(op: &'static str, offset: u64, f: Failure) -> BlockError {
                 format!("NBD server replied {}: {message}", errno_name(errno))
             };
             match errno {
-                EPERM => BlockError::Refused(text),
+                EPERM => BlockError::Refused(Refusal::Remote(text)),
                 ENOTSUP => BlockError::Unsupported("request refused by the NBD server (ENOTSUP)"),
                 ENOSPC => BlockError::io(op, offset, io::Error::from_raw_os_error(libc::ENOSPC)),
                 _ => BlockError::io(op, offset, io::Error::other(text)),

@@ -3,8 +3,8 @@
 use super::Inner;
 use crate::nbd::stream::Stream;
 use crate::nbd::wire::{self, handshake::decode_export_name, *};
-use crate::nbd::NbdError;
 use crate::nbd::MAX_PAYLOAD;
+use crate::nbd::{NbdError, Violation};
 use std::io::{self, Read};
 
 /// Option data we read into memory; larger options are skipped unread.
@@ -54,9 +54,7 @@ pub(super) fn negotiate(
     rd.read_exact(&mut raw)?;
     let client_flags = u32::from_be_bytes(raw);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(NbdError::Protocol(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(NbdError::Protocol(Violation::ClientFlags(client_flags)));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     let mut h = Haggle {
@@ -90,9 +88,7 @@ impl Haggle<'_> {
         }
         if opt == OPT_EXPORT_NAME {
             // No error reply exists for it: the connection ends.
-            return Err(NbdError::Protocol(
-                "NBD_OPT_EXPORT_NAME before STARTTLS, TLS is required; disconnecting".into(),
-            ));
+            return Err(NbdError::Protocol(Violation::ExportNameBeforeTls));
         }
         log::warn!(
             "nbd {}: {} before STARTTLS refused: TLS is required",
@@ -147,11 +143,10 @@ impl Haggle<'_> {
             let opt = header.option;
             if header.len > MAX_OPTION_DATA {
                 if header.len > MAX_OPTION_SKIP {
-                    return Err(NbdError::Protocol(format!(
-                        "{} with {} bytes of data",
-                        option_name(opt),
-                        header.len
-                    )));
+                    return Err(NbdError::Protocol(Violation::OptionTooLong {
+                        option: option_name(opt),
+                        len: header.len,
+                    }));
                 }
                 io::copy(&mut (&mut self.rd).take(header.len.into()), &mut io::sink())?;
                 log::warn!(

@@ -173,11 +173,7 @@ impl Server {
             || opts.max_memory < u64::from(MAX_PAYLOAD)
             || opts.max_connections == 0
         {
-            return Err(NbdError::Protocol(
-                "server options: need at least one worker, one connection and a 32 MiB \
-                 in-flight budget per connection and per server"
-                    .into(),
-            ));
+            return Err(NbdError::ServerOptions);
         }
         let listener = Listener::bind(listen)?;
         let addr = listener.local_addr()?;

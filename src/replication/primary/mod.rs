@@ -25,7 +25,8 @@ pub use channel::PrimaryChannel;
 use super::fence::{Fence, OnFenced};
 use super::intent::{IntentToken, WriteIntent};
 use super::{
-    Event, EventSink, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
+    Event, EventSink, Failure, Mode, Progress, Replication, ReplicationError, Stage, Status,
+    SyncMode,
 };
 use crate::block::channel::{IoChannel, Waiters};
 use crate::block::{
@@ -154,7 +155,7 @@ pub struct Primary {
     /// dirty clusters; only then is dirty tracking (and `sync: dirty`) meaningful.
     baseline: AtomicBool,
     stage: Mutex<Stage>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Failure>>,
     resync: Mutex<ResyncState>,
     resync_done: Condvar,
     resync_cancel: AtomicBool,
@@ -294,7 +295,7 @@ impl Primary {
             Err(e) => Err(BlockError::io(
                 "write-intent",
                 first,
-                std::io::Error::other(e.to_string()),
+                std::io::Error::other(e),
             )),
         }
     }
@@ -315,9 +316,9 @@ impl Primary {
             return Ok(None);
         }
         let (first, last) = self.intent_bits(wi, first, last);
-        wi.mark(first, last).map(Some).map_err(|e| {
-            BlockError::io("write-intent", first, std::io::Error::other(e.to_string()))
-        })
+        wi.mark(first, last)
+            .map(Some)
+            .map_err(|e| BlockError::io("write-intent", first, std::io::Error::other(e)))
     }
 
     /// The bitmap bits that cover clusters `first..=last` (a bit may cover
@@ -347,7 +348,7 @@ impl Primary {
             None => Ok(()),
             Some(wi) => wi
                 .set_baseline(baseline, wi.shift(), self.local.size())
-                .map_err(|e| ReplicationError::Io(e.to_string())),
+                .map_err(ReplicationError::Intent),
         }
     }
 
@@ -402,8 +403,18 @@ impl Primary {
         });
     }
 
-    fn recorded_error(&self) -> Option<String> {
+    fn recorded_error(&self) -> Option<Failure> {
         self.error.lock_or_recover().clone()
+    }
+
+    /// Keeps `failure` for get-error and `query-replication`, and emits it.
+    fn record(&self, failure: Failure) {
+        let message = failure.to_string();
+        *self.error.lock_or_recover() = Some(failure);
+        (self.events)(Event::Error {
+            mode: Mode::Primary,
+            message,
+        });
     }
 
     /// A forwarded I/O failed: keep serving, stop forwarding, tell the tooling.
@@ -415,14 +426,13 @@ impl Primary {
             return true;
         }
         if self.healthy.swap(false, Ordering::AcqRel) {
-            let message = format!("forwarding to the secondary failed ({what}): {err}");
-            warn!("primary: {message}; carrying on alone, tracking dirty clusters");
-            *self.error.lock_or_recover() = Some(message.clone());
+            let failure = Failure::caused_by(
+                format!("forwarding to the secondary failed ({what})"),
+                err.clone(),
+            );
+            warn!("primary: {failure}; carrying on alone, tracking dirty clusters");
             self.resync_cancel.store(true, Ordering::Release);
-            (self.events)(Event::Error {
-                mode: Mode::Primary,
-                message,
-            });
+            self.record(failure);
         }
         false
     }
@@ -438,21 +448,20 @@ impl Primary {
         self.healthy.store(false, Ordering::Release);
         self.resync_cancel.store(true, Ordering::Release);
         let policy = self.fence.policy();
-        let message = format!(
-            "fenced: {reason}; guest writes are {} from now on",
-            match policy {
-                OnFenced::Hold => "held",
-                OnFenced::Error => "failed",
-            }
+        let failure = Failure::caused_by(
+            format!(
+                "fenced (guest writes are {} from now on): the secondary refused a forwarded {what}",
+                match policy {
+                    OnFenced::Hold => "held",
+                    OnFenced::Error => "failed",
+                }
+            ),
+            err.clone(),
         );
-        log::error!("primary: {message}");
-        *self.error.lock_or_recover() = Some(message.clone());
+        log::error!("primary: {failure}");
         self.set_stage(Stage::Fenced);
         (self.events)(Event::Fenced { policy, reason });
-        (self.events)(Event::Error {
-            mode: Mode::Primary,
-            message,
-        });
+        self.record(failure);
     }
 
     /// The link, alone, once no channel request still uses its old state.
@@ -636,7 +645,10 @@ impl Primary {
         self.resync.lock_or_recover().threads.extend(threads);
         match spawn_error {
             None => Ok(()),
-            Some(e) => Err(ReplicationError::Io(format!("cannot start resync: {e}"))),
+            Some(source) => Err(ReplicationError::Thread {
+                what: "resync",
+                source,
+            }),
         }
     }
 
@@ -923,26 +935,14 @@ impl Primary {
             let stage = self.stage.lock_or_recover();
             match *stage {
                 Stage::None | Stage::Done => {}
-                Stage::Fenced => {
-                    return Err(ReplicationError::Invalid(
-                        "this primary is fenced: its secondary took over at failover and \
-                         holds the newer disk; restart this side as the new primary's \
-                         secondary (full resync)"
-                            .into(),
-                    ))
-                }
+                Stage::Fenced => return Err(ReplicationError::Fenced),
                 _ => return Err(ReplicationError::AlreadyStarted),
             }
             if sync == SyncMode::Dirty && !self.baseline.load(Ordering::Acquire) {
-                return Err(ReplicationError::Invalid(
-                    "no dirty bitmap: the secondary was never in sync with this primary; use sync full"
-                        .into(),
-                ));
+                return Err(ReplicationError::NoBaseline);
             }
             if self.starting.swap(true, Ordering::AcqRel) {
-                return Err(ReplicationError::Invalid(
-                    "a replication-start is already in progress".into(),
-                ));
+                return Err(ReplicationError::StartInProgress);
             }
         }
         let result = self.start_unlocked(sync);
@@ -964,26 +964,24 @@ impl Primary {
                 // The receiver may be gone (deadline passed): nothing to do.
                 let _ = tx.send((me.connect)());
             })
-            .map_err(|e| ReplicationError::Io(format!("cannot start the connect thread: {e}")))?;
+            .map_err(|source| ReplicationError::Thread {
+                what: "the connect thread",
+                source,
+            })?;
         match rx.recv_timeout(deadline) {
             Ok(Ok(remote)) => Ok(remote),
-            Ok(Err(e)) => Err(ReplicationError::Io(format!(
-                "cannot reach the secondary: {e}"
-            ))),
-            Err(_) => Err(ReplicationError::Io(format!(
-                "cannot reach the secondary: no connection within {deadline:?}"
-            ))),
+            Ok(Err(e)) => Err(ReplicationError::Unreachable(e)),
+            Err(_) => Err(ReplicationError::ConnectTimeout(deadline)),
         }
     }
 
     fn start_unlocked(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
         let remote = self.connect_within_deadline()?;
         if remote.dev.size() != self.local.size() {
-            return Err(ReplicationError::Invalid(format!(
-                "secondary disk is {} bytes, primary disk is {}",
-                remote.dev.size(),
-                self.local.size()
-            )));
+            return Err(ReplicationError::SizeMismatch {
+                secondary: remote.dev.size(),
+                primary: self.local.size(),
+            });
         }
         self.wait_resync();
         if sync != SyncMode::Dirty {
@@ -996,10 +994,7 @@ impl Primary {
         let mut stage = self.stage.lock_or_recover();
         if !matches!(*stage, Stage::None | Stage::Done) {
             // Fenced while connecting (a late refusal of an older link).
-            return Err(ReplicationError::Invalid(format!(
-                "stage changed to {} while starting",
-                *stage
-            )));
+            return Err(ReplicationError::StageChanged(*stage));
         }
         link.remote = Some(remote);
         self.healthy.store(true, Ordering::Release);
@@ -1046,25 +1041,26 @@ impl Replication for PrimaryControl {
         match p.stage() {
             Stage::Running => {}
             Stage::Fenced => {
-                return Err(ReplicationError::Io(
-                    p.recorded_error().unwrap_or_else(|| "fenced".into()),
-                ))
+                return Err(p
+                    .recorded_error()
+                    .unwrap_or_else(|| Failure::new("fenced"))
+                    .into())
             }
             _ => return Err(ReplicationError::NotRunning),
         }
         p.wait_resync();
         let link = p.link.read_or_recover();
         let Some(remote) = p.forwarding(&link) else {
-            return Err(ReplicationError::Io(
-                p.recorded_error()
-                    .unwrap_or_else(|| "the secondary is not reachable".into()),
-            ));
+            return Err(p
+                .recorded_error()
+                .unwrap_or_else(|| Failure::new("the secondary is not reachable"))
+                .into());
         };
         // Every acknowledged write already reached the secondary (write-through);
         // the flush makes them durable there before the VM state is sent.
         if let Err(e) = remote.dev.flush() {
             p.forward_failed("checkpoint flush", &e);
-            return Err(ReplicationError::Io(e.to_string()));
+            return Err(Failure::caused_by("checkpoint flush", e).into());
         }
         Ok(())
     }
@@ -1107,7 +1103,7 @@ impl Replication for PrimaryControl {
             return Err(ReplicationError::NotRunning);
         }
         match self.0.recorded_error() {
-            Some(e) => Err(ReplicationError::Io(e)),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
@@ -1118,7 +1114,7 @@ impl Replication for PrimaryControl {
         Status {
             mode: Mode::Primary,
             stage: p.stage(),
-            error: p.recorded_error(),
+            error: p.recorded_error().map(|f| f.to_string()),
             resync: (total > 0).then(|| Progress {
                 done: p.resync_bytes.load(Ordering::Acquire),
                 total,

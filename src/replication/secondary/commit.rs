@@ -37,7 +37,7 @@ use super::lock_wait::{LockWaiter, Taken};
 use super::pace::Pacer;
 use super::{Secondary, Stage};
 use crate::block::{BlockError, Result};
-use crate::replication::{Event, Progress};
+use crate::replication::{Event, Failure, Progress};
 use crate::sync::MutexExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,7 +56,7 @@ impl Secondary {
     /// Body of the commit thread.
     pub(super) fn run_commit(self: Arc<Self>) {
         if let Err(e) = self.commit_all() {
-            self.record_error(format!("failover commit failed: {e}"));
+            self.record_error(Failure::caused_by("failover commit failed", e));
             // Failover and failover-failed share one I/O policy, so the switch
             // needs no quiescing.
             self.set_stage(Stage::FailoverFailed);

@@ -3,9 +3,9 @@
 
 use super::Secondary;
 use crate::block::{
-    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, Result, SharedDev,
+    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, Refusal, Result, SharedDev,
 };
-use crate::replication::Stage;
+use crate::replication::{Failure, Stage};
 use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
@@ -22,13 +22,11 @@ pub(super) struct GuestView(pub(super) Arc<Secondary>);
 pub(super) struct PrimaryView(pub(super) Arc<Secondary>);
 
 fn not_started() -> BlockError {
-    BlockError::Refused("block replication is not started".into())
+    BlockError::Refused(Refusal::NotStarted)
 }
 
 fn fenced() -> BlockError {
-    BlockError::Refused(
-        "this secondary has taken over; writes from the old primary are fenced".into(),
-    )
+    BlockError::Refused(Refusal::TakenOver)
 }
 
 fn no_below(_offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -201,7 +199,10 @@ impl Secondary {
                 let result = self.with_copy_before_write(offset, len, op);
                 if let Err(e) = &result {
                     if !matches!(e, BlockError::OutOfRange { .. }) {
-                        self.record_error(format!("applying a primary write: {e}"));
+                        self.record_error(Failure::caused_by(
+                            "applying a primary write",
+                            e.clone(),
+                        ));
                     }
                 }
                 result
@@ -248,13 +249,7 @@ impl Secondary {
         let start = c * self.cluster;
         let end = (start + self.cluster).min(self.size());
         buf.resize((end - start) as usize, 0);
-        let cbw = |e: BlockError| {
-            BlockError::io(
-                "copy-before-write",
-                start,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+        let cbw = |e: BlockError| BlockError::below("copy-before-write", start, e);
         let slice = [VolatileSlice::from(buf.as_mut_slice())];
         self.disk.read_vectored(start, &slice).map_err(cbw)?;
         self.hidden
