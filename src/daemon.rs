@@ -300,9 +300,11 @@ fn secondary_stack(
     let active = open_overlay(&secondary.active, size)?;
     let hidden = open_overlay(&secondary.hidden, size)?;
     let node = Secondary::new(disk, active, hidden, cfg.cluster_size, events)?;
-    // The guest's path through the overlays is synchronous; on an O_DIRECT
-    // disk it runs on the queue's pool so the disk still sees queue depth.
-    let guest = if cfg.direct {
+    // With io_uring on the disk (O_DIRECT), the guest view opens a channel per
+    // queue that keeps the guest's queue depth on the disk. Without one (an
+    // O_DIRECT disk forced onto the synchronous engine), the guest's requests
+    // run on the queue's pool so the disk still sees queue depth.
+    let guest = if cfg.direct && !cfg.io_engine.uses_uring(true) {
         Arc::new(Parallel::new(node.guest(), SECONDARY_DIRECT_DEPTH)) as SharedDev
     } else {
         node.guest()
