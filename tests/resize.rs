@@ -197,46 +197,80 @@ fn negotiate(socket: &Path) -> Frontend {
     fe
 }
 
+/// A raw frontend whose backend request channel is served by [`QemuLike`]
+/// on a thread of its own.
+struct ToldFrontend {
+    fe: Frontend,
+    handler: Arc<QemuLike>,
+    serving: std::thread::JoinHandle<()>,
+}
+
+impl ToldFrontend {
+    fn connect(socket: &Path) -> ToldFrontend {
+        let mut fe = negotiate(socket);
+        let handler = Arc::new(QemuLike {
+            main: Mutex::new(Some(fe.clone())),
+            changes: AtomicUsize::new(0),
+            capacity_sectors: AtomicU64::new(0),
+        });
+        let mut channel = FrontendReqHandler::new(Arc::clone(&handler)).unwrap();
+        channel.set_reply_ack_flag(true);
+        fe.set_backend_request_fd(&RawFdHolder(channel.get_tx_raw_fd()))
+            .unwrap();
+        let serving = std::thread::spawn(move || {
+            // Until the backend closes the channel (the connection ends).
+            while channel.handle_request().is_ok() {}
+        });
+        ToldFrontend {
+            fe,
+            handler,
+            serving,
+        }
+    }
+
+    /// Config changes handled so far, and the capacity the last one read.
+    fn told(&self) -> (usize, u64) {
+        (
+            self.handler.changes.load(Ordering::SeqCst),
+            self.handler.capacity_sectors.load(Ordering::SeqCst) * 512,
+        )
+    }
+
+    /// Disconnects; the daemon then closes the channel, which ends the
+    /// handler's loop.
+    fn leave(self) {
+        self.handler.main.lock().unwrap().take();
+        drop(self.fe);
+        self.serving.join().unwrap();
+    }
+}
+
 #[test]
 fn a_frontend_with_the_backend_channel_is_told_and_rereads_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let (d, _img, control) = plain(dir.path(), &[]);
-    let mut fe = negotiate(d.socket());
-    assert_eq!(read_capacity(&mut fe).unwrap(), SIZE / 512);
-    let handler = Arc::new(QemuLike {
-        main: Mutex::new(Some(fe.clone())),
-        changes: AtomicUsize::new(0),
-        capacity_sectors: AtomicU64::new(0),
-    });
-    let mut channel = FrontendReqHandler::new(Arc::clone(&handler)).unwrap();
-    channel.set_reply_ack_flag(true);
-    fe.set_backend_request_fd(&RawFdHolder(channel.get_tx_raw_fd()))
-        .unwrap();
-    let serving = std::thread::spawn(move || {
-        // Until the backend closes the channel (the connection ends).
-        while channel.handle_request().is_ok() {}
-    });
+    let mut first = ToldFrontend::connect(d.socket());
+    assert_eq!(read_capacity(&mut first.fe).unwrap(), SIZE / 512);
 
     let out = ctl_ok(&control, &["resize", "32M"]);
     assert!(out.contains("the frontend was told"), "{out}\n{}", d.log());
-    assert_eq!(handler.changes.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        handler.capacity_sectors.load(Ordering::SeqCst),
-        32 * MIB / 512
-    );
+    assert_eq!(first.told(), (1, 32 * MIB));
     let out = ctl_ok(&control, &["--json", "resize", "40M"]);
     assert!(out.contains("\"frontend\":\"notified\""), "{out}");
-    assert_eq!(handler.changes.load(Ordering::SeqCst), 2);
-    assert_eq!(
-        handler.capacity_sectors.load(Ordering::SeqCst),
-        40 * MIB / 512
-    );
+    assert_eq!(first.told(), (2, 40 * MIB));
+    first.leave();
 
-    // The frontend goes away; the daemon then closes the channel, which
-    // ends the handler's loop.
-    handler.main.lock().unwrap().take();
-    drop(fe);
-    serving.join().unwrap();
+    // The next connection's channel replaces the first one's.
+    let mut second = ToldFrontend::connect(d.socket());
+    assert_eq!(read_capacity(&mut second.fe).unwrap(), 40 * MIB / 512);
+    let out = ctl_ok(&control, &["--json", "resize", "48M"]);
+    assert!(
+        out.contains("\"frontend\":\"notified\""),
+        "{out}\n{}",
+        d.log()
+    );
+    assert_eq!(second.told(), (1, 48 * MIB));
+    second.leave();
     assert!(
         d.log().contains("frontend notified of the new size"),
         "{}",
