@@ -86,7 +86,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "512|4096", default_value_t = 512)]
     pub logical_block_size: u32,
 
-    /// QMP control socket for replication (start, checkpoint, stop, status).
+    /// QMP control socket: replication (start, checkpoint, stop, status),
+    /// statistics, online resize (block_resize, plain mode).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 

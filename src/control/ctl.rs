@@ -60,11 +60,12 @@ pub enum CtlAction {
     /// Show I/O statistics per queue and in all (query-blockstats) and the
     /// replication counters (query-replication-stats).
     Stats,
-    /// Grow the disk online (block_resize), plain mode only: the image file
-    /// grows, the guest is served the new size at once, and the frontend is
-    /// told with a config-change message when it negotiated the backend
-    /// request channel (QEMU does); otherwise its next config read returns
-    /// the new size. Never shrinks.
+    /// Grow the disk online (block_resize); plain mode only, never shrinks.
+    ///
+    /// The image file grows, the guest is served the new size at once, and
+    /// the frontend is told with a config-change message when it negotiated
+    /// the backend request channel (QEMU does); otherwise its next config
+    /// read returns the new size. Prints what the frontend was told.
     Resize {
         /// The new size: bytes, or with a K/M/G/T suffix (powers of 1024). A
         /// multiple of the logical block size, not below the current size.
