@@ -246,7 +246,7 @@ fn resize_text(r: &Value) -> String {
         return format!("the disk is already {}: nothing to do", size(new));
     }
     let told = match frontend {
-        "notified" => "the frontend was told (config-change message) and re-read the size".into(),
+        "notified" => "the frontend was told (config-change message delivered)".into(),
         "not-connected" => "no frontend is connected: the next one gets the new size".into(),
         "no-backend-channel" => "the frontend did not negotiate the backend request channel \
              (BACKEND_REQ), so it was not told: its next config read returns the new size"
