@@ -86,7 +86,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "512|4096", default_value_t = 512)]
     pub logical_block_size: u32,
 
-    /// QMP control socket for replication (start, checkpoint, stop, status).
+    /// QMP control socket: replication (start, checkpoint, stop, status),
+    /// statistics, online resize (block_resize, plain mode).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
@@ -620,32 +621,9 @@ fn nbd_limits(a: &ServeArgs) -> Result<ServerLimits, ConfigError> {
     Ok(l)
 }
 
-/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix {c:?} in {s:?} (use K, M, G, T)"
-                    ))
-                }
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024);
+/// shared with `ctl resize`.
+pub use colo_blk::units::parse_size;
 
 /// Parses `--nbd-listen`: `unix:PATH` or `tcp:HOST:PORT` (`tcp:[v6addr]:PORT`).
 pub fn parse_nbd_listen(s: &str) -> Result<NbdAddr, String> {
@@ -939,15 +917,5 @@ mod tests {
             c.tls.unwrap().authz,
             vec!["CN=a,O=B".to_string(), "CN=c".to_string()]
         );
-    }
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -14,7 +14,7 @@ use colo_blk::nbd;
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
 use colo_blk::stats::{self, DeviceStats, MetricsServer};
-use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
+use colo_blk::vhost::{self, Resizer, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,7 +79,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let disk = open_disk(&cfg)?;
     let stack = build_stack(&cfg, disk, counting_sink(hub.sink()), &tls)?;
     let stats = DeviceStats::new(usize::from(cfg.num_queues));
-    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls, &stats)?;
+    // Online resize (block_resize) is for a plain disk only: a replicated one
+    // would have to grow on both hosts at once; the control socket refuses it.
+    let resizer = Arc::new(Resizer::new(stack.guest.clone(), cfg.logical_block_size));
+    let resize = stack.replication.is_none().then(|| Arc::clone(&resizer));
+    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls, &stats, resize)?;
     let metrics = match &cfg.metrics {
         None => None,
         Some(addr) => Some(MetricsServer::spawn(addr, prometheus_render(&stats))?),
@@ -87,6 +91,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     release_held_writes_on_shutdown(&stack, &shutdown);
     let mut opts = serve_options(&cfg);
     opts.stats = Some(stats);
+    opts.resizer = Some(resizer);
     let result = vhost::serve(stack.guest.clone(), &opts, &shutdown);
     drop(metrics);
     services.stop();
@@ -361,6 +366,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
         serial: cfg.serial.clone(),
         poll_us: cfg.poll_us,
         stats: None,
+        resizer: None,
     }
 }
 
@@ -379,6 +385,7 @@ impl SideServices {
         hub: Arc<EventHub>,
         tls: &LinkTls,
         stats: &Arc<DeviceStats>,
+        resize: Option<Arc<Resizer>>,
     ) -> Result<Self, DaemonError> {
         // One NBD export, opened by --nbd-listen now or by QEMU's
         // nbd-server-start + nbd-server-add later; QEMU setups name the disk
@@ -416,6 +423,7 @@ impl SideServices {
                     on_quit: Arc::new(move || shutdown.request()),
                     stats: Some(Arc::clone(stats)),
                     node: node_name(cfg),
+                    resize: resize.map(|r| r as Arc<dyn vhost::Resize>),
                 };
                 Some(ControlServer::spawn(path, ctx)?)
             }

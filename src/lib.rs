@@ -14,6 +14,7 @@ pub mod pattern;
 pub mod replication;
 pub mod stats;
 pub mod tls;
+pub mod units;
 pub mod unix_socket;
 pub mod vhost;
 pub mod virtio_blk;
