@@ -319,7 +319,14 @@ fn secondary_stack(
         nbd_export: Some(NbdExport {
             listen: secondary.nbd_listen.clone(),
             name: secondary.nbd_export.clone(),
-            dev: node.primary(),
+            // On an O_DIRECT disk every primary write waits on the device (and
+            // the first one to a cluster after a checkpoint reads and copies
+            // it first): run them several at once, not inline on the reader.
+            dev: if cfg.direct {
+                Arc::new(Parallel::new(node.primary(), SECONDARY_DIRECT_DEPTH)) as SharedDev
+            } else {
+                node.primary()
+            },
             limits: secondary.nbd_limits,
         }),
         replication: Some(node),

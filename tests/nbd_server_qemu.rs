@@ -3,7 +3,7 @@
 
 mod nbd_util;
 
-use colo_blk::block::{BlockDev, BlockError, Extent, SharedDev};
+use colo_blk::block::{BlockDev, BlockError, Extent, Result as BlockResult, SharedDev};
 use colo_blk::nbd::{NbdAddr, Server, ServerOptions};
 use nbd_util::*;
 use std::sync::Arc;
@@ -360,4 +360,82 @@ fn shutdown_disconnects_clients_and_removes_the_socket_file() {
     let out = run("qemu-io", &["-f", "raw", "-c", "read 0 512", &s.uri()]);
     assert!(!out.status.success());
     drop(idle.0.stdin.take());
+}
+
+/// A raw image whose writes each take a while and report how many ran at
+/// once, and that says its writes wait on storage (`concurrent_writes`).
+struct SlowWrites {
+    inner: SharedDev,
+    hint: usize,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl BlockDev for SlowWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        self.inner.read_vectored(o, b)
+    }
+    fn write_vectored(&self, o: u64, b: &[VolatileSlice<'_>]) -> BlockResult<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.now.fetch_sub(1, SeqCst);
+        self.inner.write_vectored(o, b)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> BlockResult<()> {
+        self.inner.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> BlockResult<()> {
+        self.inner.write_zeroes(o, l, u)
+    }
+    fn block_status(&self, o: u64, l: u64) -> BlockResult<Extent> {
+        self.inner.block_status(o, l)
+    }
+    fn concurrent_writes(&self) -> usize {
+        self.hint
+    }
+}
+
+#[test]
+fn a_device_whose_writes_wait_on_storage_gets_as_many_workers_as_it_asks_for() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = seen.clone();
+    let served = Served::with(8 << 20, ServerOptions::default(), move |dev| {
+        let slow = std::sync::Arc::new(SlowWrites {
+            inner: dev,
+            hint: 16,
+            now: Default::default(),
+            most: Default::default(),
+        });
+        *keep.lock().unwrap() = Some(slow.clone());
+        slow
+    });
+    // 256 writes, 32 in flight at a time, from QEMU's own client.
+    run_ok(
+        "qemu-img",
+        &[
+            "bench",
+            "-w",
+            "-f",
+            "raw",
+            "-c",
+            "256",
+            "-d",
+            "32",
+            "-s",
+            "4k",
+            &served.uri(),
+        ],
+    );
+    let slow = seen.lock().unwrap().take().unwrap();
+    let most = slow.most.load(std::sync::atomic::Ordering::SeqCst);
+    // Beyond the 4 workers a connection has by default, up to the hint.
+    assert!((5..=16).contains(&most), "{most} writes ran at once");
 }
