@@ -846,3 +846,144 @@ impl<S: AsRawFd> Drop for Session<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::psk::PskKeys;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn key(hex: &str) -> Secret {
+        let text = format!("alice:{hex}\n");
+        let keys = PskKeys::parse(Path::new("test"), text.as_bytes()).unwrap();
+        keys.get(b"alice").unwrap().clone()
+    }
+
+    const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    /// A server knowing only alice's key, and a client; both handshakes run
+    /// at once (each waits for the other).
+    fn pair(
+        client_name: &'static str,
+        client_key: Secret,
+    ) -> (
+        Result<Session<UnixStream>, HandshakeError>,
+        Result<Session<UnixStream>, HandshakeError>,
+    ) {
+        let (a, b) = UnixStream::pair().unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        }
+        let server = std::thread::spawn(move || {
+            let k = key(KEY);
+            Session::server(a, &|name| {
+                if name == b"alice" {
+                    PskLookup::Key(k.clone())
+                } else if name == b"mallory" {
+                    PskLookup::NotAuthorised
+                } else {
+                    PskLookup::Unknown
+                }
+            })
+        });
+        let client = Session::client(b, client_name, &client_key);
+        (server.join().unwrap(), client)
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn both_directions_stream_at_once_through_one_session_per_side() {
+        let (server, client) = pair("alice", key(KEY));
+        let (server, client) = (Arc::new(server.unwrap()), Arc::new(client.unwrap()));
+        assert_eq!(server.username(), "alice");
+        assert!(
+            server.description().contains("PSK"),
+            "{}",
+            server.description()
+        );
+        // Each side sends 16 MiB while the other does the same: with one
+        // lock for both directions, both senders would fill the socket and
+        // wait for readers that wait for that lock.
+        const TOTAL: usize = 16 << 20;
+        let mut threads = Vec::new();
+        for (seed, s) in [(1u8, &server), (2u8, &client)] {
+            let tx = Arc::clone(s);
+            threads.push(std::thread::spawn(move || {
+                let chunk = pattern(seed, 1 << 20);
+                for _ in 0..TOTAL / chunk.len() {
+                    // Small head and big tail, as NBD replies and writes go.
+                    tx.send_all(&[&chunk[..16], &chunk[16..]]).unwrap();
+                }
+            }));
+            let rx = Arc::clone(s);
+            let want = pattern(if seed == 1 { 2 } else { 1 }, 1 << 20);
+            threads.push(std::thread::spawn(move || {
+                let mut got = 0;
+                let mut buf = vec![0u8; 300 << 10];
+                while got < TOTAL {
+                    let n = rx.read(&mut buf).unwrap();
+                    assert!(n > 0, "early EOF at {got}");
+                    for (i, b) in buf[..n].iter().enumerate() {
+                        assert_eq!(*b, want[(got + i) % want.len()], "byte {}", got + i);
+                    }
+                    got += n;
+                }
+            }));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        // A close_notify when the client goes: the server reads a clean end.
+        drop(client);
+        assert_eq!(server.read(&mut [0u8; 16]).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_read_timeout_is_an_error_the_session_survives() {
+        let (server, client) = pair("alice", key(KEY));
+        let (server, client) = (server.unwrap(), client.unwrap());
+        server
+            .socket()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let e = server.read(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        client.send_all(&[b"still here"]).unwrap();
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
+    }
+
+    #[test]
+    fn a_wrong_key_an_unknown_and_a_refused_username_fail_on_both_sides() {
+        let other = "ff".repeat(32);
+        let (server, client) = pair("alice", key(&other));
+        match server {
+            Err(HandshakeError::Failed { message, .. }) => {
+                assert!(
+                    message.contains("alice") && message.contains("does not match"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = client.unwrap_err().to_string();
+        assert!(e.contains("\"alice\""), "{e}");
+
+        let (server, client) = pair("bob", key(KEY));
+        assert!(matches!(server, Err(HandshakeError::UnknownUser(n)) if n == "bob"));
+        assert!(client.is_err());
+
+        let (server, client) = pair("mallory", key(KEY));
+        assert!(matches!(server, Err(HandshakeError::NotAuthorised(n)) if n == "mallory"));
+        assert!(client.is_err());
+    }
+}
