@@ -140,7 +140,7 @@ pub enum TlsError {
     #[error("TLS: PSK username {0:?} is not in keys.psk")]
     UnknownPskUser(String),
     /// GnuTLS (the PSK path) is missing or failed.
-    #[error("TLS-PSK: {0}")]
+    #[error(transparent)]
     Gnutls(#[from] gnutls::GnutlsError),
 }
 
