@@ -122,6 +122,7 @@ impl Negotiator {
             )));
         }
         let session = TlsStream::connect(self.wr.try_clone()?, tls.creds, tls.host)?;
+        log::info!("nbd client: TLS established ({})", session.describe());
         self.wr = Stream::Tls(std::sync::Arc::new(session));
         self.rd = self.wr.try_clone()?;
         Ok(())
