@@ -477,7 +477,11 @@ fn psk_clients_refuse_a_plain_server_and_qemu_nbd_refuses_a_wrong_key() {
     for (keys, user) in [("psk-wrongkey", USER), ("psk-unknown", "stranger")] {
         let err = Client::connect_to(&link.uri(), client_psk(&creds.join(keys), user))
             .expect_err("qemu-nbd let a wrong key in");
-        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+        let want = format!("a server that does not know username \"{user}\", or holds");
+        assert!(
+            err.to_string().contains("TLS handshake failed") && err.to_string().contains(&want),
+            "{err}"
+        );
     }
     assert!(all_zero(&image));
 }

@@ -431,10 +431,6 @@ impl<S: AsRawFd> Session<S> {
         // Transport that lives as long as `s`, which deinits the session
         // before dropping it; the callbacks have GnuTLS's signatures.
         let rc = unsafe {
-            let prio = std::env::var("XPRIO")
-                .ok()
-                .map(|p| CString::new(p).unwrap())
-                .unwrap_or(prio);
             let rc = (lib.priority_set_direct)(s.raw, prio.as_ptr(), std::ptr::null_mut());
             (lib.transport_set_ptr)(s.raw, tp);
             (lib.transport_set_push_function)(s.raw, push);
@@ -592,6 +588,13 @@ impl<S: AsRawFd> Session<S> {
             if rc == ffi::E_INTERRUPTED || (!self.lib.is_fatal(rc) && non_fatal < MAX_NON_FATAL) {
                 non_fatal += 1;
                 continue;
+            }
+            if rc == ffi::E_PREMATURE_TERMINATION {
+                // How QEMU's server refuses a key: it hangs up, no alert.
+                return Err(HandshakeError::Failed {
+                    code: rc,
+                    message: "the peer closed the connection during the handshake".into(),
+                });
             }
             if let Some(e) = self.transport_error(rc) {
                 return Err(HandshakeError::Transport(e));
