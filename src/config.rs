@@ -165,10 +165,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub tls_creds_x509: Option<PathBuf>,
 
-    /// TLS-PSK credentials in QEMU's keys.psk format. Not supported (rustls
-    /// has no external PSK); accepted so the refusal can say why.
+    /// NBD over TLS with pre-shared keys, in QEMU's tls-creds-psk format: a
+    /// keys.psk file of username:hexkey lines (psktool -u NAME -p FILE), or
+    /// QEMU's directory holding keys.psk. The secondary picks the key by the
+    /// client's username; the primary sends --tls-psk-username. Runs on
+    /// GnuTLS (libgnutls.so.30, loaded at start), as QEMU does. SIGHUP
+    /// reloads it.
     #[arg(long, value_name = "FILE")]
     pub tls_creds_psk: Option<PathBuf>,
+
+    /// Primary: the username whose keys.psk line --tls-creds-psk uses (QEMU's
+    /// tls-creds-psk username=). Default: qemu
+    #[arg(long, value_name = "NAME")]
+    pub tls_psk_username: Option<String>,
 
     /// Primary: the name the secondary's certificate must carry. Default: the
     /// host of --secondary (localhost for a Unix socket).
@@ -176,8 +185,9 @@ pub struct ServeArgs {
     pub tls_hostname: Option<String>,
 
     /// Secondary: client identities allowed in, as certificate subject DNs in
-    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary"); @FILE reads one
-    /// per line. Default: any certificate the CA signed.
+    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary") or, with
+    /// --tls-creds-psk, PSK usernames; @FILE reads one per line. Default: any
+    /// certificate the CA signed, any username of keys.psk.
     #[arg(long, value_name = "IDENTITY", num_args = 1..)]
     pub tls_authz: Vec<String>,
 
@@ -252,15 +262,39 @@ pub struct Config {
     pub nbd_insecure: bool,
 }
 
-/// `--tls-*` settings (x509 credentials in QEMU's layout).
+/// `--tls-*` settings (credentials in QEMU's layouts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// The credentials directory.
-    pub creds_x509: PathBuf,
+    /// The credentials.
+    pub creds: TlsCreds,
     /// Primary: the server name to check.
     pub hostname: Option<String>,
     /// Secondary: allowed client identities (empty: any the CA signed).
     pub authz: Vec<String>,
+}
+
+/// Which credentials `--tls-creds-*` gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsCreds {
+    /// `--tls-creds-x509 DIR`.
+    X509(PathBuf),
+    /// `--tls-creds-psk FILE`, and the primary's `--tls-psk-username`.
+    Psk {
+        /// keys.psk, or a directory holding it.
+        file: PathBuf,
+        /// The username the primary sends.
+        username: String,
+    },
+}
+
+impl TlsCreds {
+    /// The directory or file, for log lines.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            TlsCreds::X509(dir) => dir,
+            TlsCreds::Psk { file, .. } => file,
+        }
+    }
 }
 
 /// What the daemon stacks on top of the disk.
@@ -439,16 +473,15 @@ impl TryFrom<ServeArgs> for Config {
 }
 
 fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, ConfigError> {
-    if a.tls_creds_psk.is_some() {
-        return Err(invalid(
-            "tls-creds-psk",
-            "TLS-PSK is not supported: rustls has no external pre-shared-key support \
-             (rustls issue #174); use --tls-creds-x509 with QEMU's certificate layout",
-        ));
-    }
     if a.tls_hostname.is_some() && !matches!(mode, ModeConfig::Primary(_)) {
         return Err(ConfigError::WrongMode {
             flag: "tls-hostname",
+            mode: "primary",
+        });
+    }
+    if a.tls_psk_username.is_some() && !matches!(mode, ModeConfig::Primary(_)) {
+        return Err(ConfigError::WrongMode {
+            flag: "tls-psk-username",
             mode: "primary",
         });
     }
@@ -464,37 +497,75 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
             mode: "secondary",
         });
     }
-    let Some(dir) = a.tls_creds_x509.clone() else {
-        if a.tls_hostname.is_some() || !a.tls_authz.is_empty() {
-            return Err(invalid(
-                if a.tls_hostname.is_some() {
-                    "tls-hostname"
-                } else {
-                    "tls-authz"
-                },
-                "needs --tls-creds-x509",
-            ));
-        }
-        if let ModeConfig::Secondary(SecondaryConfig {
-            nbd_listen: Some(listen),
-            ..
-        }) = mode
-        {
-            if !a.nbd_insecure && !listen.is_loopback_or_unix() {
+    if a.tls_creds_x509.is_some() && a.tls_creds_psk.is_some() {
+        return Err(invalid(
+            "tls-creds-psk",
+            "give either --tls-creds-x509 or --tls-creds-psk, not both",
+        ));
+    }
+    if a.tls_creds_psk.is_some() && a.tls_hostname.is_some() {
+        return Err(invalid(
+            "tls-hostname",
+            "only with --tls-creds-x509: a pre-shared key has no certificate to check",
+        ));
+    }
+    if a.tls_psk_username.is_some() && a.tls_creds_psk.is_none() {
+        return Err(invalid("tls-psk-username", "needs --tls-creds-psk"));
+    }
+    let creds = match (&a.tls_creds_x509, &a.tls_creds_psk) {
+        (Some(dir), _) => TlsCreds::X509(dir.clone()),
+        (None, Some(file)) => {
+            let username = a
+                .tls_psk_username
+                .clone()
+                .unwrap_or_else(|| colo_blk::tls::psk::DEFAULT_USERNAME.to_string());
+            if username.is_empty() || username.contains([':', '\n', '\0']) {
                 return Err(invalid(
-                    "nbd-listen",
-                    format!(
-                        "{listen} is reachable from the network: give --tls-creds-x509, or \
-                         --nbd-insecure to serve the disk there in plain text"
-                    ),
+                    "tls-psk-username",
+                    format!("{username:?} cannot be a keys.psk username"),
                 ));
             }
+            TlsCreds::Psk {
+                file: file.clone(),
+                username,
+            }
         }
-        return Ok(None);
+        (None, None) => {
+            if a.tls_hostname.is_some() || !a.tls_authz.is_empty() {
+                return Err(invalid(
+                    if a.tls_hostname.is_some() {
+                        "tls-hostname"
+                    } else {
+                        "tls-authz"
+                    },
+                    "needs --tls-creds-x509 or --tls-creds-psk",
+                ));
+            }
+            if let ModeConfig::Secondary(SecondaryConfig {
+                nbd_listen: Some(listen),
+                ..
+            }) = mode
+            {
+                if !a.nbd_insecure && !listen.is_loopback_or_unix() {
+                    return Err(invalid(
+                        "nbd-listen",
+                        format!(
+                            "{listen} is reachable from the network: give --tls-creds-x509 \
+                             or --tls-creds-psk, or --nbd-insecure to serve the disk there \
+                             in plain text"
+                        ),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
     };
     if *mode == ModeConfig::Plain {
         return Err(invalid(
-            "tls-creds-x509",
+            match creds {
+                TlsCreds::X509(_) => "tls-creds-x509",
+                TlsCreds::Psk { .. } => "tls-creds-psk",
+            },
             "only valid with --mode primary or --mode secondary",
         ));
     }
@@ -515,7 +586,7 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
         }
     }
     Ok(Some(TlsConfig {
-        creds_x509: dir,
+        creds,
         hostname: a.tls_hostname.clone(),
         authz,
     }))
@@ -847,25 +918,71 @@ mod tests {
 
     #[test]
     fn tls_flags_are_checked_against_the_mode() {
-        let psk = parse(&[
+        let primary = |extra: &[&str]| {
+            let mut v = vec!["--mode", "primary", "--secondary", "nbd://h/e"];
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        let psk = primary(&["--tls-creds-psk", "/k"]).unwrap().tls.unwrap();
+        assert_eq!(
+            psk.creds,
+            TlsCreds::Psk {
+                file: "/k".into(),
+                username: "qemu".into()
+            }
+        );
+        let named = primary(&["--tls-creds-psk", "/k", "--tls-psk-username", "alice"]);
+        assert!(matches!(
+            named.unwrap().tls.unwrap().creds,
+            TlsCreds::Psk { username, .. } if username == "alice"
+        ));
+        for (extra, flag) in [
+            (&["--tls-psk-username", "alice"][..], "tls-psk-username"),
+            (
+                &["--tls-creds-psk", "/k", "--tls-hostname", "h"][..],
+                "tls-hostname",
+            ),
+            (
+                &["--tls-creds-psk", "/k", "--tls-psk-username", "a:b"][..],
+                "tls-psk-username",
+            ),
+        ] {
+            match primary(extra) {
+                Err(ConfigError::Invalid { flag: f, .. }) if f == flag => {}
+                other => panic!("{extra:?}: {other:?}"),
+            }
+        }
+        assert!(primary(&["--tls-creds-psk", "/k", "--tls-creds-x509", "/d"]).is_err());
+        assert!(matches!(
+            parse(&[
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                "unix:/x",
+                "--tls-creds-psk",
+                "/k",
+                "--tls-psk-username",
+                "a"
+            ]),
+            Err(ConfigError::WrongMode {
+                flag: "tls-psk-username",
+                ..
+            })
+        ));
+        let sec = parse(&[
             "--mode",
-            "primary",
-            "--secondary",
-            "nbd://h/e",
+            "secondary",
+            "--nbd-listen",
+            "tcp:0.0.0.0:10809",
             "--tls-creds-psk",
             "/k",
-        ]);
-        match psk {
-            Err(
-                e @ ConfigError::Invalid {
-                    flag: "tls-creds-psk",
-                    ..
-                },
-            ) => {
-                assert!(e.to_string().contains("rustls"), "{e}")
-            }
-            other => panic!("{other:?}"),
-        }
+            "--tls-authz",
+            "alice",
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(sec.authz, vec!["alice".to_string()]);
         assert!(matches!(
             parse(&[
                 "--mode",

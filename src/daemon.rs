@@ -5,7 +5,7 @@
 //! vhost layer serves. Side services (the QMP control socket, the secondary's
 //! NBD server) live as long as the vhost loop and stop after it.
 
-use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
+use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig, TlsCreds};
 use colo_blk::block::{
     BlockDev, BlockError, Overlay, Parallel, RawFile, RawFileOptions, SharedDev,
 };
@@ -134,7 +134,7 @@ fn release_held_writes_on_shutdown(stack: &Stack, shutdown: &Arc<Shutdown>) {
     }
 }
 
-/// The loaded `--tls-creds-x509` credentials, per side.
+/// The loaded `--tls-creds-x509` / `--tls-creds-psk` credentials, per side.
 #[derive(Default)]
 struct LinkTls {
     server: Option<Arc<colo_blk::tls::ServerTls>>,
@@ -144,27 +144,30 @@ struct LinkTls {
 /// Loads the credentials at start (a bad setup fails here, before the guest
 /// is served) and makes SIGHUP reload them for later handshakes.
 fn load_tls(cfg: &Config) -> Result<LinkTls, DaemonError> {
+    use colo_blk::tls::{ClientTls, ServerTls};
     let Some(t) = &cfg.tls else {
         return Ok(LinkTls::default());
     };
-    let tls = match &cfg.mode {
-        ModeConfig::Secondary(_) => LinkTls {
-            server: Some(Arc::new(colo_blk::tls::ServerTls::load(
-                &t.creds_x509,
-                t.authz.clone(),
-            )?)),
+    let tls = match (&cfg.mode, &t.creds) {
+        (ModeConfig::Secondary(_), TlsCreds::X509(dir)) => LinkTls {
+            server: Some(Arc::new(ServerTls::load(dir, t.authz.clone())?)),
             client: None,
         },
-        _ => LinkTls {
+        (ModeConfig::Secondary(_), TlsCreds::Psk { file, .. }) => LinkTls {
+            server: Some(Arc::new(ServerTls::load_psk(file, t.authz.clone())?)),
+            client: None,
+        },
+        (_, TlsCreds::X509(dir)) => LinkTls {
             server: None,
-            client: Some(Arc::new(colo_blk::tls::ClientTls::load(
-                &t.creds_x509,
-                t.hostname.as_deref(),
-            )?)),
+            client: Some(Arc::new(ClientTls::load(dir, t.hostname.as_deref())?)),
+        },
+        (_, TlsCreds::Psk { file, username }) => LinkTls {
+            server: None,
+            client: Some(Arc::new(ClientTls::load_psk(file, username)?)),
         },
     };
     let (server, client) = (tls.server.clone(), tls.client.clone());
-    let dir = t.creds_x509.clone();
+    let dir = t.creds.path().to_path_buf();
     signals::on_reload(Box::new(move || {
         let r = match (&server, &client) {
             (Some(s), _) => s.reload(),

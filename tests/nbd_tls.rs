@@ -685,22 +685,6 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
         "--size",
         "1M",
         "--mode",
-        "primary",
-        "--secondary",
-        "nbd://127.0.0.1:1/parent0",
-        "--tls-creds-psk",
-        "/etc/keys.psk",
-    ]);
-    assert!(code == 2 && err.contains("rustls"), "{err}");
-
-    let (code, err) = refused_start(&[
-        "--socket",
-        sock.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--size",
-        "1M",
-        "--mode",
         "secondary",
         "--nbd-listen",
         "tcp:0.0.0.0:10809",
