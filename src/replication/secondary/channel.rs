@@ -114,19 +114,18 @@ impl SecondaryChannel {
         };
         // Stable while the pass is held: stages change with the gate closed.
         let stage = self.s.stage();
-        if op.kind == Kind::Flush {
-            match stage {
-                // Overlays are volatile by design: nothing to make durable.
-                Stage::Running => self.complete(op.id, Ok(())),
-                _ => self.start_on_disk(op, Some(pass), None),
-            }
-            return None;
-        }
         let kind = match op.kind {
             Kind::Read => GuestOp::Read,
             Kind::Write => GuestOp::Write,
             Kind::Discard | Kind::Zeroes { .. } => GuestOp::Zeroes,
-            Kind::Flush => unreachable!("handled above"),
+            Kind::Flush => {
+                match stage {
+                    // Overlays are volatile by design: nothing to make durable.
+                    Stage::Running => self.complete(op.id, Ok(())),
+                    _ => self.start_on_disk(op, Some(pass), None),
+                }
+                return None;
+            }
         };
         let range = if self.s.guest_needs_hold(stage, kind, op.offset, op.len) {
             match self
