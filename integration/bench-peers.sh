@@ -21,7 +21,8 @@
 # every server in turn, the order rotating between rounds.
 #
 # When the binary under test takes --poll-us (`serve --help`), it runs twice:
-# as it comes (polling on, its default) and with --poll-us 0.
+# with polling on (--poll-us BENCH_POLL_US, default 50) and with --poll-us 0
+# (serve's default).
 #
 #   COLO_BLK_BIN        colo-blk under test (default: this checkout's release
 #                       build, which always runs the client)
@@ -58,6 +59,7 @@ bench_need qemu-storage-daemon fio python3 findmnt
 bench_baseline
 poll=
 bench_has_poll "$colo" && poll=1
+poll_us=${BENCH_POLL_US:-50}
 
 tmpfs_rows=seqwrite-1m-qd8,seqread-1m-qd8,randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32
 direct_rows=randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,randread-4k-qd128,randwrite-4k-qd128,seqread-1m-qd8,seqwrite-1m-qd8,randread-4k-2q-qd32,randwrite-4k-2q-qd32
@@ -105,7 +107,7 @@ server_cmd() {
   local img=${timg:-} q=1 cache=off extra=()
   if [ "$1" = direct ]; then img=$dimg q=2 cache=on extra=(--direct); fi
   case "$2" in
-    colo) cmd=(colo "$colo" colo "$img" "$q" "${extra[@]}") ;;
+    colo) cmd=(colo "$colo" colo "$img" "$q" "${extra[@]}" ${poll:+--poll-us "$poll_us"}) ;;
     colo-nopoll) cmd=(colo "$colo" colo-nopoll "$img" "$q" "${extra[@]}" --poll-us 0) ;;
     baseline) cmd=(colo "$baseline" baseline "$img" "$q" "${extra[@]}") ;;
     qsd-threads) cmd=(qsd qsd-threads "$img" threads "$cache" "$q") ;;
@@ -191,7 +193,7 @@ PY
 }
 
 echo "== $(bench_load) at start; $seconds s per workload, $rounds round(s), median counts"
-echo "== colo-blk under test: $colo$( [ -n "$poll" ] && echo ' (takes --poll-us: runs with polling on and off)')"
+echo "== colo-blk under test: $colo$( [ -n "$poll" ] && echo " (takes --poll-us: runs with --poll-us $poll_us and 0)")"
 
 opt=()
 [ -n "$poll" ] && opt+=(colo-nopoll)
@@ -219,7 +221,7 @@ fi
 echo "== $(bench_load) at end"
 
 colo_label="colo-blk"
-[ -n "$poll" ] && colo_label="colo-blk (polling on)"
+[ -n "$poll" ] && colo_label="colo-blk --poll-us $poll_us"
 if [[ ,$tables, == *,tmpfs,* ]]; then
   bench_median "$work/tmpfs.res" >"$work/tmpfs.med"
   echo
@@ -227,7 +229,7 @@ if [[ ,$tables, == *,tmpfs,* ]]; then
   echo
   bench_table "$work/tmpfs.med" "$tmpfs_rows" \
     "colo=$colo_label,colo-nopoll=colo-blk --poll-us 0,baseline=colo-blk baseline,qsd-threads=qsd aio=threads,qsd-io_uring=qsd aio=io_uring" \
-    "colo / better qsd=colo/max(qsd-threads|qsd-io_uring),colo / baseline=colo/baseline,--poll-us 0 / better qsd=colo-nopoll/max(qsd-threads|qsd-io_uring)"
+    "colo / better qsd=colo/max(qsd-threads|qsd-io_uring),colo / baseline=colo/baseline,--poll-us 0 / better qsd=colo-nopoll/max(qsd-threads|qsd-io_uring),--poll-us 0 / baseline=colo-nopoll/baseline"
 fi
 if [[ ,$tables, == *,direct,* ]]; then
   bench_median "$work/direct.res" >"$work/direct.med"

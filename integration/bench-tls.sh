@@ -2,7 +2,8 @@
 # What TLS costs on the replication link, in one run, on tmpfs images:
 #   a. guest writes (`colo-blk bench`, libblkio) through a primary forwarding to a
 #      colo-blk secondary over TCP loopback, plain and with NBD over TLS
-#      (--tls-creds-x509, credentials from integration/tls/make-certs.sh);
+#      (--tls-creds-x509, credentials from integration/tls/make-certs.sh), and
+#      with pre-shared keys (--tls-creds-psk: GnuTLS, as QEMU);
 #   b. the same primary over TLS into qemu-nbd with QEMU's TLS (GnuTLS) as the
 #      secondary-side server;
 #   c. QEMU alone: the same guest workloads through qemu-storage-daemon's
@@ -54,16 +55,19 @@ guest_bench() {
   awk -v t="$1" '$1=="RESULT" { print t, $2, $3, $5, $6 }' "$work/bench.out" >>"$work/results"
 }
 
-# run_primary TAG SERVER(colo|qemu) TLS(0|1)
+# run_primary TAG SERVER(colo|qemu) TLS(0|x509|psk)
 run_primary() {
   local tag=$1 server=$2 tls=$3 port sec_pid pri_pid
   local stls=() ptls=()
   port=$(free_port)
   cp "$img" "$sec"
   rm -f "$work"/*.sock "$sec.active" "$sec.hidden"
-  if [ "$tls" = 1 ]; then
+  if [ "$tls" = x509 ]; then
     stls=(--tls-creds-x509 "$certs/server" --tls-authz "C=GB,O=Example,CN=client")
     ptls=(--tls-creds-x509 "$certs/client")
+  elif [ "$tls" = psk ]; then
+    stls=(--tls-creds-psk "$certs/psk" --tls-authz primary)
+    ptls=(--tls-creds-psk "$certs/psk-client" --tls-psk-username primary)
   fi
   if [ "$server" = colo ]; then
     bench_start secondary "$bin" serve --socket "$work/sec-vhost.sock" --disk "$sec" --num-queues 1 \
@@ -87,7 +91,7 @@ run_primary() {
   guest_bench "$tag" "$work/vhost.sock"
   "$bin" ctl --control "$work/pri-ctl.sock" get-error >/dev/null ||
     { echo "[$tag] forwarding failed:" >&2; "$bin" ctl --control "$work/pri-ctl.sock" get-error >&2; exit 1; }
-  if [ "$tls" = 1 ] && [ "$server" = colo ]; then
+  if [ "$tls" != 0 ] && [ "$server" = colo ]; then
     grep -q "TLS established" "${bench_logs[$sec_pid]}" || { echo "[$tag] the link is not TLS" >&2; exit 1; }
   fi
   bench_stop "$pri_pid"
@@ -123,8 +127,9 @@ echo "== $(bench_load) before; $seconds s per workload, $rounds round(s)"
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   run_primary plain-tcp colo 0
-  run_primary tls colo 1
-  run_primary tls-to-qemu-nbd qemu 1
+  run_primary tls colo x509
+  run_primary tls-psk colo psk
+  run_primary tls-to-qemu-nbd qemu x509
   qemu_alone
 done
 echo "== $(bench_load) after"
@@ -132,13 +137,14 @@ echo "== $(bench_load) after"
 awk '{ k = $1 " " $2; if (!(k in v) || $3 > v[k]) { v[k] = $3; l[k] = $0 } } END { for (k in l) print l[k] }' \
   "$work/results" >"$work/best"
 echo
-printf '| %-18s | %12s | %12s | %16s | %14s | %9s | %11s |\n' workload "plain TCP" "TLS" "TLS->qemu-nbd" "QEMU TLS alone" "TLS/plain" "TLS/QEMU"
-printf '|%s|%s|%s|%s|%s|%s|%s|\n' "--------------------" "--------------" "--------------" "------------------" "----------------" "-----------" "-------------"
+printf '| %-18s | %12s | %12s | %12s | %16s | %14s | %9s | %9s | %11s |\n' workload "plain TCP" "TLS" "TLS-PSK" "TLS->qemu-nbd" "QEMU TLS alone" "TLS/plain" "PSK/plain" "TLS/QEMU"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' "--------------------" "--------------" "--------------" "--------------" "------------------" "----------------" "-----------" "-----------" "-------------"
 for w in ${workloads//,/ }; do
   awk -v w="$w" '
     $2==w { v[$1]=$3 }
-    END { printf "| %-18s | %12d | %12d | %16d | %14d | %8.2fx | %10.2fx |\n", w,
-      v["plain-tcp"], v["tls"], v["tls-to-qemu-nbd"], v["qemu-tls"],
-      (v["plain-tcp"] ? v["tls"] / v["plain-tcp"] : 0), (v["qemu-tls"] ? v["tls"] / v["qemu-tls"] : 0) }' "$work/best"
+    END { printf "| %-18s | %12d | %12d | %12d | %16d | %14d | %8.2fx | %8.2fx | %10.2fx |\n", w,
+      v["plain-tcp"], v["tls"], v["tls-psk"], v["tls-to-qemu-nbd"], v["qemu-tls"],
+      (v["plain-tcp"] ? v["tls"] / v["plain-tcp"] : 0), (v["plain-tcp"] ? v["tls-psk"] / v["plain-tcp"] : 0),
+      (v["qemu-tls"] ? v["tls"] / v["qemu-tls"] : 0) }' "$work/best"
 done
-echo "(IOPS, best of $rounds rounds; TLS/QEMU: colo-blk primary over TLS vs qemu-storage-daemon over QEMU's TLS NBD)"
+echo "(IOPS, best of $rounds rounds; TLS: x509 on rustls, TLS-PSK: pre-shared keys on GnuTLS; TLS/QEMU: colo-blk primary over x509 TLS vs qemu-storage-daemon over QEMU's TLS NBD)"

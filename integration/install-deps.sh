@@ -25,6 +25,9 @@ command -v nft >/dev/null || other_pkgs+=(nftables)             # two-host fault
 command -v python3 >/dev/null || other_pkgs+=(python3 python3-pip)
 command -v fio >/dev/null || other_pkgs+=(fio)                  # bench-peers.sh: the device's limit
 command -v openssl >/dev/null || other_pkgs+=(openssl)              # integration/tls/make-certs.sh
+# --tls-creds-psk runs on GnuTLS, dlopen'ed at start (QEMU depends on it too);
+# make-certs.sh writes keys.psk itself, so psktool (gnutls-bin) is not needed.
+ldconfig -p 2>/dev/null | grep -q 'libgnutls\.so\.30 ' || other_pkgs+=(libgnutls30)
 command -v ocf-tester >/dev/null || other_pkgs+=(resource-agents)   # integration/ocf: ocf-tester
 command -v pacemakerd >/dev/null || other_pkgs+=(pacemaker)         # integration/ocf: one-node cluster
 command -v corosync >/dev/null || other_pkgs+=(corosync)

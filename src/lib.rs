@@ -13,6 +13,7 @@ pub mod replication;
 pub mod stats;
 mod sync;
 pub mod tls;
+pub mod units;
 pub mod unix_socket;
 pub mod vhost;
 pub mod virtio_blk;

@@ -84,7 +84,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "512|4096", default_value_t = 512)]
     pub logical_block_size: u32,
 
-    /// QMP control socket for replication (start, checkpoint, stop, status).
+    /// QMP control socket: replication (start, checkpoint, stop, status),
+    /// statistics, online resize (block_resize, plain mode).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
@@ -162,10 +163,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub tls_creds_x509: Option<PathBuf>,
 
-    /// TLS-PSK credentials in QEMU's keys.psk format. Not supported (rustls
-    /// has no external PSK); accepted so the refusal can say why.
+    /// NBD over TLS with pre-shared keys, in QEMU's tls-creds-psk format: a
+    /// keys.psk file of username:hexkey lines (psktool -u NAME -p FILE), or
+    /// QEMU's directory holding keys.psk. The secondary picks the key by the
+    /// client's username; the primary sends --tls-psk-username. Runs on
+    /// GnuTLS (libgnutls.so.30, loaded at start), as QEMU does. SIGHUP
+    /// reloads it.
     #[arg(long, value_name = "FILE")]
     pub tls_creds_psk: Option<PathBuf>,
+
+    /// Primary: the username whose keys.psk line --tls-creds-psk uses (QEMU's
+    /// tls-creds-psk username=). Default: qemu
+    #[arg(long, value_name = "NAME")]
+    pub tls_psk_username: Option<String>,
 
     /// Primary: the name the secondary's certificate must carry. Default: the
     /// host of --secondary (localhost for a Unix socket).
@@ -173,8 +183,9 @@ pub struct ServeArgs {
     pub tls_hostname: Option<String>,
 
     /// Secondary: client identities allowed in, as certificate subject DNs in
-    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary"); @FILE reads one
-    /// per line. Default: any certificate the CA signed.
+    /// QEMU's rendering (e.g. "C=GB,O=Example,CN=primary") or, with
+    /// --tls-creds-psk, PSK usernames; @FILE reads one per line. Default: any
+    /// certificate the CA signed, any username of keys.psk.
     #[arg(long, value_name = "IDENTITY", num_args = 1..)]
     pub tls_authz: Vec<String>,
 
@@ -249,15 +260,39 @@ pub struct Config {
     pub nbd_insecure: bool,
 }
 
-/// `--tls-*` settings (x509 credentials in QEMU's layout).
+/// `--tls-*` settings (credentials in QEMU's layouts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// The credentials directory.
-    pub creds_x509: PathBuf,
+    /// The credentials.
+    pub creds: TlsCreds,
     /// Primary: the server name to check.
     pub hostname: Option<String>,
     /// Secondary: allowed client identities (empty: any the CA signed).
     pub authz: Vec<String>,
+}
+
+/// Which credentials `--tls-creds-*` gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsCreds {
+    /// `--tls-creds-x509 DIR`.
+    X509(PathBuf),
+    /// `--tls-creds-psk FILE`, and the primary's `--tls-psk-username`.
+    Psk {
+        /// keys.psk, or a directory holding it.
+        file: PathBuf,
+        /// The username the primary sends.
+        username: String,
+    },
+}
+
+impl TlsCreds {
+    /// The directory or file, for log lines.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            TlsCreds::X509(dir) => dir,
+            TlsCreds::Psk { file, .. } => file,
+        }
+    }
 }
 
 /// What the daemon stacks on top of the disk.
@@ -436,16 +471,15 @@ impl TryFrom<ServeArgs> for Config {
 }
 
 fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, ConfigError> {
-    if a.tls_creds_psk.is_some() {
-        return Err(invalid(
-            "tls-creds-psk",
-            "TLS-PSK is not supported: rustls has no external pre-shared-key support \
-             (rustls issue #174); use --tls-creds-x509 with QEMU's certificate layout",
-        ));
-    }
     if a.tls_hostname.is_some() && !matches!(mode, ModeConfig::Primary(_)) {
         return Err(ConfigError::WrongMode {
             flag: "tls-hostname",
+            mode: "primary",
+        });
+    }
+    if a.tls_psk_username.is_some() && !matches!(mode, ModeConfig::Primary(_)) {
+        return Err(ConfigError::WrongMode {
+            flag: "tls-psk-username",
             mode: "primary",
         });
     }
@@ -461,37 +495,75 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
             mode: "secondary",
         });
     }
-    let Some(dir) = a.tls_creds_x509.clone() else {
-        if a.tls_hostname.is_some() || !a.tls_authz.is_empty() {
-            return Err(invalid(
-                if a.tls_hostname.is_some() {
-                    "tls-hostname"
-                } else {
-                    "tls-authz"
-                },
-                "needs --tls-creds-x509",
-            ));
-        }
-        if let ModeConfig::Secondary(SecondaryConfig {
-            nbd_listen: Some(listen),
-            ..
-        }) = mode
-        {
-            if !a.nbd_insecure && !listen.is_loopback_or_unix() {
+    if a.tls_creds_x509.is_some() && a.tls_creds_psk.is_some() {
+        return Err(invalid(
+            "tls-creds-psk",
+            "give either --tls-creds-x509 or --tls-creds-psk, not both",
+        ));
+    }
+    if a.tls_creds_psk.is_some() && a.tls_hostname.is_some() {
+        return Err(invalid(
+            "tls-hostname",
+            "only with --tls-creds-x509: a pre-shared key has no certificate to check",
+        ));
+    }
+    if a.tls_psk_username.is_some() && a.tls_creds_psk.is_none() {
+        return Err(invalid("tls-psk-username", "needs --tls-creds-psk"));
+    }
+    let creds = match (&a.tls_creds_x509, &a.tls_creds_psk) {
+        (Some(dir), _) => TlsCreds::X509(dir.clone()),
+        (None, Some(file)) => {
+            let username = a
+                .tls_psk_username
+                .clone()
+                .unwrap_or_else(|| colo_blk::tls::psk::DEFAULT_USERNAME.to_string());
+            if username.is_empty() || username.contains([':', '\n', '\0']) {
                 return Err(invalid(
-                    "nbd-listen",
-                    format!(
-                        "{listen} is reachable from the network: give --tls-creds-x509, or \
-                         --nbd-insecure to serve the disk there in plain text"
-                    ),
+                    "tls-psk-username",
+                    format!("{username:?} cannot be a keys.psk username"),
                 ));
             }
+            TlsCreds::Psk {
+                file: file.clone(),
+                username,
+            }
         }
-        return Ok(None);
+        (None, None) => {
+            if a.tls_hostname.is_some() || !a.tls_authz.is_empty() {
+                return Err(invalid(
+                    if a.tls_hostname.is_some() {
+                        "tls-hostname"
+                    } else {
+                        "tls-authz"
+                    },
+                    "needs --tls-creds-x509 or --tls-creds-psk",
+                ));
+            }
+            if let ModeConfig::Secondary(SecondaryConfig {
+                nbd_listen: Some(listen),
+                ..
+            }) = mode
+            {
+                if !a.nbd_insecure && !listen.is_loopback_or_unix() {
+                    return Err(invalid(
+                        "nbd-listen",
+                        format!(
+                            "{listen} is reachable from the network: give --tls-creds-x509 \
+                             or --tls-creds-psk, or --nbd-insecure to serve the disk there \
+                             in plain text"
+                        ),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
     };
     if *mode == ModeConfig::Plain {
         return Err(invalid(
-            "tls-creds-x509",
+            match creds {
+                TlsCreds::X509(_) => "tls-creds-x509",
+                TlsCreds::Psk { .. } => "tls-creds-psk",
+            },
             "only valid with --mode primary or --mode secondary",
         ));
     }
@@ -512,7 +584,7 @@ fn tls_config(a: &ServeArgs, mode: &ModeConfig) -> Result<Option<TlsConfig>, Con
         }
     }
     Ok(Some(TlsConfig {
-        creds_x509: dir,
+        creds,
         hostname: a.tls_hostname.clone(),
         authz,
     }))
@@ -621,32 +693,9 @@ fn nbd_limits(a: &ServeArgs) -> Result<ServerLimits, ConfigError> {
     Ok(l)
 }
 
-/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix {c:?} in {s:?} (use K, M, G, T)"
-                    ))
-                }
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024);
+/// shared with `ctl resize`.
+pub use colo_blk::units::parse_size;
 
 /// Parses `--nbd-listen`: `unix:PATH` or `tcp:HOST:PORT` (`tcp:[v6addr]:PORT`).
 pub fn parse_nbd_listen(s: &str) -> Result<NbdAddr, String> {
@@ -870,25 +919,71 @@ mod tests {
 
     #[test]
     fn tls_flags_are_checked_against_the_mode() {
-        let psk = parse(&[
+        let primary = |extra: &[&str]| {
+            let mut v = vec!["--mode", "primary", "--secondary", "nbd://h/e"];
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        let psk = primary(&["--tls-creds-psk", "/k"]).unwrap().tls.unwrap();
+        assert_eq!(
+            psk.creds,
+            TlsCreds::Psk {
+                file: "/k".into(),
+                username: "qemu".into()
+            }
+        );
+        let named = primary(&["--tls-creds-psk", "/k", "--tls-psk-username", "alice"]);
+        assert!(matches!(
+            named.unwrap().tls.unwrap().creds,
+            TlsCreds::Psk { username, .. } if username == "alice"
+        ));
+        for (extra, flag) in [
+            (&["--tls-psk-username", "alice"][..], "tls-psk-username"),
+            (
+                &["--tls-creds-psk", "/k", "--tls-hostname", "h"][..],
+                "tls-hostname",
+            ),
+            (
+                &["--tls-creds-psk", "/k", "--tls-psk-username", "a:b"][..],
+                "tls-psk-username",
+            ),
+        ] {
+            match primary(extra) {
+                Err(ConfigError::Invalid { flag: f, .. }) if f == flag => {}
+                other => panic!("{extra:?}: {other:?}"),
+            }
+        }
+        assert!(primary(&["--tls-creds-psk", "/k", "--tls-creds-x509", "/d"]).is_err());
+        assert!(matches!(
+            parse(&[
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                "unix:/x",
+                "--tls-creds-psk",
+                "/k",
+                "--tls-psk-username",
+                "a"
+            ]),
+            Err(ConfigError::WrongMode {
+                flag: "tls-psk-username",
+                ..
+            })
+        ));
+        let sec = parse(&[
             "--mode",
-            "primary",
-            "--secondary",
-            "nbd://h/e",
+            "secondary",
+            "--nbd-listen",
+            "tcp:0.0.0.0:10809",
             "--tls-creds-psk",
             "/k",
-        ]);
-        match psk {
-            Err(
-                e @ ConfigError::Invalid {
-                    flag: "tls-creds-psk",
-                    ..
-                },
-            ) => {
-                assert!(e.to_string().contains("rustls"), "{e}")
-            }
-            other => panic!("{other:?}"),
-        }
+            "--tls-authz",
+            "alice",
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(sec.authz, vec!["alice".to_string()]);
         assert!(matches!(
             parse(&[
                 "--mode",
@@ -940,15 +1035,5 @@ mod tests {
             c.tls.unwrap().authz,
             vec!["CN=a,O=B".to_string(), "CN=c".to_string()]
         );
-    }
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -5,7 +5,7 @@
 //! vhost layer serves. Side services (the QMP control socket, the secondary's
 //! NBD server) live as long as the vhost loop and stop after it.
 
-use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig};
+use crate::config::{Config, ModeConfig, PrimaryConfig, SecondaryConfig, TlsCreds};
 use colo_blk::block::{
     BlockDev, BlockError, Overlay, Parallel, RawFile, RawFileOptions, SharedDev,
 };
@@ -14,7 +14,7 @@ use colo_blk::nbd;
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
 use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
 use colo_blk::stats::{self, DeviceStats, MetricsServer};
-use colo_blk::vhost::{self, ServeOptions, Shutdown, VhostError};
+use colo_blk::vhost::{self, Resizer, ServeOptions, Shutdown, VhostError};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,7 +79,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let disk = open_disk(&cfg)?;
     let stack = build_stack(&cfg, disk, counting_sink(hub.sink()), &tls)?;
     let stats = DeviceStats::new(usize::from(cfg.num_queues));
-    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls, &stats)?;
+    // Online resize (block_resize) is for a plain disk only: a replicated one
+    // would have to grow on both hosts at once; the control socket refuses it.
+    let resizer = Arc::new(Resizer::new(stack.guest.clone(), cfg.logical_block_size));
+    let resize = stack.replication.is_none().then(|| Arc::clone(&resizer));
+    let services = SideServices::start(&cfg, &stack, &shutdown, hub, &tls, &stats, resize)?;
     let metrics = match &cfg.metrics {
         None => None,
         Some(addr) => Some(MetricsServer::spawn(addr, prometheus_render(&stats))?),
@@ -87,6 +91,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     release_held_writes_on_shutdown(&stack, &shutdown);
     let mut opts = serve_options(&cfg);
     opts.stats = Some(stats);
+    opts.resizer = Some(resizer);
     let result = vhost::serve(stack.guest.clone(), &opts, &shutdown);
     drop(metrics);
     services.stop();
@@ -129,7 +134,7 @@ fn release_held_writes_on_shutdown(stack: &Stack, shutdown: &Arc<Shutdown>) {
     }
 }
 
-/// The loaded `--tls-creds-x509` credentials, per side.
+/// The loaded `--tls-creds-x509` / `--tls-creds-psk` credentials, per side.
 #[derive(Default)]
 struct LinkTls {
     server: Option<Arc<colo_blk::tls::ServerTls>>,
@@ -139,27 +144,30 @@ struct LinkTls {
 /// Loads the credentials at start (a bad setup fails here, before the guest
 /// is served) and makes SIGHUP reload them for later handshakes.
 fn load_tls(cfg: &Config) -> Result<LinkTls, DaemonError> {
+    use colo_blk::tls::{ClientTls, ServerTls};
     let Some(t) = &cfg.tls else {
         return Ok(LinkTls::default());
     };
-    let tls = match &cfg.mode {
-        ModeConfig::Secondary(_) => LinkTls {
-            server: Some(Arc::new(colo_blk::tls::ServerTls::load(
-                &t.creds_x509,
-                t.authz.clone(),
-            )?)),
+    let tls = match (&cfg.mode, &t.creds) {
+        (ModeConfig::Secondary(_), TlsCreds::X509(dir)) => LinkTls {
+            server: Some(Arc::new(ServerTls::load(dir, t.authz.clone())?)),
             client: None,
         },
-        _ => LinkTls {
+        (ModeConfig::Secondary(_), TlsCreds::Psk { file, .. }) => LinkTls {
+            server: Some(Arc::new(ServerTls::load_psk(file, t.authz.clone())?)),
+            client: None,
+        },
+        (_, TlsCreds::X509(dir)) => LinkTls {
             server: None,
-            client: Some(Arc::new(colo_blk::tls::ClientTls::load(
-                &t.creds_x509,
-                t.hostname.as_deref(),
-            )?)),
+            client: Some(Arc::new(ClientTls::load(dir, t.hostname.as_deref())?)),
+        },
+        (_, TlsCreds::Psk { file, username }) => LinkTls {
+            server: None,
+            client: Some(Arc::new(ClientTls::load_psk(file, username)?)),
         },
     };
     let (server, client) = (tls.server.clone(), tls.client.clone());
-    let dir = t.creds_x509.clone();
+    let dir = t.creds.path().to_path_buf();
     signals::on_reload(Box::new(move || {
         let r = match (&server, &client) {
             (Some(s), _) => s.reload(),
@@ -300,9 +308,11 @@ fn secondary_stack(
     let active = open_overlay(&secondary.active, size)?;
     let hidden = open_overlay(&secondary.hidden, size)?;
     let node = Secondary::new(disk, active, hidden, cfg.cluster_size, events)?;
-    // The guest's path through the overlays is synchronous; on an O_DIRECT
-    // disk it runs on the queue's pool so the disk still sees queue depth.
-    let guest = if cfg.direct {
+    // With io_uring on the disk (O_DIRECT), the guest view opens a channel per
+    // queue that keeps the guest's queue depth on the disk. Without one (an
+    // O_DIRECT disk forced onto the synchronous engine), the guest's requests
+    // run on the queue's pool so the disk still sees queue depth.
+    let guest = if cfg.direct && !cfg.io_engine.uses_uring(true) {
         Arc::new(Parallel::new(node.guest(), SECONDARY_DIRECT_DEPTH)) as SharedDev
     } else {
         node.guest()
@@ -312,7 +322,14 @@ fn secondary_stack(
         nbd_export: Some(NbdExport {
             listen: secondary.nbd_listen.clone(),
             name: secondary.nbd_export.clone(),
-            dev: node.primary(),
+            // On an O_DIRECT disk every primary write waits on the device (and
+            // the first one to a cluster after a checkpoint reads and copies
+            // it first): run them several at once, not inline on the reader.
+            dev: if cfg.direct {
+                Arc::new(Parallel::new(node.primary(), SECONDARY_DIRECT_DEPTH)) as SharedDev
+            } else {
+                node.primary()
+            },
             limits: secondary.nbd_limits,
         }),
         replication: Some(node),
@@ -359,6 +376,7 @@ fn serve_options(cfg: &Config) -> ServeOptions {
         serial: cfg.serial.clone(),
         poll_us: cfg.poll_us,
         stats: None,
+        resizer: None,
     }
 }
 
@@ -377,6 +395,7 @@ impl SideServices {
         hub: Arc<EventHub>,
         tls: &LinkTls,
         stats: &Arc<DeviceStats>,
+        resize: Option<Arc<Resizer>>,
     ) -> Result<Self, DaemonError> {
         // One NBD export, opened by --nbd-listen now or by QEMU's
         // nbd-server-start + nbd-server-add later; QEMU setups name the disk
@@ -414,6 +433,7 @@ impl SideServices {
                     on_quit: Arc::new(move || shutdown.request()),
                     stats: Some(Arc::clone(stats)),
                     node: node_name(cfg),
+                    resize: resize.map(|r| r as Arc<dyn vhost::Resize>),
                 };
                 Some(ControlServer::spawn(path, ctx)?)
             }

@@ -22,6 +22,15 @@ enum Link {
     /// TCP on loopback with NBD over TLS (make-certs.sh credentials, the
     /// primary's identity required by --tls-authz).
     TcpTls,
+    /// The same with pre-shared keys (make-certs.sh's keys.psk, username
+    /// `primary` required by --tls-authz).
+    TcpPsk,
+}
+
+impl Link {
+    fn tls(self) -> bool {
+        matches!(self, Link::TcpTls | Link::TcpPsk)
+    }
 }
 
 struct Side {
@@ -82,8 +91,9 @@ struct Pair {
     uri: String,
     primary: Option<Daemon>,
     secondary: Option<Daemon>,
-    /// TLS credentials directory (TcpTls only).
+    /// TLS credentials directory (TcpTls, TcpPsk).
     certs: Option<PathBuf>,
+    link: Link,
 }
 
 impl Pair {
@@ -100,7 +110,7 @@ impl Pair {
                     format!("nbd+unix:///parent0?socket={}", sock.display()),
                 )
             }
-            Link::Tcp | Link::TcpTls => {
+            Link::Tcp | Link::TcpTls | Link::TcpPsk => {
                 let port = free_port();
                 (
                     format!("tcp:127.0.0.1:{port}"),
@@ -108,7 +118,7 @@ impl Pair {
                 )
             }
         };
-        let certs = matches!(link, Link::TcpTls).then(|| make_certs(root.path()));
+        let certs = link.tls().then(|| make_certs(root.path()));
         let mut pair = Pair {
             _root: root,
             p,
@@ -118,16 +128,27 @@ impl Pair {
             primary: None,
             secondary: None,
             certs,
+            link,
         };
         pair.start_secondary_process();
         let mut args = ["--mode", "primary", "--secondary", &pair.uri]
             .map(String::from)
             .to_vec();
         if let Some(c) = &pair.certs {
-            args.extend([
-                "--tls-creds-x509".into(),
-                c.join("client").display().to_string(),
-            ]);
+            args.extend(match link {
+                Link::TcpPsk => [
+                    "--tls-creds-psk".into(),
+                    c.join("psk-client/keys.psk").display().to_string(),
+                    "--tls-psk-username".into(),
+                    "primary".into(),
+                ]
+                .to_vec(),
+                _ => [
+                    "--tls-creds-x509".into(),
+                    c.join("client").display().to_string(),
+                ]
+                .to_vec(),
+            });
         }
         pair.primary = Some(pair.p.spawn(&args));
         pair
@@ -138,12 +159,20 @@ impl Pair {
             .map(String::from)
             .to_vec();
         if let Some(c) = &self.certs {
-            args.extend([
-                "--tls-creds-x509".into(),
-                c.join("server").display().to_string(),
-                "--tls-authz".into(),
-                "C=GB,O=Example,CN=client".into(),
-            ]);
+            args.extend(match self.link {
+                Link::TcpPsk => [
+                    "--tls-creds-psk".into(),
+                    c.join("psk").display().to_string(),
+                    "--tls-authz".into(),
+                    "primary".into(),
+                ],
+                _ => [
+                    "--tls-creds-x509".into(),
+                    c.join("server").display().to_string(),
+                    "--tls-authz".into(),
+                    "C=GB,O=Example,CN=client".into(),
+                ],
+            });
         }
         self.secondary = Some(self.s.spawn(&args));
     }
@@ -152,8 +181,13 @@ impl Pair {
     fn nbd_client(&self) -> Result<nbd::Client, nbd::NbdError> {
         let mut opts = nbd::ClientOptions::default();
         if let Some(c) = &self.certs {
-            let tls = colo_blk::tls::ClientTls::load(&c.join("client"), None).unwrap();
-            opts.tls = Some(Arc::new(tls));
+            let tls = match self.link {
+                Link::TcpPsk => {
+                    colo_blk::tls::ClientTls::load_psk(&c.join("psk-client"), "primary")
+                }
+                _ => colo_blk::tls::ClientTls::load(&c.join("client"), None),
+            };
+            opts.tls = Some(Arc::new(tls.unwrap()));
         }
         nbd::Client::connect_to(&nbd::NbdUri::parse(&self.uri).unwrap(), opts)
     }
@@ -227,8 +261,12 @@ fn checkpoints_then_failover(link: Link) {
     pair.assert_disks_equal("after the initial resync");
     if pair.certs.is_some() {
         let log = std::fs::read_to_string(pair.s.dir.join("serve.log")).unwrap();
+        let client = match link {
+            Link::TcpPsk => "TLS established, client \"primary\" (ECDHE-PSK",
+            _ => "TLS established, client \"C=GB,O=Example,CN=client\"",
+        };
         assert!(
-            log.contains("TLS established, client \"C=GB,O=Example,CN=client\""),
+            log.contains(client),
             "the primary's link is not TLS:\n{log}"
         );
     }
@@ -288,6 +326,11 @@ fn pair_over_tcp_loopback_stays_equal_at_checkpoints_and_fails_over_to_the_guest
 #[test]
 fn pair_over_tls_on_tcp_loopback_stays_equal_at_checkpoints_and_fails_over_to_the_guest_view() {
     checkpoints_then_failover(Link::TcpTls);
+}
+
+#[test]
+fn pair_over_tls_psk_on_tcp_loopback_stays_equal_at_checkpoints_and_fails_over_to_the_guest_view() {
+    checkpoints_then_failover(Link::TcpPsk);
 }
 
 #[test]

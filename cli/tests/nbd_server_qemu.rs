@@ -7,6 +7,7 @@ use colo_blk::block::testing::{Intercept, Op};
 use colo_blk::block::{BlockError, Refusal};
 use colo_blk::nbd::{NbdAddr, Server, ServerOptions};
 use nbd_util::*;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
 #[test]
@@ -327,4 +328,43 @@ fn shutdown_disconnects_clients_and_removes_the_socket_file() {
     let out = run("qemu-io", &["-f", "raw", "-c", "read 0 512", &s.uri()]);
     assert!(!out.status.success());
     drop(stdin);
+}
+
+#[test]
+fn a_device_whose_writes_wait_on_storage_gets_as_many_workers_as_it_asks_for() {
+    // A raw image whose writes each take a while, counting how many run at
+    // once, and that says its writes wait on storage (`concurrent_writes`).
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), most.clone());
+    let served = Served::with(8 << 20, ServerOptions::default(), move |dev| {
+        let slow = Intercept::new(dev, move |op, _, _| {
+            if op == Op::Write {
+                m.fetch_max(n.fetch_add(1, SeqCst) + 1, SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                n.fetch_sub(1, SeqCst);
+            }
+            Ok(())
+        });
+        Arc::new(slow.with_concurrent_writes(16))
+    });
+    // 256 writes, 32 in flight at a time, from QEMU's own client.
+    run_ok(
+        "qemu-img",
+        &[
+            "bench",
+            "-w",
+            "-f",
+            "raw",
+            "-c",
+            "256",
+            "-d",
+            "32",
+            "-s",
+            "4k",
+            &served.uri(),
+        ],
+    );
+    let most = most.load(SeqCst);
+    // Beyond the 4 workers a connection has by default, up to the hint.
+    assert!((5..=16).contains(&most), "{most} writes ran at once");
 }

@@ -10,7 +10,7 @@ mod common;
 use colo_blk::block::{BlockDev, BlockDevExt};
 use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri};
 use colo_blk::tls::ClientTls;
-use common::{free_port, pattern, Daemon, Process, BIN, PATIENCE};
+use common::{free_port, pattern, spawn_qemu_nbd, Daemon, Process, BIN, PATIENCE};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -213,11 +213,6 @@ fn qemu_img_copies_into_a_tls_secondary_over_tcp_and_compares_identical() {
 fn qemu_img_copies_into_a_tls_secondary_over_unix_and_compares_identical() {
     let dir = tempfile::tempdir().unwrap();
     qemu_copy_into_tls_secondary(Link::Unix(dir.path().join("nbd.sock")));
-}
-
-/// A qemu-nbd child, stopped by pid (SIGTERM) when dropped.
-fn spawn_qemu_nbd(cmd: &mut Command) -> Process {
-    Process::adopt("qemu-nbd", cmd.spawn().expect("qemu-nbd")).stop_with(libc::SIGTERM)
 }
 
 fn qemu_nbd(link: &Link, image: &Path, tls: Option<&Path>) -> Process {
@@ -662,22 +657,6 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
         certs.join("expired").to_str().unwrap(),
     ]);
     assert!(code != 0 && err.contains("expired on"), "{err}");
-
-    let (code, err) = refused_start(&[
-        "--socket",
-        sock.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--size",
-        "1M",
-        "--mode",
-        "primary",
-        "--secondary",
-        "nbd://127.0.0.1:1/parent0",
-        "--tls-creds-psk",
-        "/etc/keys.psk",
-    ]);
-    assert!(code == 2 && err.contains("rustls"), "{err}");
 
     let (code, err) = refused_start(&[
         "--socket",

@@ -41,6 +41,10 @@ fn image(path: &Path, byte: u8) {
 }
 
 fn serve(overlays: Option<&Path>) -> Pair {
+    serve_with(overlays, &[])
+}
+
+fn serve_with(overlays: Option<&Path>, flags: &[&str]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     image(&disk, 0x11);
@@ -61,6 +65,7 @@ fn serve(overlays: Option<&Path>) -> Pair {
         extra.push("--hidden".into());
         extra.push(ov.join("a.hidden").display().to_string());
     }
+    extra.extend(flags.iter().map(|f| f.to_string()));
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut daemon = Daemon::serve(dir.path(), &disk, &extra);
     daemon.wait_for_socket(&nbd_sock);
@@ -153,8 +158,21 @@ fn primary_fill(p: &nbd::Client, off: u64, len: u64, byte: u8) {
 
 #[test]
 fn secondary_serves_guest_through_overlays_on_tmpfs_checkpoints_and_fails_over() {
+    serves_checkpoints_and_fails_over(&[]);
+}
+
+/// The same with the disk O_DIRECT: the guest's requests go through the
+/// secondary's channel, reads of clean clusters on the disk's io_uring.
+#[test]
+fn secondary_on_an_o_direct_disk_serves_the_guest_through_its_channel() {
+    let pair = serves_checkpoints_and_fails_over(&["--direct"]);
+    let log = pair.daemon.log();
+    assert!(log.contains("secondary channel"), "{log}");
+}
+
+fn serves_checkpoints_and_fails_over(flags: &[&str]) -> Pair {
     let ov = tmpfs_dir();
-    let pair = serve(Some(ov.path()));
+    let pair = serve_with(Some(ov.path()), flags);
     assert_eq!(
         std::fs::metadata(ov.path().join("a.active")).unwrap().len(),
         SIZE
@@ -245,6 +263,8 @@ fn secondary_serves_guest_through_overlays_on_tmpfs_checkpoints_and_fails_over()
     // After failover, start/checkpoint/stop are accepted no-ops.
     pair.ctl_ok(&["checkpoint"]);
     pair.ctl_ok(&["stop"]);
+    drop(guest);
+    pair
 }
 
 #[test]

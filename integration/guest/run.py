@@ -830,10 +830,59 @@ def colo_pair_case(ctx: Context, case: str, tls: bool) -> None:
     ctx.check(case, "host:write-after-failover", got == b"written after failover\n", repr(got))
 
 
+RESIZE_TO = 96 * MIB
+
+
+def case_resize(ctx: Context) -> None:
+    """The disk grows online (ctl resize) under a running guest, which sees the
+    new size without a reboot and uses the bytes past the old end."""
+    case = "resize"
+    if ctx.backend != "colo-blk":
+        ctx.skip(case, "colo-blk's ctl resize; qemu-storage-daemon has no such backend")
+        return
+    img = new_image(ctx, case)
+    control = ctx.run_dir / "resize.ctl"
+    backend = ctx.backend_for(case, img, serial="colo-guest-rs",
+                              extra=["--control", str(control)])
+    backend.start()
+    wait_for_socket(control, backend.proc, "control socket")
+    replies: list[dict] = []
+
+    def grow() -> None:
+        replies.append(ctl(ctx, control, "resize", str(RESIZE_TO)))
+        print(f"  host| ctl resize {RESIZE_TO}: {replies[-1]}", flush=True)
+
+    res = boot_guest(ctx, case, backend.socket,
+                     ctx.guest_args(case, backend, newsize=str(RESIZE_TO)),
+                     on_wait={"resize": grow})
+    ctx.report_guest(case, res)
+    reply = replies[0] if replies else {}
+    # QEMU's vhost-user-blk negotiates the backend request channel and answers
+    # the config-change message once it re-read the config space.
+    ctx.check(case, "host:frontend-notified",
+              reply.get("size") == RESIZE_TO and reply.get("old-size") == DISK_SIZE
+              and reply.get("frontend") == "notified", repr(reply))
+    log = backend.log_tail(200)
+    status = backend.stop()
+    ctx.check(case, "backend-clean-exit", status == 0, f"exit status {status}")
+    ctx.check(case, "host:log-says-notified", "frontend notified of the new size" in log,
+              log.splitlines()[-1] if log else "no log")
+    size = img.stat().st_size
+    ctx.check(case, "host:image-grown", size == RESIZE_TO, f"{size} bytes")
+    got = md5_range(img, DISK_SIZE - MIB, MIB)
+    ctx.check(case, "host:old-end-data", got == res.info.get("end_md5"),
+              f"host {got}, guest {res.info.get('end_md5')}")
+    for name, off in (("past-old-end-data", DISK_SIZE), ("new-last-mib-data", RESIZE_TO - MIB)):
+        got = md5_range(img, off, MIB)
+        ctx.check(case, f"host:{name}", got == res.info.get("past_md5"),
+                  f"host {got}, guest {res.info.get('past_md5')}")
+
+
 CASES: dict[str, Callable[[Context], None]] = {
     "disk": case_disk,
     "readonly": case_readonly,
     "reconnect": case_reconnect,
+    "resize": case_resize,
     "colo": case_colo,
     "colo-tls": case_colo_tls,
     "restart-load": case_restart_load,

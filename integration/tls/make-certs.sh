@@ -11,9 +11,18 @@
 # OUTDIR/nocert/   ca-cert.pem                                  (a client without a certificate)
 # OUTDIR/intruder/ ca-cert.pem client-cert.pem client-key.pem   (trusted CA, identity CN=intruder)
 #
+#
+# Pre-shared keys (QEMU's tls-creds-psk dir=, or colo-blk --tls-creds-psk):
+# OUTDIR/psk/keys.psk            primary:KEY1 intruder:KEY2  (secondary, qemu-nbd endpoint=server)
+# OUTDIR/psk-client/keys.psk     primary:KEY1                (primary, username=primary)
+# OUTDIR/psk-wrongkey/keys.psk   primary:KEY3                (the right name, another key)
+# OUTDIR/psk-unknown/keys.psk    stranger:KEY4               (a name the server does not know)
+# OUTDIR/psk-intruder/keys.psk   intruder:KEY2               (known to the server, not authorised)
+#
 # Identities (as QEMU and colo-blk --tls-authz render them):
 #   client:   C=GB,O=Example,CN=client
 #   intruder: C=GB,O=Example,CN=intruder
+#   PSK:      primary (intruder: the name to leave out of --tls-authz)
 # The server certificate carries DNS:localhost, DNS:SERVER_NAME (default
 # secondary.example) and IP:127.0.0.1, IP:::1.
 set -euo pipefail
@@ -85,6 +94,16 @@ CNF
         -in "$tmp/exp.csr" -out expired/client-cert.pem -startdate 20000101000000Z \
         -enddate 20010101000000Z -extensions x -preserveDN -notext 2>/dev/null
 }
+# keys.psk as psktool -u NAME -p FILE writes it: NAME:HEXKEY, 32 random bytes.
+psk() { openssl rand -hex 32; }
+k1=$(psk) k2=$(psk)
+mkdir -p psk psk-client psk-wrongkey psk-unknown psk-intruder
+printf 'primary:%s\nintruder:%s\n' "$k1" "$k2" > psk/keys.psk
+printf 'primary:%s\n' "$k1" > psk-client/keys.psk
+printf 'primary:%s\n' "$(psk)" > psk-wrongkey/keys.psk
+printf 'stranger:%s\n' "$(psk)" > psk-unknown/keys.psk
+printf 'intruder:%s\n' "$k2" > psk-intruder/keys.psk
+chmod 600 ./psk*/keys.psk
 chmod 600 ./*/*-key.pem
 chmod 644 ./*/*-cert.pem
 echo "credentials in $(pwd)"

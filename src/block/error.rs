@@ -80,6 +80,17 @@ pub enum Refusal {
     /// A secondary after failover, to writes of its old primary.
     #[error("this secondary has taken over; writes from the old primary are fenced")]
     TakenOver,
+    /// Growing a block device past what it holds (its owner grows it).
+    #[error(
+        "the block device holds {held} bytes, fewer than {wanted}: grow it first \
+         (lvextend, a resized LUN), then resize"
+    )]
+    DeviceTooSmall {
+        /// What the device holds, in bytes.
+        held: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
     /// A remote node refused (an NBD server's `EPERM`), with its message.
     #[error("{0}")]
     Remote(String),

@@ -122,6 +122,18 @@ pub trait BlockDev: Send + Sync {
         0
     }
 
+    /// Grows the node to `new_size` bytes, for an online resize. Once it
+    /// returns Ok, [`size`](BlockDev::size) is at least `new_size` and every
+    /// request up to it is valid (also on channels opened before). A size not
+    /// above the current one changes nothing: nodes never shrink here.
+    ///
+    /// The default refuses: overlays and the replication nodes would have to
+    /// grow with their peer (the other copy, the layers below) at once.
+    fn grow(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(BlockError::Unsupported("growing this node"))
+    }
+
     /// An asynchronous channel to this node for one queue, holding up to
     /// `depth` requests in flight; `None` when the node is served
     /// synchronously (see [`channel::Engine`] for the rule).

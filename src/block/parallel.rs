@@ -2,10 +2,11 @@
 //! queue's thread pool, several at once, when the node has no asynchronous
 //! channel of its own but waits on a device for every request.
 //!
-//! This is where the secondary guest's path (gate, range locks, active ▸
-//! hidden ▸ disk) stays synchronous: each request runs start to end on one
-//! pool thread, and the pool keeps up to `n` of them in flight, so an O_DIRECT
-//! disk still sees the guest's queue depth.
+//! Used where a secondary's synchronous paths meet an O_DIRECT disk: the
+//! primary's writes through the NBD server (copy-before-write, then the
+//! write), which then run on `n` workers per connection instead of inline on
+//! its reader; and the guest's path when the disk has no io_uring channel
+//! (`--io-engine sync`), each request on one pool thread, up to `n` at once.
 
 use super::{BlockDev, Extent, Result, SharedDev};
 use vm_memory::VolatileSlice;

@@ -71,6 +71,18 @@ impl Stripe {
         }
     }
 
+    /// Shares the stripe if no holder or waiter wants it alone; else leaves
+    /// `bell` to be rung.
+    fn try_shared(&self, bell: &Arc<Doorbell>) -> bool {
+        let mut st = self.lock();
+        if st.writer || st.writers_waiting > 0 {
+            st.bells.add(bell);
+            return false;
+        }
+        st.readers += 1;
+        true
+    }
+
     /// Takes the stripe alone if it is free; else leaves `bell` to be rung.
     fn try_exclusive(&self, bell: &Arc<Doorbell>) -> bool {
         let mut st = self.lock();
@@ -156,16 +168,17 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
-/// An exclusive hold on one range that owns its lock table, for a request
-/// that keeps it across many passes of a queue worker.
+/// A hold on one range that owns its lock table, for a request that keeps it
+/// across many passes of a queue worker.
 pub struct OwnedRangeGuard {
     locks: Arc<RangeLocks>,
     span: Span,
+    mode: Mode,
 }
 
 impl Drop for OwnedRangeGuard {
     fn drop(&mut self) {
-        self.locks.release(self.span, Mode::Exclusive);
+        self.locks.release(self.span, self.mode);
     }
 }
 
@@ -206,11 +219,36 @@ impl RangeLocks {
         len: u64,
         bell: &Arc<Doorbell>,
     ) -> Option<OwnedRangeGuard> {
+        self.try_lock(offset, len, Mode::Exclusive, bell)
+    }
+
+    /// Shares `offset..offset + len` if that needs no waiting. Otherwise takes
+    /// nothing, and `bell` rings once the stripe in the way is released.
+    pub fn try_shared(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        bell: &Arc<Doorbell>,
+    ) -> Option<OwnedRangeGuard> {
+        self.try_lock(offset, len, Mode::Shared, bell)
+    }
+
+    fn try_lock(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        mode: Mode,
+        bell: &Arc<Doorbell>,
+    ) -> Option<OwnedRangeGuard> {
         let span = self.span(offset, len);
         for (n, i) in span.stripes().enumerate() {
-            if !self.stripes[i].try_exclusive(bell) {
+            let taken = match mode {
+                Mode::Shared => self.stripes[i].try_shared(bell),
+                Mode::Exclusive => self.stripes[i].try_exclusive(bell),
+            };
+            if !taken {
                 for j in span.stripes().take(n) {
-                    self.stripes[j].release(Mode::Exclusive);
+                    self.stripes[j].release(mode);
                 }
                 return None;
             }
@@ -218,6 +256,7 @@ impl RangeLocks {
         Some(OwnedRangeGuard {
             locks: self.clone(),
             span,
+            mode,
         })
     }
 
@@ -357,6 +396,32 @@ mod tests {
         assert!(!done.load(Ordering::SeqCst));
         drop(owned);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_shared_try_shares_with_readers_and_waits_for_an_exclusive_holder() {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let l = Arc::new(RangeLocks::new(4096, 8));
+        let ev = EventFd::new(EFD_NONBLOCK).unwrap();
+        let bell = Arc::new(Doorbell::on_eventfd(ev.as_raw_fd()).unwrap());
+        let reading = l.shared(0, 4096);
+        let a = l.try_shared(0, 2 * 4096, &bell).expect("readers share");
+        let writing = l.try_exclusive(4 * 4096, 1, &bell).unwrap();
+        // Stripes 3..=4 wanted; 4 is held alone: nothing taken, 3 given back.
+        assert!(l.try_shared(3 * 4096, 2 * 4096, &bell).is_none());
+        assert!(l.try_exclusive(3 * 4096, 1, &bell).is_some());
+        drop(writing);
+        assert!(bell.take(), "the exclusive holder's release rang");
+        let b = l.try_shared(3 * 4096, 2 * 4096, &bell).unwrap();
+        // Owned shared guards keep an exclusive locker out until both go.
+        assert!(l.try_exclusive(0, 1, &bell).is_none());
+        drop(reading);
+        drop(a);
+        assert!(l.try_exclusive(0, 1, &bell).is_some());
+        assert!(l.try_exclusive(4 * 4096, 1, &bell).is_none());
+        drop(b);
+        assert!(l.try_exclusive(4 * 4096, 1, &bell).is_some());
     }
 
     #[test]

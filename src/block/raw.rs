@@ -2,12 +2,14 @@
 
 use super::channel::{Engine, IoChannel, UringChannel};
 use super::iov::iovecs_advance;
-use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Result};
+use super::{check_range, iov_len, BlockDev, BlockError, Extent, ExtentKind, Refusal, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 /// How to open a [`RawFile`].
@@ -29,7 +31,9 @@ pub struct RawFileOptions {
 #[derive(Debug)]
 pub struct RawFile {
     file: File,
-    size: u64,
+    /// Shared with every clone (the io_uring channels), so that a
+    /// [`grow`](BlockDev::grow) reaches the channels already open.
+    size: Arc<AtomicU64>,
     read_only: bool,
     direct: bool,
     engine: Engine,
@@ -81,7 +85,7 @@ impl RawFile {
         }
         Ok(RawFile {
             file,
-            size,
+            size: Arc::new(AtomicU64::new(size)),
             read_only: opts.read_only,
             direct: opts.direct,
             engine: opts.engine,
@@ -93,7 +97,7 @@ impl RawFile {
         let size = file.metadata()?.len();
         Ok(RawFile {
             file,
-            size,
+            size: Arc::new(AtomicU64::new(size)),
             read_only,
             direct: false,
             engine: Engine::Sync,
@@ -115,11 +119,11 @@ impl RawFile {
     }
 
     /// A second handle on the same open file (a dup of its descriptor) with the
-    /// same size and flags.
+    /// same flags, sharing the size (a later grow applies to both).
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(RawFile {
             file: self.file.try_clone()?,
-            size: self.size,
+            size: Arc::clone(&self.size),
             read_only: self.read_only,
             direct: self.direct,
             engine: self.engine,
@@ -284,7 +288,50 @@ impl AsRawFd for RawFile {
 
 impl BlockDev for RawFile {
     fn size(&self) -> u64 {
-        self.size
+        // Acquire pairs with grow's store: the file is long enough for any
+        // size read here.
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let old = self.size();
+        if new_size <= old {
+            return Ok(());
+        }
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| BlockError::io("grow", old, e))?;
+        if meta.is_file() {
+            // Sparse, as QEMU's block_resize extends a raw file
+            // (preallocation off). Only ever longer: a file already longer
+            // than the old size (a trailing partial block) keeps its bytes.
+            if meta.len() < new_size {
+                self.file
+                    .set_len(new_size)
+                    .map_err(|e| BlockError::io("grow", old, e))?;
+            }
+            // The new length is durable before the guest is told of it: a
+            // crash must not bring back a disk shorter than what it wrote to.
+            self.file
+                .sync_all()
+                .map_err(|e| BlockError::io("grow", old, e))?;
+        } else {
+            // A block device is grown by its owner (lvextend, a resized LUN);
+            // colo-blk only starts serving what it already holds.
+            let held = device_size(&self.file).map_err(|e| BlockError::io("grow", old, e))?;
+            if held < new_size {
+                return Err(BlockError::Refused(Refusal::DeviceTooSmall {
+                    held,
+                    wanted: new_size,
+                }));
+            }
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn open_channel(&self, depth: u32) -> Option<io::Result<Box<dyn IoChannel>>> {
@@ -303,7 +350,7 @@ impl BlockDev for RawFile {
     }
 
     fn read_vectored(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
-        check_range(offset, iov_len(bufs), self.size)?;
+        check_range(offset, iov_len(bufs), self.size())?;
         if self.needs_bounce(offset, bufs) {
             return self.rw_bounced(Dir::Read, offset, bufs);
         }
@@ -314,7 +361,7 @@ impl BlockDev for RawFile {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        check_range(offset, iov_len(bufs), self.size)?;
+        check_range(offset, iov_len(bufs), self.size())?;
         if self.needs_bounce(offset, bufs) {
             return self.rw_bounced(Dir::Write, offset, bufs);
         }
@@ -338,7 +385,7 @@ impl BlockDev for RawFile {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -363,7 +410,7 @@ impl BlockDev for RawFile {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let fd = self.file.as_raw_fd();
         let end = offset + len;
         // SAFETY: lseek only reads its integer arguments.
@@ -505,6 +552,30 @@ mod tests {
     }
 
     #[test]
+    fn grow_extends_the_file_and_the_range_of_every_clone() {
+        let (d, dev) = image(8192);
+        let clone = dev.try_clone().unwrap();
+        assert!(matches!(
+            clone.write_at(8192, &[1u8; 512]),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        dev.grow(16384).unwrap();
+        let len = std::fs::metadata(d.path().join("img")).unwrap().len();
+        assert_eq!((len, dev.size(), clone.size()), (16384, 16384, 16384));
+        clone.write_at(16384 - 512, &[1u8; 512]).unwrap();
+        let mut out = [0u8; 512];
+        dev.read_at(16384 - 512, &mut out).unwrap();
+        assert_eq!(out, [1u8; 512]);
+        // Never shrinks.
+        dev.grow(4096).unwrap();
+        assert_eq!(dev.size(), 16384);
+        assert_eq!(
+            std::fs::metadata(d.path().join("img")).unwrap().len(),
+            16384
+        );
+    }
+
+    #[test]
     fn read_only_refuses_writes() {
         let (d, dev) = image(4096);
         drop(dev);
@@ -521,5 +592,6 @@ mod tests {
             Err(BlockError::ReadOnly)
         ));
         assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
+        assert!(matches!(ro.grow(8192), Err(BlockError::ReadOnly)));
     }
 }

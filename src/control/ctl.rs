@@ -60,6 +60,18 @@ pub enum CtlAction {
     /// Show I/O statistics per queue and in all (query-blockstats) and the
     /// replication counters (query-replication-stats).
     Stats,
+    /// Grow the disk online (block_resize); plain mode only, never shrinks.
+    ///
+    /// The image file grows, the guest is served the new size at once, and
+    /// the frontend is told with a config-change message when it negotiated
+    /// the backend request channel (QEMU does); otherwise its next config
+    /// read returns the new size. Prints what the frontend was told.
+    Resize {
+        /// The new size: bytes, or with a K/M/G/T suffix (powers of 1024). A
+        /// multiple of the logical block size, not below the current size.
+        #[arg(value_name = "SIZE", value_parser = crate::units::parse_size)]
+        size: u64,
+    },
     /// Ask the daemon to exit cleanly (quit).
     Quit,
 }
@@ -144,6 +156,18 @@ pub fn run(args: &CtlArgs) -> Result<String, ControlError> {
             let text = stats_text(&blk, &repl);
             (json!({"blockstats": blk, "replication": repl}), text)
         }
+        CtlAction::Resize { size } => {
+            // block_resize names the disk; the daemon serves one, whose node
+            // name query-blockstats reports.
+            let stats = qmp.execute("query-blockstats", json!({}))?;
+            let node = stats[0]["node-name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let ret = qmp.execute("block_resize", json!({"node-name": node, "size": size}))?;
+            let text = resize_text(&ret);
+            (ret, text)
+        }
         CtlAction::Quit => (qmp.execute("quit", json!({}))?, "daemon exiting".to_owned()),
     };
     Ok(if args.json { ret.to_string() } else { summary })
@@ -210,6 +234,32 @@ fn stats_text(blk: &Value, repl: &Value) -> String {
         r("errors"),
     ));
     out
+}
+
+/// What `ctl resize` prints: the sizes, then what the frontend was told.
+fn resize_text(r: &Value) -> String {
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    let (old, new) = (n("old-size"), n("size"));
+    let size = |b: u64| format!("{} ({b} bytes)", progress::human_bytes(b as f64));
+    let frontend = r["frontend"].as_str().unwrap_or_default();
+    if frontend == "unchanged" {
+        return format!("the disk is already {}: nothing to do", size(new));
+    }
+    let told = match frontend {
+        "notified" => "the frontend was told (config-change message delivered)".into(),
+        "not-connected" => "no frontend is connected: the next one gets the new size".into(),
+        "no-backend-channel" => "the frontend did not negotiate the backend request channel \
+             (BACKEND_REQ), so it was not told: its next config read returns the new size"
+            .into(),
+        "no-answer" => "the frontend did not answer the config-change message in time \
+             (it may still apply it)"
+            .into(),
+        _ => format!(
+            "telling the frontend failed: {}",
+            r["error"].as_str().unwrap_or("unknown error")
+        ),
+    };
+    format!("disk grown from {} to {}; {told}", size(old), size(new))
 }
 
 fn status_text(s: &Value) -> String {

@@ -142,8 +142,8 @@ impl NbdExports {
         {
             return Err(format!(
                 "{addr} is reachable from the network and this daemon has no TLS \
-                 credentials: start it with --tls-creds-x509, or with --nbd-insecure to \
-                 serve the disk there in plain text"
+                 credentials: start it with --tls-creds-x509 or --tls-creds-psk, or with \
+                 --nbd-insecure to serve the disk there in plain text"
             ));
         }
         if let NbdAddr::Tcp { host, port } = &addr {

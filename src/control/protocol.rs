@@ -14,6 +14,7 @@ use crate::replication::{
     Event, Mode, Progress, Replication, ReplicationError, Stage, Status, SyncMode,
 };
 use crate::stats::{blockstats_json, replication, replication_json, DeviceStats};
+use crate::vhost::{Resize, Resized};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -131,6 +132,15 @@ const COMMAND_TABLE: &[Command] = &[
         &[req("id", Ty::Str), opt("mode", Ty::Enum(REMOVE_MODES))],
     ),
     cmd("query-block-exports", &[]),
+    // QEMU's online resize (qapi/block-core.json), plain mode only.
+    cmd(
+        "block_resize",
+        &[
+            opt("device", Ty::Str),
+            opt("node-name", Ty::Str),
+            req("size", Ty::Int),
+        ],
+    ),
 ];
 
 /// The commands this server knows, for `query-commands`.
@@ -179,8 +189,10 @@ pub struct Targets<'a> {
     pub colo: Option<&'a ColoHistory>,
     /// The served disk's request counters.
     pub stats: Option<&'a DeviceStats>,
-    /// The served disk's node name (`query-blockstats`).
+    /// The served disk's node name (`query-blockstats`, `block_resize`).
     pub node: &'a str,
+    /// Online resize, in plain mode.
+    pub resize: Option<&'a dyn Resize>,
 }
 
 /// Per-connection protocol state.
@@ -421,6 +433,7 @@ impl Session {
                 need_nbd(t)?.stop()?;
                 done()
             }
+            "block_resize" => ok(block_resize(args, t)?),
             "query-block-exports" => ok(Value::Array(
                 t.nbd
                     .map(NbdExports::list)
@@ -622,6 +635,54 @@ fn nbd_server_start(args: &Map<String, Value>, t: Targets<'_>) -> Result<(), Str
     need_nbd(t)?.start(listen, max)
 }
 
+/// `block_resize`: QEMU's argument rules and texts (`bdrv_lookup_bs`, then
+/// the size), then colo-blk's: plain mode only, grow only, whole blocks.
+/// QEMU returns `{}`; colo-blk adds what happened, for `ctl resize`.
+fn block_resize(args: &Map<String, Value>, t: Targets<'_>) -> Result<Value, String> {
+    let device = str_arg(args, "device");
+    let node_name = str_arg(args, "node-name");
+    // One disk per process: its node name answers to both members (the
+    // vhost-user device has no block backend name of its own).
+    let ours = |name: Option<&str>| !t.node.is_empty() && name == Some(t.node);
+    if !ours(device) && !ours(node_name) {
+        return Err(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            device.unwrap_or_default(),
+            node_name.unwrap_or_default()
+        ));
+    }
+    let size = match args.get("size").and_then(Value::as_i64) {
+        Some(n) if n >= 0 => n as u64,
+        _ => return Err("Parameter 'size' expects a >0 size".into()),
+    };
+    if let Some(repl) = t.replication {
+        return Err(format!(
+            "Cannot resize '{}' while it is replicated: colo-blk grows a disk online only \
+             in plain mode (serve without --mode); this daemon is a COLO {} and the other \
+             copy would have to grow with it",
+            t.node,
+            repl.mode()
+        ));
+    }
+    let resize = t
+        .resize
+        .ok_or_else(|| "Online resize is not available in this daemon".to_string())?;
+    let done = resize.resize(size).map_err(|e| e.to_string())?;
+    Ok(resized_json(&done))
+}
+
+fn resized_json(r: &Resized) -> Value {
+    let mut v = json!({
+        "size": r.new_size,
+        "old-size": r.old_size,
+        "frontend": r.notice.as_str(),
+    });
+    if let crate::vhost::Notice::Failed(e) = &r.notice {
+        v["error"] = json!(e);
+    }
+    v
+}
+
 fn progress_json(p: Progress) -> Value {
     json!({"done": p.done, "total": p.total})
 }
@@ -818,7 +879,7 @@ mod tests {
                 let v = match m.ty {
                     Ty::Str => json!("parent0"),
                     Ty::Bool => json!(false),
-                    Ty::U32 => json!(1),
+                    Ty::U32 | Ty::Int => json!(1),
                     Ty::Enum(values) => json!(values[0]),
                     Ty::Union(_) => json!({"type": "unix", "data": {"path": "/nonexistent"}}),
                     _ => json!([]),
@@ -1065,6 +1126,127 @@ mod tests {
             .contains("not configured"));
         let (r, after) = s.handle(br#"{"execute":"quit"}"#, Targets::default());
         assert_eq!((r, after), (json!({"return": {}}), After::Quit));
+    }
+
+    /// A disk of 1 MiB that records the sizes asked for.
+    #[derive(Default)]
+    struct FakeResize {
+        asked: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl Resize for FakeResize {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn resize(&self, new_size: u64) -> Result<Resized, crate::vhost::ResizeError> {
+            self.asked.lock().unwrap().push(new_size);
+            if new_size < self.size() {
+                return Err(crate::vhost::ResizeError::Shrink {
+                    old: self.size(),
+                    new: new_size,
+                });
+            }
+            Ok(Resized {
+                old_size: self.size(),
+                new_size,
+                notice: crate::vhost::Notice::NoChannel,
+            })
+        }
+    }
+
+    #[test]
+    fn block_resize_checks_arguments_as_qemu_does_and_reaches_the_disk() {
+        let disk = FakeResize::default();
+        let t = Targets {
+            node: "vm0.img",
+            resize: Some(&disk),
+            ..Targets::default()
+        };
+        let mut s = negotiated();
+        let resize = |s: &mut Session, args: Value| {
+            ask(s, t, json!({"execute": "block_resize", "arguments": args}))
+        };
+        let refused = [
+            (
+                json!({"node-name": "vm0.img"}),
+                "Parameter 'size' is missing",
+            ),
+            (
+                json!({"node-name": "vm0.img", "size": "2G"}),
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                json!({"node-name": "vm0.img", "size": 1.5}),
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                json!({"node-name": 7, "size": 1}),
+                "Invalid parameter type for 'node-name', expected: string",
+            ),
+            (
+                json!({"node-name": "vm0.img", "size": 1, "shrink": true}),
+                "Parameter 'shrink' is unexpected",
+            ),
+            (
+                json!({"size": 1 << 21}),
+                "Cannot find device='' nor node-name=''",
+            ),
+            (
+                json!({"device": "drive0", "node-name": "other", "size": 1 << 21}),
+                "Cannot find device='drive0' nor node-name='other'",
+            ),
+            (
+                json!({"node-name": "vm0.img", "size": -1}),
+                "Parameter 'size' expects a >0 size",
+            ),
+        ];
+        for (args, want) in refused {
+            let r = resize(&mut s, args.clone());
+            assert_eq!(r["error"]["class"], "GenericError", "{args}");
+            assert_eq!(r["error"]["desc"], want, "{args}");
+        }
+        assert!(disk.asked.lock().unwrap().is_empty());
+
+        let r = resize(&mut s, json!({"node-name": "vm0.img", "size": 2 << 20}));
+        assert_eq!(
+            r["return"],
+            json!({"size": 2 << 20, "old-size": 1 << 20, "frontend": "no-backend-channel"})
+        );
+        // `device` names the same disk.
+        let r = resize(&mut s, json!({"device": "vm0.img", "size": 1 << 19}));
+        assert_eq!(
+            r["error"]["desc"],
+            "Cannot shrink the disk from 1048576 to 524288 bytes: colo-blk only grows a disk \
+             online (the guest may hold data past the new end)"
+        );
+        assert_eq!(*disk.asked.lock().unwrap(), vec![2 << 20, 1 << 19]);
+    }
+
+    #[test]
+    fn block_resize_is_refused_while_replicating() {
+        let fake = Fake::default();
+        let disk = FakeResize::default();
+        let t = Targets {
+            replication: Some(&fake),
+            node: "parent0",
+            resize: Some(&disk),
+            ..Targets::default()
+        };
+        let mut s = negotiated();
+        let r = ask(
+            &mut s,
+            t,
+            json!({"execute": "block_resize",
+                   "arguments": {"node-name": "parent0", "size": 2 << 20}}),
+        );
+        assert_eq!(
+            r["error"]["desc"],
+            "Cannot resize 'parent0' while it is replicated: colo-blk grows a disk online \
+             only in plain mode (serve without --mode); this daemon is a COLO secondary and \
+             the other copy would have to grow with it"
+        );
+        assert!(disk.asked.lock().unwrap().is_empty());
+        assert!(fake.calls.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum Ty {
     Bool,
     /// An unsigned integer that fits in 32 bits.
     U32,
+    /// A signed 64-bit integer (QAPI's `int`).
+    Int,
     /// A string from a fixed set.
     Enum(&'static [&'static str]),
     /// A list of strings from a fixed set.
@@ -120,6 +122,12 @@ fn check_value(ty: Ty, v: &Value, full: &str) -> Result<(), String> {
             },
             _ => Err(format!("Parameter '{full}' expects uint64")),
         },
+        // QEMU's input visitor: anything but an integer that fits in int64 is
+        // a type error, floats and out-of-range numbers included.
+        Ty::Int => v
+            .as_i64()
+            .map(drop)
+            .ok_or_else(|| type_error(full, "integer")),
         Ty::Enum(values) => {
             let s = v.as_str().ok_or_else(|| type_error(full, "string"))?;
             if values.contains(&s) {
@@ -181,6 +189,7 @@ mod tests {
         opt("max-connections", Ty::U32),
         opt("mode", Ty::Enum(&["safe", "hard"])),
         opt("flag", Ty::Bool),
+        opt("size", Ty::Int),
     ];
 
     fn run(v: Value) -> Result<(), String> {
@@ -191,6 +200,7 @@ mod tests {
     fn texts_match_qemus_visitor_for_nested_members() {
         let unix = json!({"type": "unix", "data": {"path": "/x"}});
         assert_eq!(run(json!({"addr": unix})), Ok(()));
+        assert_eq!(run(json!({"addr": unix, "size": -1})), Ok(()));
         let cases = [
             (json!({}), "Parameter 'addr' is missing"),
             (
@@ -236,6 +246,18 @@ mod tests {
             (
                 json!({"addr": 1}),
                 "Invalid parameter type for 'addr', expected: object",
+            ),
+            (
+                json!({"addr": unix, "size": "1G"}),
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                json!({"addr": unix, "size": 1.5}),
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                json!({"addr": unix, "size": 18446744073709551615u64}),
+                "Invalid parameter type for 'size', expected: integer",
             ),
         ];
         for (args, want) in cases {

@@ -18,6 +18,7 @@ use crate::replication::{EventSink, Replication};
 use crate::stats::DeviceStats;
 use crate::sync::MutexExt;
 use crate::unix_socket::{self, SocketFile};
+use crate::vhost::Resize;
 use log::{info, warn};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -111,6 +112,9 @@ pub struct ControlContext {
     pub stats: Option<Arc<DeviceStats>>,
     /// The served disk's node name.
     pub node: String,
+    /// Grows the served disk online (`block_resize`); `None` in a replication
+    /// mode, where resizing is refused.
+    pub resize: Option<Arc<dyn Resize>>,
 }
 
 /// A listening control socket; dropping it stops accepting and removes the file.
@@ -223,6 +227,7 @@ fn read_commands(
         colo: Some(&shared.colo),
         stats: ctx.stats.as_deref(),
         node: &ctx.node,
+        resize: ctx.resize.as_deref(),
     };
     let mut session = Session::default();
     let mut framer = Framer::new(MAX_MESSAGE);
@@ -299,6 +304,7 @@ mod tests {
             }),
             stats: None,
             node: String::new(),
+            resize: None,
         };
         (ControlServer::spawn(&path, ctx).unwrap(), hub, quits, path)
     }
@@ -449,6 +455,7 @@ mod tests {
             on_quit: Arc::new(|| {}),
             stats: None,
             node: String::new(),
+            resize: None,
         };
         assert!(matches!(
             ControlServer::spawn(&path, ctx),

@@ -1,5 +1,8 @@
 //! One TLS session over a connected socket, shared by the connection's reader
-//! thread and its senders (as the plain socket is, through clones).
+//! thread and its senders (as the plain socket is, through clones):
+//! [`TlsStream`] is either a rustls session (x509 credentials) or a GnuTLS
+//! one (PSK credentials, [`crate::tls::gnutls`]); the NBD code sees one type.
+//! STARTTLS's handshake and the identity check for both are here.
 //!
 //! rustls keeps one state for both directions, so it sits behind a mutex, but
 //! no socket call is ever made while holding it: a sender encrypts into its
@@ -9,7 +12,10 @@
 //! their readers wait for the state to decrypt.
 
 use super::stream::Stream;
+use super::NbdError;
 use crate::sync::MutexExt;
+use crate::tls::gnutls::{self, HandshakeError};
+use crate::tls::{ClientTls, ServerTls, TlsError};
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Mutex;
 use vm_memory::VolatileSlice;
@@ -20,8 +26,115 @@ const SEND_CHUNK: usize = 256 << 10;
 /// Ciphertext read per socket read (about sixteen full TLS records).
 const RECV_BUF: usize = 256 << 10;
 
-/// A TLS session (client or server side) on `sock`.
-pub(crate) struct TlsStream {
+/// A TLS session (client or server side) on a plain stream.
+// Always behind the Arc of `Stream::Tls`: the size is paid once per connection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum TlsStream {
+    /// x509 credentials, rustls.
+    Rustls(RustlsStream),
+    /// PSK credentials, GnuTLS.
+    Psk(gnutls::Session<Stream>),
+}
+
+impl TlsStream {
+    /// Server side of STARTTLS: the handshake (bounded by the socket's read
+    /// timeout), then the client's identity against `--tls-authz`. Returns
+    /// the session and the identity (subject DN or PSK username).
+    pub(crate) fn accept(sock: Stream, creds: &ServerTls) -> Result<(TlsStream, String), NbdError> {
+        if let Some(config) = creds.x509_config() {
+            let conn = rustls::ServerConnection::new(config)
+                .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
+            let session =
+                RustlsStream::handshake(sock, conn.into()).map_err(NbdError::TlsHandshake)?;
+            let identity = creds.authorise(session.peer_certificates().as_deref())?;
+            return Ok((TlsStream::Rustls(session), identity));
+        }
+        let session =
+            gnutls::Session::server(sock, &|name| creds.psk_lookup(name)).map_err(psk_error)?;
+        let identity = creds.authorise_identity(session.username().to_string())?;
+        Ok((TlsStream::Psk(session), identity))
+    }
+
+    /// Client side of STARTTLS. `host` is the host connected to (`None` for
+    /// a Unix socket), for the x509 certificate name check.
+    pub(crate) fn connect(
+        sock: Stream,
+        creds: &ClientTls,
+        host: Option<&str>,
+    ) -> Result<TlsStream, NbdError> {
+        if let Some(config) = creds.x509_config() {
+            let name = creds.server_name(host)?;
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
+            let session =
+                RustlsStream::handshake(sock, conn.into()).map_err(NbdError::TlsHandshake)?;
+            return Ok(TlsStream::Rustls(session));
+        }
+        let Some((username, key)) = creds.psk() else {
+            return Err(NbdError::Tls(TlsError::Config(
+                "no TLS credentials of either kind".into(),
+            )));
+        };
+        let session = gnutls::Session::client(sock, &username, &key).map_err(psk_error)?;
+        Ok(TlsStream::Psk(session))
+    }
+
+    /// What the handshake agreed on, for log lines.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            TlsStream::Rustls(_) => "x509".to_string(),
+            TlsStream::Psk(s) => s.description().to_string(),
+        }
+    }
+
+    /// The plain socket under the session (shutdown, timeouts, peer name).
+    pub(crate) fn socket(&self) -> &Stream {
+        match self {
+            TlsStream::Rustls(s) => s.socket(),
+            TlsStream::Psk(s) => s.socket(),
+        }
+    }
+
+    /// Encrypts and sends `parts` as one ordered burst.
+    pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        match self {
+            TlsStream::Rustls(s) => s.send_all(parts),
+            TlsStream::Psk(s) => s.send_all(parts),
+        }
+    }
+
+    /// Sends `head` then guest memory.
+    pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        match self {
+            TlsStream::Rustls(s) => s.send_volatile(head, bufs),
+            TlsStream::Psk(s) => s.send_volatile(head, bufs),
+        }
+    }
+
+    /// Reads decrypted bytes; `Ok(0)` after the peer's close_notify.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            TlsStream::Rustls(s) => s.read(buf),
+            TlsStream::Psk(s) => s.read(buf),
+        }
+    }
+}
+
+/// A refused or failed PSK handshake as the NBD layer reports it: a refused
+/// identity like x509's, anything else as a handshake failure.
+fn psk_error(e: HandshakeError) -> NbdError {
+    match e {
+        HandshakeError::Setup(e) => NbdError::Tls(TlsError::Gnutls(e)),
+        HandshakeError::UnknownUser(name) => NbdError::Tls(TlsError::UnknownPskUser(name)),
+        HandshakeError::NotAuthorised(name) => NbdError::Tls(TlsError::NotAuthorised(name)),
+        HandshakeError::Transport(e) => NbdError::TlsHandshake(e),
+        e @ HandshakeError::Failed { .. } => NbdError::TlsHandshake(io::Error::other(e)),
+    }
+}
+
+/// A rustls session (client or server side) on `sock`.
+pub(crate) struct RustlsStream {
     sock: Stream,
     conn: Mutex<rustls::Connection>,
     send: Mutex<SendState>,
@@ -39,9 +152,9 @@ struct RecvState {
     end: usize,
 }
 
-impl std::fmt::Debug for TlsStream {
+impl std::fmt::Debug for RustlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream")
+        f.debug_struct("RustlsStream")
             .field("sock", &self.sock)
             .finish()
     }
@@ -51,13 +164,13 @@ fn tls_io_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl TlsStream {
+impl RustlsStream {
     /// Runs the handshake on `sock` (a plain stream) to its end; the read
     /// timeout set on the socket bounds it.
     pub(crate) fn handshake(
         sock: Stream,
         mut conn: rustls::Connection,
-    ) -> Result<TlsStream, io::Error> {
+    ) -> Result<RustlsStream, io::Error> {
         let mut io = sock.try_clone()?;
         while conn.is_handshaking() {
             match conn.complete_io(&mut io) {
@@ -77,7 +190,7 @@ impl TlsStream {
         }
         // Room for a whole chunk of sealed records before write_tls drains them.
         conn.set_buffer_limit(Some(2 * SEND_CHUNK));
-        Ok(TlsStream {
+        Ok(RustlsStream {
             sock,
             conn: Mutex::new(conn),
             send: Mutex::new(SendState {

@@ -23,6 +23,9 @@
 //!   guest wrote to it meanwhile, so no guest write racing it is lost and no
 //!   guest request waits for the copy (see `commit`).
 
+mod channel;
+#[cfg(test)]
+mod channel_tests;
 mod commit;
 mod commit_stats;
 #[cfg(test)]

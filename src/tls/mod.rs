@@ -1,5 +1,7 @@
-//! TLS credentials for the replication link, in QEMU's `tls-creds-x509`
-//! directory layout, so a COLO setup's existing certificates carry over:
+//! TLS credentials for the replication link, in QEMU's layouts, so a COLO
+//! setup's existing credentials carry over.
+//!
+//! `tls-creds-x509` (rustls):
 //!
 //! * server: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`; the server
 //!   asks every client for a certificate signed by the CA;
@@ -7,21 +9,29 @@
 //!   optional, as in QEMU; a server that requires a client certificate then
 //!   refuses the connection).
 //!
+//! `tls-creds-psk` ([`psk`], run on GnuTLS through [`gnutls`] because rustls
+//! has no external pre-shared keys, rustls issue #174): a `keys.psk` file of
+//! `username:hexkey` lines; the server picks the key by the client's
+//! username, the client sends its own (QEMU's default `qemu`).
+//!
 //! Credentials are checked when loaded (missing file, key readable by others,
-//! key not matching its certificate, certificate expired or not yet valid),
-//! so a bad setup fails at start with a message naming the file, not at the
-//! first handshake. [`ServerTls::reload`] / [`ClientTls::reload`] swap in new
-//! credentials for later handshakes; established sessions are untouched.
+//! key not matching its certificate, certificate expired or not yet valid,
+//! malformed keys.psk), so a bad setup fails at start with a message naming
+//! the file, not at the first handshake. [`ServerTls::reload`] /
+//! [`ClientTls::reload`] swap in new credentials for later handshakes;
+//! established sessions are untouched.
 //!
 //! Client identities for `--tls-authz` are the certificate subject rendered
 //! as QEMU's `authz-simple` sees it (GnuTLS `gnutls_x509_crt_get_dn`, checked
 //! against qemu-nbd 10 in tests/nbd_tls.rs): the attributes in certificate
-//! order, comma-separated, e.g. `C=GB,O=Example,CN=client`.
-//!
-//! TLS-PSK (`--tls-creds-psk`) is not available: rustls has no external
-//! pre-shared-key support (rustls issue #174); [`psk_unsupported`] says so.
+//! order, comma-separated, e.g. `C=GB,O=Example,CN=client`; with PSK, the
+//! client's username.
+
+pub mod gnutls;
+pub mod psk;
 
 use crate::sync::RwLockExt;
+use psk::{PskKeys, PskLookup, Secret};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -98,17 +108,41 @@ pub enum TlsError {
     /// A verified client whose identity `--tls-authz` does not list.
     #[error("TLS: client identity {0:?} is not authorised (--tls-authz)")]
     NotAuthorised(String),
-    /// PSK credentials were asked for.
+    /// A line of keys.psk that cannot be used.
+    #[error("TLS credentials: {path}:{line}: {why}")]
+    PskFile {
+        /// The keys.psk file.
+        path: PathBuf,
+        /// The line (from 1).
+        line: usize,
+        /// What is wrong with it (never the key).
+        why: String,
+    },
+    /// A keys.psk others may read.
     #[error(
-        "--tls-creds-psk: TLS-PSK is not supported: rustls has no external \
-         pre-shared-key support (rustls issue #174); use --tls-creds-x509"
+        "TLS credentials: {path} holds pre-shared keys and is readable by group or \
+         others (mode {mode:o}); run chmod 600 on it"
     )]
-    PskUnsupported,
-}
-
-/// The error `--tls-creds-psk` gets.
-pub fn psk_unsupported() -> TlsError {
-    TlsError::PskUnsupported
+    PskPermissions {
+        /// The keys.psk file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The client's username has no line in its keys.psk.
+    #[error("TLS credentials: username {username:?} not found in {path} (--tls-psk-username)")]
+    PskUsername {
+        /// The username.
+        username: String,
+        /// The keys.psk file.
+        path: PathBuf,
+    },
+    /// A client whose PSK username the server's keys.psk does not hold.
+    #[error("TLS: PSK username {0:?} is not in keys.psk")]
+    UnknownPskUser(String),
+    /// GnuTLS (the PSK path) is missing or failed.
+    #[error(transparent)]
+    Gnutls(#[from] gnutls::GnutlsError),
 }
 
 /// ring's suites, AES-128-GCM first: the link carries bulk disk data, and
@@ -276,34 +310,107 @@ fn replace<T>(l: &RwLock<T>, v: T) {
 /// Server credentials (an NBD server's) and the identities allowed in.
 #[derive(Debug)]
 pub struct ServerTls {
-    dir: PathBuf,
     authz: Vec<String>,
-    config: RwLock<Arc<ServerConfig>>,
+    creds: ServerCreds,
+}
+
+#[derive(Debug)]
+enum ServerCreds {
+    X509 {
+        dir: PathBuf,
+        config: RwLock<Arc<ServerConfig>>,
+    },
+    Psk {
+        file: PathBuf,
+        keys: RwLock<Arc<PskKeys>>,
+    },
 }
 
 impl ServerTls {
-    /// Loads `dir` (QEMU's `endpoint=server` layout). `authz` lists the client
-    /// identities (subject DNs) allowed; empty allows any client whose
-    /// certificate the CA signed.
+    /// Loads `dir` (QEMU's `tls-creds-x509,endpoint=server` layout). `authz`
+    /// lists the client identities (subject DNs) allowed; empty allows any
+    /// client whose certificate the CA signed.
     pub fn load(dir: &Path, authz: Vec<String>) -> Result<ServerTls, TlsError> {
         let config = build_server(dir)?;
         Ok(ServerTls {
-            dir: dir.to_path_buf(),
             authz,
-            config: RwLock::new(config),
+            creds: ServerCreds::X509 {
+                dir: dir.to_path_buf(),
+                config: RwLock::new(config),
+            },
         })
     }
 
-    /// Reads the directory again; later handshakes use the new credentials.
+    /// Loads a keys.psk file (or QEMU's `tls-creds-psk,endpoint=server`
+    /// directory holding one) and GnuTLS. `authz` lists the usernames
+    /// allowed; empty allows every username of the file.
+    pub fn load_psk(file: &Path, authz: Vec<String>) -> Result<ServerTls, TlsError> {
+        gnutls::load()?;
+        let keys = PskKeys::load(file)?;
+        for id in &authz {
+            if keys.get(id.as_bytes()).is_none() {
+                log::warn!(
+                    "tls: --tls-authz {id:?} has no key in {}: that client cannot connect",
+                    keys.path().display()
+                );
+            }
+        }
+        Ok(ServerTls {
+            authz,
+            creds: ServerCreds::Psk {
+                file: file.to_path_buf(),
+                keys: RwLock::new(Arc::new(keys)),
+            },
+        })
+    }
+
+    /// Reads the credentials again; later handshakes use the new ones.
     /// On error the old ones stay in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        replace(&self.config, build_server(&self.dir)?);
+        match &self.creds {
+            ServerCreds::X509 { dir, config } => replace(config, build_server(dir)?),
+            ServerCreds::Psk { file, keys } => replace(keys, Arc::new(PskKeys::load(file)?)),
+        }
         Ok(())
     }
 
-    /// The configuration for the next handshake.
-    pub fn config(&self) -> Arc<ServerConfig> {
-        read(&self.config)
+    /// The directory or file the credentials come from.
+    pub fn source(&self) -> &Path {
+        match &self.creds {
+            ServerCreds::X509 { dir, .. } => dir,
+            ServerCreds::Psk { file, .. } => file,
+        }
+    }
+
+    /// The rustls configuration for the next handshake; `None` with PSK.
+    pub fn x509_config(&self) -> Option<Arc<ServerConfig>> {
+        match &self.creds {
+            ServerCreds::X509 { config, .. } => Some(read(config)),
+            ServerCreds::Psk { .. } => None,
+        }
+    }
+
+    /// True for `--tls-creds-psk` credentials.
+    pub fn is_psk(&self) -> bool {
+        matches!(self.creds, ServerCreds::Psk { .. })
+    }
+
+    /// The key for a client's PSK username, checked against `--tls-authz`
+    /// (QEMU 10 itself does not apply authz to PSK usernames; colo-blk does).
+    pub fn psk_lookup(&self, username: &[u8]) -> PskLookup {
+        let ServerCreds::Psk { keys, .. } = &self.creds else {
+            return PskLookup::Unknown;
+        };
+        let keys = read(keys);
+        let Some(key) = keys.get(username) else {
+            return PskLookup::Unknown;
+        };
+        let name = String::from_utf8_lossy(username);
+        if self.authz.is_empty() || self.authz.iter().any(|a| *a == name) {
+            PskLookup::Key(key.clone())
+        } else {
+            PskLookup::NotAuthorised
+        }
     }
 
     /// Checks a verified client's certificate against `--tls-authz`; returns
@@ -314,6 +421,11 @@ impl ServerTls {
             .ok_or_else(|| TlsError::NotAuthorised("(no client certificate)".into()))?;
         let identity = subject_dn(cert.as_ref())
             .map_err(|e| TlsError::NotAuthorised(format!("(unreadable certificate: {e})")))?;
+        self.authorise_identity(identity)
+    }
+
+    /// Checks an identity (a subject DN, a PSK username) against `--tls-authz`.
+    pub fn authorise_identity(&self, identity: String) -> Result<String, TlsError> {
         if self.authz.is_empty() || self.authz.contains(&identity) {
             Ok(identity)
         } else {
@@ -325,15 +437,38 @@ impl ServerTls {
 /// Client credentials (the primary's) and the server name to check.
 #[derive(Debug)]
 pub struct ClientTls {
-    dir: PathBuf,
-    hostname: Option<ServerName<'static>>,
-    config: RwLock<Arc<ClientConfig>>,
+    creds: ClientCreds,
+}
+
+#[derive(Debug)]
+enum ClientCreds {
+    X509 {
+        dir: PathBuf,
+        hostname: Option<ServerName<'static>>,
+        config: RwLock<Arc<ClientConfig>>,
+    },
+    Psk {
+        file: PathBuf,
+        username: String,
+        key: RwLock<Secret>,
+    },
+}
+
+fn client_key(file: &Path, username: &str) -> Result<Secret, TlsError> {
+    let keys = PskKeys::load(file)?;
+    keys.get(username.as_bytes())
+        .cloned()
+        .ok_or_else(|| TlsError::PskUsername {
+            username: username.to_string(),
+            path: keys.path().to_path_buf(),
+        })
 }
 
 impl ClientTls {
-    /// Loads `dir` (QEMU's `endpoint=client` layout). `hostname` is the name
-    /// the server certificate must carry; `None` uses the host of the address
-    /// connected to (`localhost` for a Unix socket).
+    /// Loads `dir` (QEMU's `tls-creds-x509,endpoint=client` layout).
+    /// `hostname` is the name the server certificate must carry; `None`
+    /// uses the host of the address connected to (`localhost` for a Unix
+    /// socket).
     pub fn load(dir: &Path, hostname: Option<&str>) -> Result<ClientTls, TlsError> {
         let hostname = hostname
             .map(|h| {
@@ -341,28 +476,73 @@ impl ClientTls {
             })
             .transpose()?;
         Ok(ClientTls {
-            dir: dir.to_path_buf(),
-            hostname,
-            config: RwLock::new(build_client(dir)?),
+            creds: ClientCreds::X509 {
+                dir: dir.to_path_buf(),
+                hostname,
+                config: RwLock::new(build_client(dir)?),
+            },
         })
     }
 
-    /// Reads the directory again for later connections; on error the old
-    /// credentials stay in force.
+    /// Loads the key of `username` from a keys.psk file (or QEMU's
+    /// `tls-creds-psk,endpoint=client` directory holding one) and GnuTLS.
+    pub fn load_psk(file: &Path, username: &str) -> Result<ClientTls, TlsError> {
+        gnutls::load()?;
+        let key = client_key(file, username)?;
+        Ok(ClientTls {
+            creds: ClientCreds::Psk {
+                file: file.to_path_buf(),
+                username: username.to_string(),
+                key: RwLock::new(key),
+            },
+        })
+    }
+
+    /// Reads the credentials again for later connections; on error the old
+    /// ones stay in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        replace(&self.config, build_client(&self.dir)?);
+        match &self.creds {
+            ClientCreds::X509 { dir, config, .. } => replace(config, build_client(dir)?),
+            ClientCreds::Psk {
+                file,
+                username,
+                key,
+            } => replace(key, client_key(file, username)?),
+        }
         Ok(())
     }
 
-    /// The configuration for the next handshake.
-    pub fn config(&self) -> Arc<ClientConfig> {
-        read(&self.config)
+    /// The directory or file the credentials come from.
+    pub fn source(&self) -> &Path {
+        match &self.creds {
+            ClientCreds::X509 { dir, .. } => dir,
+            ClientCreds::Psk { file, .. } => file,
+        }
+    }
+
+    /// The rustls configuration for the next handshake; `None` with PSK.
+    pub fn x509_config(&self) -> Option<Arc<ClientConfig>> {
+        match &self.creds {
+            ClientCreds::X509 { config, .. } => Some(read(config)),
+            ClientCreds::Psk { .. } => None,
+        }
+    }
+
+    /// The PSK username and key for the next handshake; `None` with x509.
+    pub fn psk(&self) -> Option<(String, Secret)> {
+        match &self.creds {
+            ClientCreds::Psk { username, key, .. } => Some((username.clone(), read(key))),
+            ClientCreds::X509 { .. } => None,
+        }
     }
 
     /// The name to verify the server certificate against, given the host
     /// connected to (`None` for a Unix socket).
     pub fn server_name(&self, host: Option<&str>) -> Result<ServerName<'static>, TlsError> {
-        if let Some(n) = &self.hostname {
+        if let ClientCreds::X509 {
+            hostname: Some(n), ..
+        } = &self.creds
+        {
             return Ok(n.clone());
         }
         let host = host.unwrap_or("localhost");
@@ -436,11 +616,5 @@ mod tests {
         assert_eq!(escape_dn_value("a,b+c"), "a\\,b\\+c");
         assert_eq!(escape_dn_value(" x "), "\\ x\\ ");
         assert_eq!(escape_dn_value("plain"), "plain");
-    }
-
-    #[test]
-    fn psk_error_names_the_reason() {
-        let msg = psk_unsupported().to_string();
-        assert!(msg.contains("--tls-creds-psk") && msg.contains("rustls"));
     }
 }

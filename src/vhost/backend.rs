@@ -3,6 +3,7 @@
 
 use super::inflight::{self, InflightBuffer};
 use super::queue_io::QueueIo;
+use super::resize::Resizer;
 use super::vring::Vring;
 use super::worker;
 use crate::sync::MutexExt;
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
+use vhost::vhost_user::Backend;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
@@ -37,6 +39,8 @@ pub(crate) struct BlkBackend {
     /// them with `into_raw_fd` and never closes them, so the backend does,
     /// once the loops (and their epoll sets) are gone.
     exit_consumers: Mutex<Vec<RawFd>>,
+    /// Where the frontend's backend request channel goes (online resize).
+    resizer: Arc<Resizer>,
 }
 
 impl BlkBackend {
@@ -46,6 +50,7 @@ impl BlkBackend {
         num_queues: usize,
         queue_size: usize,
         poll_us: u32,
+        resizer: Arc<Resizer>,
     ) -> io::Result<Self> {
         let depth = u16::try_from(queue_size).unwrap_or(u16::MAX);
         let queues = (0..num_queues)
@@ -64,6 +69,7 @@ impl BlkBackend {
             num_queues,
             queue_size,
             exit_consumers: Mutex::new(Vec::new()),
+            resizer,
         })
     }
 
@@ -105,6 +111,15 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The channel an online resize is announced on.
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        // On the connection thread: the resizer only stores the channel and
+        // starts its sender; it never sends from here (the frontend's answer
+        // waits for a GET_CONFIG this thread must serve).
+        self.resizer.attach_channel(backend);
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {

@@ -5,12 +5,14 @@
 //! replication filter for COLO. It knows nothing of modes.
 
 mod backend;
+mod config_change;
 #[cfg(test)]
 mod engine_tests;
 mod inflight;
 mod offload;
 mod poll;
 mod queue_io;
+mod resize;
 #[cfg(test)]
 mod restart_tests;
 mod resume;
@@ -18,6 +20,7 @@ mod shutdown;
 mod vring;
 mod worker;
 
+pub use resize::{Notice, Resize, ResizeError, Resized, Resizer, CONFIG_CHANGE_ANSWER_BOUND};
 pub use shutdown::Shutdown;
 
 use crate::acceptor::Wake;
@@ -52,6 +55,9 @@ pub struct ServeOptions {
     pub poll_us: u32,
     /// Where completed requests are counted (kept across reconnects).
     pub stats: Option<Arc<crate::stats::DeviceStats>>,
+    /// Grows the disk online (`block_resize`); shared with the control socket.
+    /// `None`: [`serve`] makes its own, which nothing else reaches.
+    pub resizer: Option<Arc<Resizer>>,
 }
 
 /// Why [`serve`] stopped with an error.
@@ -98,6 +104,10 @@ pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result
     // Built from a bound listener, vhost's Listener does not unlink the path;
     // `socket_file` does.
     let mut listener = Listener::from(listener);
+    let resizer = opts
+        .resizer
+        .clone()
+        .unwrap_or_else(|| Arc::new(Resizer::new(dev.clone(), opts.logical_block_size)));
     let geometry = Geometry::new(
         dev.size(),
         opts.logical_block_size,
@@ -107,13 +117,13 @@ pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result
     );
     log::info!(
         "serving {} bytes{} on {} ({} queue(s) of {})",
-        geometry.capacity_bytes(),
+        resizer.capacity().bytes(),
         if geometry.read_only { " read-only" } else { "" },
         opts.socket.display(),
         opts.num_queues,
         opts.queue_size
     );
-    let result = accept_loop(&dev, &geometry, opts, &mut listener, shutdown);
+    let result = accept_loop(&dev, &geometry, &resizer, opts, &mut listener, shutdown);
     let flushed = dev.flush().map_err(VhostError::Flush);
     drop(listener);
     drop(socket_file);
@@ -123,6 +133,7 @@ pub fn serve(dev: SharedDev, opts: &ServeOptions, shutdown: &Shutdown) -> Result
 fn accept_loop(
     dev: &SharedDev,
     geometry: &Geometry,
+    resizer: &Arc<Resizer>,
     opts: &ServeOptions,
     listener: &mut Listener,
     shutdown: &Shutdown,
@@ -130,6 +141,7 @@ fn accept_loop(
     while wait_for_frontend(listener, shutdown)? {
         let device = Arc::new(
             BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial)
+                .with_capacity(resizer.capacity())
                 .with_stats(opts.stats.clone()),
         );
         let mem = GuestMemoryAtomic::new(GuestMem::new());
@@ -140,6 +152,7 @@ fn accept_loop(
                 usize::from(opts.num_queues),
                 usize::from(opts.queue_size),
                 opts.poll_us,
+                Arc::clone(resizer),
             )
             .map_err(VhostError::Queues)?,
         );
@@ -157,11 +170,20 @@ fn accept_loop(
                     .map_err(|source| VhostError::Completions { queue: q, source })?;
             }
         }
-        daemon.start(listener).map_err(VhostError::Daemon)?;
+        // Before the connection thread starts: it may attach a backend
+        // request channel with its first messages.
+        resizer.connected();
+        if let Err(e) = daemon.start(listener) {
+            resizer.disconnected();
+            return Err(VhostError::Daemon(e));
+        }
         log::info!("frontend connected");
         shutdown.attach(daemon.shutdown_handle());
         let ended = daemon.wait();
         shutdown.attach(None);
+        // The connection thread is gone: no channel attaches any more, and a
+        // resize waiting for this frontend's answer is released.
+        resizer.disconnected();
         // Dropping the daemon stops and joins the queue workers, dropping the
         // backend then joins the I/O pools: every request picked up has
         // completed once this returns.

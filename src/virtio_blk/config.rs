@@ -1,5 +1,6 @@
 //! The virtio-blk configuration space and the feature bits colo-blk offers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -35,10 +36,13 @@ pub const MAX_RANGE_SEGMENTS: u32 = 32;
 const MAX_SEGMENTS: u32 = 1024;
 
 /// What the guest is told about the disk: everything the configuration space and
-/// the feature bits describe. Fixed for the lifetime of a connection.
+/// the feature bits describe. Fixed for the lifetime of a connection, except the
+/// capacity, which an online resize grows ([`Capacity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Geometry {
-    /// Capacity in 512-byte sectors (a whole number of logical blocks).
+    /// Capacity in 512-byte sectors (a whole number of logical blocks) when the
+    /// geometry was made; the device model serves its [`Capacity`], which may
+    /// have grown since.
     pub capacity_sectors: u64,
     /// Logical block size in bytes (512 or 4096).
     pub logical_block_size: u32,
@@ -63,14 +67,13 @@ impl Geometry {
         read_only: bool,
     ) -> Self {
         let lbs = u64::from(logical_block_size.max(SECTOR_SIZE as u32));
-        let usable = size_bytes / lbs * lbs;
         // The header and the status byte take a descriptor each when the driver
         // does not use indirect descriptors.
         let seg_max = u32::from(queue_size)
             .saturating_sub(2)
             .clamp(1, MAX_SEGMENTS);
         Geometry {
-            capacity_sectors: usable / SECTOR_SIZE,
+            capacity_sectors: capacity_sectors(size_bytes, logical_block_size),
             logical_block_size: lbs as u32,
             seg_max,
             num_queues: num_queues.max(1),
@@ -135,6 +138,48 @@ impl Geometry {
     }
 }
 
+/// The capacity in sectors of a disk of `size_bytes` served with
+/// `logical_block_size` blocks: rounded down to a whole block, since a trailing
+/// partial block cannot be addressed by a guest anyway.
+pub fn capacity_sectors(size_bytes: u64, logical_block_size: u32) -> u64 {
+    let lbs = u64::from(logical_block_size.max(SECTOR_SIZE as u32));
+    size_bytes / lbs * lbs / SECTOR_SIZE
+}
+
+/// The disk's capacity as the guest is told it, in 512-byte sectors. One per
+/// served disk, shared by the device model of every connection, so that an
+/// online resize reaches the current connection (its requests and its next
+/// GET_CONFIG) and every later one.
+///
+/// Only grows. Whoever grows it makes the node below accept the new range
+/// first: a request this capacity admits is always inside the node.
+#[derive(Debug)]
+pub struct Capacity(AtomicU64);
+
+impl Capacity {
+    /// A capacity of `sectors`.
+    pub fn new(sectors: u64) -> Self {
+        Capacity(AtomicU64::new(sectors))
+    }
+
+    /// The current capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        // Acquire pairs with grow_to: a request that sees the new capacity
+        // also sees the node's new size.
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The current capacity in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.sectors() * SECTOR_SIZE
+    }
+
+    /// Raises the capacity to `sectors` (a smaller value changes nothing).
+    pub fn grow_to(&self, sectors: u64) {
+        self.0.fetch_max(sectors, Ordering::AcqRel);
+    }
+}
+
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
     buf[at..at + bytes.len()].copy_from_slice(bytes);
 }
@@ -159,6 +204,16 @@ mod tests {
         assert_eq!(c[WRITEBACK_OFFSET], 1);
         assert_eq!(g.config_space(false)[WRITEBACK_OFFSET], 0);
         assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn capacity_rounds_down_to_a_block_and_only_grows() {
+        assert_eq!(capacity_sectors(10 * 4096 + 100, 4096), 80);
+        assert_eq!(capacity_sectors(1000, 512), 1);
+        let c = Capacity::new(80);
+        c.grow_to(160);
+        c.grow_to(100);
+        assert_eq!((c.sectors(), c.bytes()), (160, 160 * 512));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use super::chain::{gather, scatter, slices, GuestMem, Layout, HEADER_LEN};
 use super::config::{
-    Geometry, CONFIG_SPACE_SIZE, ID_BYTES, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE,
-    WRITEBACK_OFFSET,
+    Capacity, Geometry, CONFIG_SPACE_SIZE, ID_BYTES, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS,
+    SECTOR_SIZE, WRITEBACK_OFFSET,
 };
 use super::error::{ERROR_CLASSES, RING_CLASS};
 use super::ratelimit::LogLimiter;
@@ -178,6 +178,9 @@ impl Scratch<'_> {
 pub struct BlkDevice {
     dev: SharedDev,
     geometry: Geometry,
+    /// What requests are checked against and GET_CONFIG reports: shared with
+    /// the resizer, so a grown disk is served at once.
+    capacity: Arc<Capacity>,
     serial: [u8; ID_BYTES],
     /// The `writeback` config field (driver-writable with CONFIG_WCE).
     writeback: AtomicBool,
@@ -211,6 +214,7 @@ impl BlkDevice {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         BlkDevice {
             dev,
+            capacity: Arc::new(Capacity::new(geometry.capacity_sectors)),
             geometry,
             serial: id,
             writeback: AtomicBool::new(true),
@@ -218,6 +222,18 @@ impl BlkDevice {
             log: LogLimiter::new(ERROR_CLASSES),
             stats: None,
         }
+    }
+
+    /// Serves `capacity` (shared with whoever grows the disk, and with the
+    /// devices of earlier and later connections) instead of the geometry's.
+    pub fn with_capacity(mut self, capacity: Arc<Capacity>) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The capacity requests are checked against and GET_CONFIG reports.
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
     }
 
     /// Counts completed requests into `stats` (kept across connections).
@@ -252,15 +268,19 @@ impl BlkDevice {
         self.dev.open_channel(depth)
     }
 
-    /// What the guest is told about the disk.
+    /// What the guest is told about the disk (its `capacity_sectors` is the
+    /// capacity at creation; [`capacity`](Self::capacity) is the current one).
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
 
-    /// The current configuration space.
+    /// The current configuration space, with the current capacity.
     pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
-        self.geometry
-            .config_space(self.writeback.load(Ordering::Relaxed))
+        let geometry = Geometry {
+            capacity_sectors: self.capacity.sectors(),
+            ..self.geometry.clone()
+        };
+        geometry.config_space(self.writeback.load(Ordering::Relaxed))
     }
 
     /// Applies a driver write to the configuration space. Only the `writeback`
@@ -595,14 +615,17 @@ impl BlkDevice {
     }
 
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
+        // One load: the error names the capacity the request was checked
+        // against, even if a resize lands meanwhile.
+        let capacity = self.capacity.sectors();
         let out = || RequestError::OutOfRange {
             sector,
             bytes: len,
-            capacity: self.geometry.capacity_sectors,
+            capacity,
         };
         let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
         match offset.checked_add(len) {
-            Some(end) if end <= self.geometry.capacity_bytes() => Ok(offset),
+            Some(end) if end <= capacity * SECTOR_SIZE => Ok(offset),
             _ => Err(out()),
         }
     }

@@ -186,6 +186,29 @@ fn sector_past_the_end_is_ioerr_and_writes_nothing() {
 }
 
 #[test]
+fn a_grown_capacity_admits_requests_past_the_old_end_and_shows_in_the_config() {
+    let rig = Rig::new(false);
+    let capacity = Arc::clone(rig.dev.capacity());
+    rig.header(VIRTIO_BLK_T_OUT, DISK / 512);
+    let (_, st) = rig.run(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+    assert_eq!(st, IOERR);
+    // What a resize does: the node first, then the capacity.
+    crate::block::BlockDev::grow(rig.disk.as_ref(), 2 * DISK).unwrap();
+    capacity.grow_to(2 * DISK / 512);
+    let sectors = u64::from_le_bytes(rig.dev.config_space()[0..8].try_into().unwrap());
+    assert_eq!(sectors, 2 * DISK / 512);
+    rig.mem
+        .write_slice(&[0x5a; 512], GuestAddress(DATA))
+        .unwrap();
+    let (_, st) = rig.run(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+    assert_eq!(st, OK);
+    assert_eq!(rig.disk_bytes(DISK, 512), vec![0x5a; 512]);
+    rig.header(VIRTIO_BLK_T_IN, 2 * DISK / 512 - 1);
+    let (_, st) = rig.run(&[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)]);
+    assert_eq!(st, IOERR, "still bounded by the new capacity");
+}
+
+#[test]
 fn length_not_a_multiple_of_512_is_ioerr() {
     let rig = Rig::new(false);
     rig.header(VIRTIO_BLK_T_OUT, 0);

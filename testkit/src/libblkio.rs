@@ -171,6 +171,13 @@ impl Client {
         })
     }
 
+    /// Reads the capacity again (a GET_CONFIG on the live connection, as a
+    /// driver does on a config interrupt) and returns it; `capacity` follows.
+    pub fn refresh_capacity(&mut self) -> Result<u64, IoError> {
+        self.capacity = self.blkio.get_u64("capacity")?;
+        Ok(self.capacity)
+    }
+
     /// Queue `i`.
     pub fn queue(&mut self, i: usize) -> &mut Queue {
         &mut self.queues[i]

@@ -120,6 +120,12 @@ pub fn repo_path(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// Starts a qemu-nbd command line, stopped by pid (SIGTERM, so that it
+/// flushes) when dropped.
+pub fn spawn_qemu_nbd(cmd: &mut Command) -> Process {
+    Process::adopt("qemu-nbd", cmd.spawn().expect("qemu-nbd")).stop_with(libc::SIGTERM)
+}
+
 /// A loopback TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

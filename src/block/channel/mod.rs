@@ -45,6 +45,21 @@ impl Kind {
     }
 }
 
+/// Guest buffers handed to a channel as raw iovecs, as slices for a node's
+/// synchronous path.
+///
+/// # Safety
+/// Every iovec must point to memory that stays mapped for `'a` and that
+/// nothing else writes meanwhile when the slices are read from (the
+/// [`IoChannel::add_read`]/[`IoChannel::add_write`] contract, for a request
+/// not yet completed).
+pub(crate) unsafe fn iov_slices<'a>(iovs: &[libc::iovec]) -> Vec<vm_memory::VolatileSlice<'a>> {
+    iovs.iter()
+        // SAFETY: the caller's contract above.
+        .map(|v| unsafe { vm_memory::VolatileSlice::new(v.iov_base.cast::<u8>(), v.iov_len) })
+        .collect()
+}
+
 /// The completion of one operation added to a channel.
 #[derive(Debug)]
 pub struct IoCompletion {

@@ -5,7 +5,6 @@ use crate::nbd::tls::TlsStream;
 use crate::nbd::wire::*;
 use crate::nbd::{NbdError, Violation, MAX_PAYLOAD};
 use crate::tls::ClientTls;
-use rustls_pki_types::ServerName;
 use std::io::{self, Read};
 
 /// Option replies larger than this are a protocol violation for us.
@@ -42,11 +41,11 @@ struct Negotiator {
     wr: Stream,
 }
 
-/// TLS for a connection: the credentials and the name the server's
-/// certificate must carry.
+/// TLS for a connection: the credentials and the host connected to (for
+/// the x509 certificate name; `None` for a Unix socket).
 pub(super) struct TlsTarget<'a> {
     pub creds: &'a ClientTls,
-    pub name: ServerName<'static>,
+    pub host: Option<&'a str>,
 }
 
 /// Negotiates `export` on a freshly connected stream; with `tls`, upgrades
@@ -122,10 +121,8 @@ impl Negotiator {
                 if msg.is_empty() { "" } else { ": " }
             )));
         }
-        let conn = rustls::ClientConnection::new(tls.creds.config(), tls.name)
-            .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
-        let session = TlsStream::handshake(self.wr.try_clone()?, conn.into())
-            .map_err(NbdError::TlsHandshake)?;
+        let session = TlsStream::connect(self.wr.try_clone()?, tls.creds, tls.host)?;
+        log::info!("nbd client: TLS established ({})", session.describe());
         self.wr = Stream::Tls(std::sync::Arc::new(session));
         self.rd = self.wr.try_clone()?;
         Ok(())

@@ -399,10 +399,7 @@ fn open(uri: &NbdUri, opts: &ClientOptions) -> std::result::Result<Conn, NbdErro
                 super::NbdAddr::Tcp { host, .. } => Some(host.as_str()),
                 super::NbdAddr::Unix(_) => None,
             };
-            Some(handshake::TlsTarget {
-                creds,
-                name: creds.server_name(host)?,
-            })
+            Some(handshake::TlsTarget { creds, host })
         }
     };
     let (info, stream) = handshake::negotiate(stream, &uri.export, tls)?;

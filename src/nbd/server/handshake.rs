@@ -116,13 +116,13 @@ impl Haggle<'_> {
             );
         }
         self.reply(OPT_STARTTLS, REP_ACK, &[])?;
-        let conn = rustls::ServerConnection::new(tls.config())
-            .map_err(|e| NbdError::TlsHandshake(io::Error::other(e)))?;
-        let session =
-            super::super::tls::TlsStream::handshake(self.stream.try_clone()?, conn.into())
-                .map_err(NbdError::TlsHandshake)?;
-        let identity = tls.authorise(session.peer_certificates().as_deref())?;
-        log::info!("nbd {}: TLS established, client {identity:?}", self.peer);
+        let (session, identity) =
+            super::super::tls::TlsStream::accept(self.stream.try_clone()?, &tls)?;
+        log::info!(
+            "nbd {}: TLS established, client {identity:?} ({})",
+            self.peer,
+            session.describe()
+        );
         self.stream = Stream::Tls(std::sync::Arc::new(session));
         self.rd = self.stream.try_clone()?;
         // Nothing negotiated in plain text carries over.

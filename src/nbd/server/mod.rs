@@ -44,7 +44,11 @@ pub struct ServerOptions {
     pub export_name: String,
     /// Free text shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: String,
-    /// Worker threads per connection (requests running at once). Default 4.
+    /// Worker threads per connection (requests running at once). Default 4;
+    /// raised to the device's [`BlockDev::concurrent_writes`] hint (at most
+    /// 32), for a device whose every write waits on storage.
+    ///
+    /// [`BlockDev::concurrent_writes`]: crate::block::BlockDev::concurrent_writes
     pub workers_per_connection: usize,
     /// Requests queued per connection beyond the running ones. Default 64.
     pub queue_depth: usize,

@@ -28,6 +28,9 @@ use vm_memory::VolatileSlice;
 /// At most this many descriptors in one block status reply.
 const MAX_EXTENTS: usize = 1024;
 
+/// The most workers per connection a device's `concurrent_writes` hint asks for.
+const MAX_DEVICE_WORKERS: usize = 32;
+
 /// The reader's input buffer: room for a queue of small requests at once.
 const IN_BUF: usize = 256 << 10;
 
@@ -133,8 +136,14 @@ pub(super) fn serve(
         }
     };
     let queue = JobQueue::new(inner.opts.queue_depth);
+    // A device whose writes wait on storage (the hint) gets that many running
+    // at once, so a connection's queue depth reaches it.
+    let workers = inner
+        .opts
+        .workers_per_connection
+        .max(inner.dev.concurrent_writes().min(MAX_DEVICE_WORKERS));
     std::thread::scope(|s| {
-        for i in 0..inner.opts.workers_per_connection {
+        for i in 0..workers {
             let (conn, queue) = (&conn, &queue);
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))

@@ -39,7 +39,7 @@
 //! [`RangeLocks::try_exclusive`]: crate::block::RangeLocks::try_exclusive
 
 use super::{ForwardTarget, Primary};
-use crate::block::channel::{Doorbell, IoChannel, IoCompletion, Kind};
+use crate::block::channel::{iov_slices, Doorbell, IoChannel, IoCompletion, Kind};
 use crate::block::{check_range, BlockDev, BlockError, OwnedRangeGuard, Result as BlockResult};
 use crate::nbd;
 use crate::replication::fence::Admit;
@@ -392,13 +392,10 @@ impl PrimaryChannel {
 
     /// The guest buffers of `op` as slices.
     fn slices(op: &Op) -> Vec<VolatileSlice<'_>> {
-        op.iovs
-            .iter()
-            // SAFETY: the `add_read`/`add_write` contract keeps this memory
-            // mapped, and nothing else writes it (reads), until the
-            // completion is returned; the slices do not outlive the request.
-            .map(|v| unsafe { VolatileSlice::new(v.iov_base.cast::<u8>(), v.iov_len) })
-            .collect()
+        // SAFETY: the `add_read`/`add_write` contract keeps this memory
+        // mapped, and nothing else writes it (reads), until the completion is
+        // returned; the slices do not outlive the request.
+        unsafe { iov_slices(&op.iovs) }
     }
 
     /// Runs `op` on the local disk, or (`remote`) on a secondary that is

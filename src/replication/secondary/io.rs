@@ -1,9 +1,12 @@
 //! The two I/O views of a [`Secondary`]: the secondary VM's (guest) and the
 //! primary's (NBD), with the per-stage policy of DESIGN.md §1.
 
+use super::channel::SecondaryChannel;
 use super::Secondary;
+use crate::block::channel::IoChannel;
 use crate::block::{
-    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, Refusal, Result, SharedDev,
+    check_range, iov_len, iov_window, BlockDev, BlockError, Extent, RangeGuard, Refusal, Result,
+    SharedDev,
 };
 use crate::replication::{Failure, Stage};
 use std::sync::Arc;
@@ -21,7 +24,7 @@ pub(super) struct GuestView(pub(super) Arc<Secondary>);
 /// The primary's view.
 pub(super) struct PrimaryView(pub(super) Arc<Secondary>);
 
-fn not_started() -> BlockError {
+pub(super) fn not_started() -> BlockError {
     BlockError::Refused(Refusal::NotStarted)
 }
 
@@ -36,9 +39,17 @@ fn no_below(_offset: u64, buf: &mut [u8]) -> Result<()> {
 
 /// A guest-side zeroing request.
 #[derive(Clone, Copy)]
-enum Zeroes {
+pub(super) enum Zeroes {
     Discard,
     WriteZeroes { unmap: bool },
+}
+
+/// What a guest request does, for the hold it needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum GuestOp {
+    Read,
+    Write,
+    Zeroes,
 }
 
 impl Secondary {
@@ -53,6 +64,41 @@ impl Secondary {
         offset % g == 0 && (end % g == 0 || end == self.size())
     }
 
+    /// The hold a guest request needs on its clusters in `stage`: shared while
+    /// running when it looks below the active disk (`below`), always during
+    /// failover (counted and timed), none otherwise.
+    fn guest_hold(
+        &self,
+        stage: Stage,
+        offset: u64,
+        len: u64,
+        below: bool,
+    ) -> Option<RangeGuard<'_>> {
+        match stage {
+            Stage::Running => below.then(|| self.locks.shared(offset, len)),
+            Stage::Failover | Stage::FailoverFailed => Some(self.failover_shared(offset, len)),
+            Stage::None | Stage::Fenced | Stage::Done => None,
+        }
+    }
+
+    /// True when a guest request of `kind` on the range must hold its
+    /// clusters shared in `stage` (see [`Secondary::guest_hold`]).
+    pub(super) fn guest_needs_hold(
+        &self,
+        stage: Stage,
+        kind: GuestOp,
+        offset: u64,
+        len: u64,
+    ) -> bool {
+        match stage {
+            // Only a read-modify-write looks below the active disk, where
+            // copy-before-write may be changing things.
+            Stage::Running => kind != GuestOp::Write || !self.granule_aligned(offset, len),
+            Stage::Failover | Stage::FailoverFailed => true,
+            Stage::None | Stage::Fenced | Stage::Done => false,
+        }
+    }
+
     fn guest_read(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<()> {
         // Done is final and the overlays are empty: no gate, no locks.
         if self.stage() == Stage::Done {
@@ -61,15 +107,23 @@ impl Secondary {
         let len = iov_len(bufs);
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
-        match self.stage() {
+        let stage = self.stage();
+        let _held = self.guest_hold(stage, offset, len, true);
+        self.guest_read_held(stage, offset, bufs)
+    }
+
+    /// A guest read in `stage`, the caller holding a pass of the gate and the
+    /// hold [`Secondary::guest_needs_hold`] asks for.
+    pub(super) fn guest_read_held(
+        &self,
+        stage: Stage,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+    ) -> Result<()> {
+        match stage {
             Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.read_vectored(offset, bufs),
-            Stage::Running => {
-                let _held = self.locks.shared(offset, len);
-                self.chain.read_vectored(offset, bufs)
-            }
-            Stage::Failover | Stage::FailoverFailed => {
-                let _held = self.failover_shared(offset, len);
+            Stage::Running | Stage::Failover | Stage::FailoverFailed => {
                 self.chain.read_vectored(offset, bufs)
             }
         }
@@ -82,20 +136,24 @@ impl Secondary {
         let len = iov_len(bufs);
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
-        match self.stage() {
+        let stage = self.stage();
+        let below = self.guest_needs_hold(stage, GuestOp::Write, offset, len);
+        let _held = self.guest_hold(stage, offset, len, below);
+        self.guest_write_held(stage, offset, bufs)
+    }
+
+    /// A guest write in `stage`, held as for [`Secondary::guest_read_held`].
+    pub(super) fn guest_write_held(
+        &self,
+        stage: Stage,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+    ) -> Result<()> {
+        match stage {
             Stage::None | Stage::Fenced => Err(not_started()),
             Stage::Done => self.disk.write_vectored(offset, bufs),
-            Stage::Running => {
-                // Only a read-modify-write looks below the active disk, where
-                // copy-before-write may be changing things.
-                let _held =
-                    (!self.granule_aligned(offset, len)).then(|| self.locks.shared(offset, len));
-                self.chain.write_top(offset, bufs)
-            }
-            Stage::Failover | Stage::FailoverFailed => {
-                let _held = self.failover_shared(offset, len);
-                self.split_write(offset, bufs)
-            }
+            Stage::Running => self.chain.write_top(offset, bufs),
+            Stage::Failover | Stage::FailoverFailed => self.split_write(offset, bufs),
         }
     }
 
@@ -122,24 +180,37 @@ impl Secondary {
     }
 
     fn guest_zeroes(&self, offset: u64, len: u64, how: Zeroes) -> Result<()> {
-        let on_disk = |o: u64, l: u64| match how {
-            Zeroes::Discard => self.disk.discard(o, l),
-            Zeroes::WriteZeroes { unmap } => self.disk.write_zeroes(o, l, unmap),
-        };
         if self.stage() == Stage::Done {
-            return on_disk(offset, len);
+            return self.zeroes_on_disk(offset, len, how);
         }
         check_range(offset, len, self.size())?;
         let _pass = self.gate.enter();
-        match self.stage() {
+        let stage = self.stage();
+        let _held = self.guest_hold(stage, offset, len, true);
+        self.guest_zeroes_held(stage, offset, len, how)
+    }
+
+    fn zeroes_on_disk(&self, offset: u64, len: u64, how: Zeroes) -> Result<()> {
+        match how {
+            Zeroes::Discard => self.disk.discard(offset, len),
+            Zeroes::WriteZeroes { unmap } => self.disk.write_zeroes(offset, len, unmap),
+        }
+    }
+
+    /// A guest discard or write-zeroes in `stage`, held as for
+    /// [`Secondary::guest_read_held`].
+    pub(super) fn guest_zeroes_held(
+        &self,
+        stage: Stage,
+        offset: u64,
+        len: u64,
+        how: Zeroes,
+    ) -> Result<()> {
+        match stage {
             Stage::None | Stage::Fenced => Err(not_started()),
-            Stage::Done => on_disk(offset, len),
-            Stage::Running => {
-                let _held = self.locks.shared(offset, len);
-                self.chain.zero_top(offset, len)
-            }
+            Stage::Done => self.zeroes_on_disk(offset, len, how),
+            Stage::Running => self.chain.zero_top(offset, len),
             Stage::Failover | Stage::FailoverFailed => {
-                let _held = self.failover_shared(offset, len);
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
@@ -149,7 +220,7 @@ impl Secondary {
                         self.mark_rewritten(pos, run);
                         zeroed?;
                     } else {
-                        on_disk(pos, run)?;
+                        self.zeroes_on_disk(pos, run, how)?;
                     }
                     pos += run;
                 }
@@ -158,7 +229,7 @@ impl Secondary {
         }
     }
 
-    fn guest_flush(&self) -> Result<()> {
+    pub(super) fn guest_flush(&self) -> Result<()> {
         match self.stage() {
             // A flush exposes nothing and makes the initial sync durable; QEMU's
             // driver passes flushes down in every stage too. It also lets the
@@ -289,6 +360,16 @@ impl BlockDev for GuestView {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.0.guest_block_status(offset, len)
+    }
+
+    /// With a disk that has a channel (io_uring on an O_DIRECT disk), the
+    /// guest's requests keep their queue depth on it: see `channel`.
+    fn open_channel(&self, depth: u32) -> Option<std::io::Result<Box<dyn IoChannel>>> {
+        let disk = match self.0.disk.open_channel(depth)? {
+            Ok(ch) => ch,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(SecondaryChannel::new(self.0.clone(), disk).map(|c| Box::new(c) as Box<dyn IoChannel>))
     }
 }
 

@@ -61,6 +61,20 @@ impl BackendInternal {
         self.wait_for_ack(&hdr)
     }
 
+    // colo-blk patch (vendor/vhost/PATCHES.md): a request that has no body,
+    // such as CONFIG_CHANGE_MSG (its header's size is 0).
+    fn send_header_only(&mut self, request: BackendReq) -> Result<u64> {
+        self.check_state()?;
+
+        let mut hdr = VhostUserMsgHeader::new(request, 0, 0);
+        if self.reply_ack_negotiated {
+            hdr.set_need_reply(true);
+        }
+        self.sock.send_header(&hdr, None)?;
+
+        self.wait_for_ack(&hdr)
+    }
+
     fn wait_for_ack(&mut self, hdr: &VhostUserMsgHeader<BackendReq>) -> Result<u64> {
         self.check_state()?;
         if !self.reply_ack_negotiated {
@@ -92,11 +106,15 @@ impl BackendInternal {
 pub struct Backend {
     // underlying Unix domain socket for communication
     inner: Arc<Mutex<BackendInternal>>,
+    // colo-blk patch (vendor/vhost/PATCHES.md): the socket's descriptor,
+    // readable without the mutex, which a blocked request holds.
+    fd: RawFd,
 }
 
 impl Backend {
     fn new(ep: Endpoint<VhostUserMsgHeader<BackendReq>>) -> Self {
         Backend {
+            fd: ep.as_raw_fd(),
             inner: Arc::new(Mutex::new(BackendInternal {
                 sock: ep,
                 reply_ack_negotiated: false,
@@ -145,7 +163,24 @@ impl Backend {
     }
 }
 
+// colo-blk patch (vendor/vhost/PATCHES.md): the descriptor lets the owner
+// bound or cancel a request that the frontend does not answer (shutdown(2)
+// wakes a thread blocked in it) without taking the mutex that thread holds.
+impl AsRawFd for Backend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
 impl VhostUserFrontendReqHandler for Backend {
+    // colo-blk patch (vendor/vhost/PATCHES.md): forward the device's
+    // configuration change to the frontend (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG),
+    // which then re-reads the config space with GET_CONFIG.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_header_only(BackendReq::CONFIG_CHANGE_MSG)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();

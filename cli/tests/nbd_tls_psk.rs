@@ -1,0 +1,637 @@
+//! NBD over TLS with pre-shared keys (`--tls-creds-psk`, QEMU's keys.psk)
+//! against QEMU's own PSK TLS in both directions, on TCP and unix sockets,
+//! and the refusals: a wrong key, an unknown username, a username not in
+//! --tls-authz, plain text, bad keys.psk files and a missing GnuTLS at start,
+//! and SIGHUP reloading keys.psk while a session stays up. The secondary is
+//! the real `colo-blk serve` binary, so the log lines are checked too.
+
+mod common;
+
+use colo_blk::block::{BlockDev, BlockDevExt};
+use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri};
+use colo_blk::tls::ClientTls;
+use common::{free_port, pattern, spawn_qemu_nbd, Daemon, Process, BIN, PATIENCE};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 16 << 20;
+/// The primary's username in make-certs.sh's keys.psk files.
+const USER: &str = "primary";
+
+/// Fresh credentials from integration/tls/make-certs.sh (its psk* dirs).
+fn creds(root: &Path) -> PathBuf {
+    let out = root.join("certs");
+    let script = common::repo_path("integration/tls/make-certs.sh");
+    let st = Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run make-certs.sh");
+    assert!(st.success(), "make-certs.sh failed");
+    out
+}
+
+enum Link {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+impl Link {
+    fn listen(&self) -> String {
+        match self {
+            Link::Tcp(p) => format!("tcp:127.0.0.1:{p}"),
+            Link::Unix(s) => format!("unix:{}", s.display()),
+        }
+    }
+    /// QEMU `--image-opts` for the export, with `tls-creds=tls0` when `tls`.
+    fn qemu_opts(&self, tls: bool) -> String {
+        let addr = match self {
+            Link::Tcp(p) => format!("driver=nbd,host=127.0.0.1,port={p}"),
+            Link::Unix(s) => format!("driver=nbd,server.type=unix,server.path={}", s.display()),
+        };
+        format!(
+            "{addr},export=parent0{}",
+            if tls { ",tls-creds=tls0" } else { "" }
+        )
+    }
+    fn uri(&self) -> NbdUri {
+        NbdUri {
+            addr: match self {
+                Link::Tcp(p) => NbdAddr::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: *p,
+                },
+                Link::Unix(s) => NbdAddr::Unix(s.clone()),
+            },
+            export: "parent0".into(),
+        }
+    }
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let up = match self {
+                Link::Tcp(p) => TcpStream::connect(("127.0.0.1", *p)).is_ok(),
+                Link::Unix(s) => s.exists(),
+            };
+            if up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "NBD server never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// QEMU's `tls-creds-psk` object for the directory `dir` (holding keys.psk).
+fn psk_object(dir: &Path, endpoint: &str, username: Option<&str>) -> String {
+    let user = username.map_or(String::new(), |u| format!(",username={u}"));
+    format!(
+        "tls-creds-psk,id=tls0,dir={},endpoint={endpoint}{user}",
+        dir.display()
+    )
+}
+
+/// A `colo-blk serve --mode secondary` serving its NBD export over TLS-PSK.
+fn psk_secondary(dir: &Path, link: &Link, keys: &Path, authz: &[&str]) -> Daemon {
+    let disk = dir.join("disk.img");
+    let listen = link.listen();
+    let keys = keys.display().to_string();
+    let mut extra = vec![
+        "--size",
+        "16M",
+        "--mode",
+        "secondary",
+        "--nbd-listen",
+        &listen,
+        "--tls-creds-psk",
+        &keys,
+    ];
+    if !authz.is_empty() {
+        extra.push("--tls-authz");
+        extra.extend_from_slice(authz);
+    }
+    let d = Daemon::serve(dir, &disk, &extra);
+    link.wait_ready();
+    d
+}
+
+fn qemu(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool).args(args).output().expect(tool);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn client_psk(keys: &Path, username: &str) -> ClientOptions {
+    ClientOptions {
+        tls: Some(Arc::new(
+            ClientTls::load_psk(keys, username).expect("client keys.psk"),
+        )),
+        ..ClientOptions::default()
+    }
+}
+
+fn all_zero(path: &Path) -> bool {
+    std::fs::read(path).unwrap().iter().all(|&b| b == 0)
+}
+
+/// Waits until the daemon's log contains `text`.
+fn wait_log(d: &Daemon, text: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !d.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "log never said {text:?}:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_copy_into_psk_secondary(link: Link) {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    // The server is given the file itself; QEMU gets the directory.
+    let d = psk_secondary(dir.path(), &link, &creds.join("psk/keys.psk"), &[USER]);
+    let src = dir.path().join("src.img");
+    let mut data = vec![0u8; SIZE as usize];
+    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        if i % 3 != 1 {
+            chunk.copy_from_slice(&pattern(i as u64 + 11, 1 << 20));
+        }
+    }
+    std::fs::write(&src, &data).unwrap();
+    let obj = psk_object(&creds.join("psk-client"), "client", Some(USER));
+    let target = link.qemu_opts(true);
+    let (ok, out) = qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--object",
+            &obj,
+            "--target-image-opts",
+            src.to_str().unwrap(),
+            &target,
+        ],
+    );
+    assert!(ok, "qemu-img convert over TLS-PSK: {out}\n{}", d.log());
+    let src_opts = format!("driver=raw,file.filename={}", src.display());
+    let (ok, out) = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            &obj,
+            "--image-opts",
+            &src_opts,
+            &target,
+        ],
+    );
+    assert!(ok && out.contains("Images are identical"), "{out}");
+    let log = d.log();
+    assert!(
+        // ECDHE (forward secrecy) and AES-128-GCM even though QEMU's client
+        // lists ChaCha20 first (the server's order wins).
+        log.contains(&format!(
+            "TLS established, client \"{USER}\" (ECDHE-PSK (TLS1.3)--(AES-128-GCM))"
+        )),
+        "{log}"
+    );
+    drop(d);
+    assert!(std::fs::read(dir.path().join("disk.img")).unwrap() == data);
+}
+
+#[test]
+fn qemu_img_copies_into_a_psk_secondary_over_tcp_and_compares_identical() {
+    qemu_copy_into_psk_secondary(Link::Tcp(free_port()));
+}
+
+#[test]
+fn qemu_img_copies_into_a_psk_secondary_over_unix_and_compares_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_copy_into_psk_secondary(Link::Unix(dir.path().join("nbd.sock")));
+}
+
+/// qemu-nbd serving `image`, with QEMU's PSK server credentials from `keys`
+/// (a directory holding keys.psk) when given.
+fn qemu_nbd(link: &Link, image: &Path, keys: Option<&Path>) -> Process {
+    let mut cmd = Command::new("qemu-nbd");
+    if let Some(dir) = keys {
+        cmd.args([
+            "--object",
+            &psk_object(dir, "server", None),
+            "--tls-creds",
+            "tls0",
+        ]);
+    }
+    match link {
+        Link::Tcp(p) => cmd.args(["-b", "127.0.0.1", "-p", &p.to_string()]),
+        Link::Unix(s) => cmd.arg("-k").arg(s),
+    };
+    // -e 4: the readiness probe must not hold the only connection slot.
+    cmd.args([
+        "-f",
+        "raw",
+        "-x",
+        "parent0",
+        "-t",
+        "-e",
+        "4",
+        "--cache=none",
+    ])
+    .arg(image)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let q = spawn_qemu_nbd(&mut cmd);
+    link.wait_ready();
+    q
+}
+
+fn colo_blk_client_into_qemu_nbd_psk(link: Link) {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    let image = dir.path().join("qemu.img");
+    std::fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
+    let server = qemu_nbd(&link, &image, Some(&creds.join("psk")));
+    // The client is given QEMU's directory.
+    let client = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-client"), USER))
+        .expect("TLS-PSK connection to qemu-nbd");
+    let mut expected = vec![0u8; SIZE as usize];
+    for (i, off) in [0u64, 4096, 1 << 20, 5 << 20, (15 << 20) + 512]
+        .iter()
+        .enumerate()
+    {
+        let len = [4096, 64 << 10, 1 << 20, 3 << 20, 4096][i];
+        let data = pattern(i as u64 + 21, len);
+        client.write_at(*off, &data).unwrap();
+        expected[*off as usize..*off as usize + len].copy_from_slice(&data);
+    }
+    client.flush().unwrap();
+    let mut back = vec![0u8; 3 << 20];
+    client.read_at(5 << 20, &mut back).unwrap();
+    assert!(back == expected[5 << 20..8 << 20], "read back over TLS-PSK");
+    drop(client);
+    drop(server);
+    let want = dir.path().join("want.img");
+    std::fs::write(&want, &expected).unwrap();
+    let (ok, out) = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            want.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && out.contains("Images are identical"), "{out}");
+}
+
+#[test]
+fn colo_blk_client_writes_into_qemu_nbd_over_psk_on_tcp_and_qemu_img_compare_agrees() {
+    colo_blk_client_into_qemu_nbd_psk(Link::Tcp(free_port()));
+}
+
+#[test]
+fn colo_blk_client_writes_into_qemu_nbd_over_psk_on_unix_and_qemu_img_compare_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    colo_blk_client_into_qemu_nbd_psk(Link::Unix(dir.path().join("nbd.sock")));
+}
+
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+
+fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+}
+
+/// Reads one option reply: (option, reply type).
+fn read_reply(s: &mut impl Read) -> (u32, u32) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).unwrap();
+    (
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn a_psk_secondary_refuses_a_wrong_key_unknown_or_unauthorised_username_and_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    let port = free_port();
+    let link = Link::Tcp(port);
+    let d = psk_secondary(dir.path(), &link, &creds.join("psk"), &[USER]);
+    let disk = dir.path().join("disk.img");
+    let target = link.qemu_opts(true);
+    let attempt = |keys: &str, user: &str| {
+        let obj = psk_object(&creds.join(keys), "client", Some(user));
+        let (ok, out) = qemu(
+            "qemu-io",
+            &[
+                "--object",
+                &obj,
+                "--image-opts",
+                &target,
+                "-c",
+                "write -P 0x5a 0 64k",
+            ],
+        );
+        assert!(!ok, "{keys}: qemu-io succeeded: {out}");
+        assert!(out.contains("TLS handshake failed"), "{keys}: {out}");
+    };
+
+    // The right username with another key.
+    attempt("psk-wrongkey", USER);
+    wait_log(
+        &d,
+        "PSK username \"primary\": An illegal parameter has been received; \
+         the client's key does not match the one keys.psk holds for it",
+    );
+    // A username keys.psk does not have.
+    attempt("psk-unknown", "stranger");
+    wait_log(&d, "PSK username \"stranger\" is not in keys.psk");
+    // In keys.psk, not in --tls-authz.
+    attempt("psk-intruder", "intruder");
+    wait_log(
+        &d,
+        "client identity \"intruder\" is not authorised (--tls-authz)",
+    );
+
+    // Plain text: QEMU's client without TLS is told TLS is required.
+    let (ok, out) = qemu(
+        "qemu-io",
+        &[
+            "--image-opts",
+            &link.qemu_opts(false),
+            "-c",
+            "write -P 0x5a 0 64k",
+        ],
+    );
+    assert!(!ok && out.contains("TLS"), "{out}");
+    wait_log(&d, "NBD_OPT_GO before STARTTLS refused: TLS is required");
+    // A raw plain client: TLS_REQD for GO, then EXPORT_NAME hangs up.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(
+        &mut s,
+        7,
+        &[0, 0, 0, 7, b'p', b'a', b'r', b'e', b'n', b't', b'0', 0, 0],
+    );
+    assert_eq!(
+        read_reply(&mut s),
+        (7, (1 << 31) | 5),
+        "NBD_REP_ERR_TLS_REQD"
+    );
+    send_option(&mut s, 1, b"parent0");
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "EXPORT_NAME before STARTTLS must end the connection");
+    wait_log(&d, "NBD_OPT_EXPORT_NAME before STARTTLS");
+
+    // colo-blk's own client with the wrong key says why it may have failed.
+    let err = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-wrongkey"), USER))
+        .expect_err("a wrong key must not get in");
+    assert!(
+        err.to_string().contains("TLS handshake failed") && err.to_string().contains("\"primary\""),
+        "{err}"
+    );
+
+    assert!(all_zero(&disk), "a refused client wrote to the disk");
+    // The control case: the authorised client does get in.
+    let obj = psk_object(&creds.join("psk-client"), "client", Some(USER));
+    let (ok, out) = qemu(
+        "qemu-io",
+        &[
+            "--object",
+            &obj,
+            "--image-opts",
+            &target,
+            "-c",
+            "write -P 0x5a 0 64k",
+        ],
+    );
+    assert!(ok, "{out}");
+    drop(d);
+    assert!(!all_zero(&disk));
+}
+
+#[test]
+fn psk_clients_refuse_a_plain_server_and_qemu_nbd_refuses_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    let image = dir.path().join("qemu.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let plain = Link::Tcp(free_port());
+    let server = qemu_nbd(&plain, &image, None);
+    let err = Client::connect_to(&plain.uri(), client_psk(&creds.join("psk-client"), USER))
+        .expect_err("a PSK client must not use a plain server");
+    assert!(err.to_string().contains("refused STARTTLS"), "{err}");
+    drop(server);
+
+    let link = Link::Tcp(free_port());
+    let _server = qemu_nbd(&link, &image, Some(&creds.join("psk")));
+    for (keys, user) in [("psk-wrongkey", USER), ("psk-unknown", "stranger")] {
+        let err = Client::connect_to(&link.uri(), client_psk(&creds.join(keys), user))
+            .expect_err("qemu-nbd let a wrong key in");
+        let want = format!("a server that does not know username \"{user}\", or holds");
+        assert!(
+            err.to_string().contains("TLS handshake failed") && err.to_string().contains(&want),
+            "{err}"
+        );
+    }
+    assert!(all_zero(&image));
+}
+
+/// Runs `colo-blk serve ARGS` (with `env`) that must refuse to start;
+/// returns (code, stderr).
+fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("colo-blk serve {args:?} did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn bad_keys_psk_files_and_a_missing_gnutls_refuse_to_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    let sock = dir.path().join("v.sock");
+    let disk = dir.path().join("d.img");
+    let nbd = format!("unix:{}", dir.path().join("n.sock").display());
+    let secondary = |keys: &Path, env: &[(&str, &str)]| {
+        let k = keys.display().to_string();
+        refused_start(
+            &[
+                "--socket",
+                sock.to_str().unwrap(),
+                "--disk",
+                disk.to_str().unwrap(),
+                "--size",
+                "1M",
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                &nbd,
+                "--tls-creds-psk",
+                &k,
+            ],
+            env,
+        )
+    };
+    let write = |name: &str, text: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("keys.psk");
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, PermissionsExt::from_mode(mode)).unwrap();
+        d
+    };
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, err) = secondary(&empty, &[]);
+    let want = format!("{} is missing", empty.join("keys.psk").display());
+    assert!(code != 0 && err.contains(&want), "{err}");
+
+    let open = write("open", "primary:00112233\n", 0o644);
+    let (code, err) = secondary(&open, &[]);
+    assert!(code != 0 && err.contains("chmod 600"), "{err}");
+
+    let badhex = write("badhex", "# keys\nprimary:0011zz33\n", 0o600);
+    let (code, err) = secondary(&badhex, &[]);
+    assert!(
+        code != 0 && err.contains("keys.psk:2: the key of \"primary\" is not"),
+        "{err}"
+    );
+    assert!(!err.contains("0011zz33"), "the key leaked: {err}");
+
+    // No GnuTLS: the flag fails at start, naming the library.
+    let (code, err) = secondary(
+        &creds.join("psk"),
+        &[("COLO_BLK_LIBGNUTLS", "/nonexistent/libgnutls.so.30")],
+    );
+    assert!(
+        code != 0 && err.contains("GnuTLS") && err.contains("libgnutls.so.30 cannot be loaded"),
+        "{err}"
+    );
+
+    // The primary's username must have a line.
+    let (code, err) = refused_start(
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--mode",
+            "primary",
+            "--secondary",
+            "nbd://127.0.0.1:1/parent0",
+            "--tls-creds-psk",
+            creds.join("psk-client").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        code != 0 && err.contains("username \"qemu\" not found in"),
+        "{err}"
+    );
+    assert!(!sock.exists());
+}
+
+#[test]
+fn sighup_reloads_keys_psk_for_new_sessions_and_keeps_the_established_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = creds(dir.path());
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |text: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let f = live.join("keys.psk");
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, PermissionsExt::from_mode(0o600)).unwrap();
+    };
+    let keys_of = |name: &str| std::fs::read_to_string(creds.join(name).join("keys.psk")).unwrap();
+    install(&keys_of("psk-client"));
+    let link = Link::Tcp(free_port());
+    let d = psk_secondary(dir.path(), &link, &live, &[]);
+    let old = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-client"), USER)).unwrap();
+    old.write_at(0, &[1u8; 4096]).unwrap();
+
+    // Rotate the primary's key.
+    install(&keys_of("psk-wrongkey"));
+    d.signal(libc::SIGHUP);
+    wait_log(&d, "SIGHUP: TLS credentials reloaded");
+
+    let refused = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-client"), USER));
+    assert!(refused.is_err(), "the old key still got in");
+    let new = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-wrongkey"), USER))
+        .expect("the new key");
+    new.write_at(8192, &[2u8; 4096]).unwrap();
+    // The session from before the reload carries on.
+    old.write_at(4096, &[3u8; 4096]).unwrap();
+    let mut back = vec![0u8; 12288];
+    old.read_at(0, &mut back).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 1));
+    assert!(back[4096..8192].iter().all(|&b| b == 3));
+    assert!(back[8192..].iter().all(|&b| b == 2));
+
+    // A broken file is refused and the current keys stay.
+    install("primary:not-hex\n");
+    d.signal(libc::SIGHUP);
+    wait_log(&d, "keeping the previous credentials");
+    Client::connect_to(&link.uri(), client_psk(&creds.join("psk-wrongkey"), USER))
+        .expect("still served with the reloaded keys");
+}
