@@ -4,9 +4,10 @@
 //! belong to which mode) so that every bad command line gets one clear message
 //! and exit code 2 before anything is opened.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use colo_blk::block::channel::Engine;
 use colo_blk::nbd::{NbdAddr, NbdUri, ServerLimits};
+use colo_blk::replication::{Mode, OnFenced};
 use colo_blk::stats::{MetricsAddr, StatsError};
 use colo_blk::virtio_blk::ID_BYTES;
 use std::path::PathBuf;
@@ -149,7 +150,7 @@ pub struct ServeArgs {
     /// the tooling stops this side (like QEMU's werror=stop), `error` fails
     /// them. Either way none is acknowledged. Default: hold
     #[arg(long, value_enum, value_name = "hold|error")]
-    pub on_fenced: Option<OnFencedArg>,
+    pub on_fenced: Option<OnFenced>,
 
     /// Replication cluster size (copy-before-write and dirty tracking unit): a
     /// power of two, at least 4096. Accepts K/M suffixes. Default: 64K.
@@ -200,24 +201,6 @@ pub struct ServeArgs {
     /// control socket (query-blockstats, `colo-blk ctl stats`).
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
     pub metrics: Option<String>,
-}
-
-/// `--on-fenced` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnFencedArg {
-    /// Hold guest writes.
-    Hold,
-    /// Fail guest writes.
-    Error,
-}
-
-/// COLO replication role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// Serves the guest from the local disk and forwards writes to the secondary.
-    Primary,
-    /// Receives the primary's writes over NBD; the guest sees active ▸ hidden ▸ disk.
-    Secondary,
 }
 
 /// A validated `serve` configuration.
@@ -314,7 +297,7 @@ pub struct PrimaryConfig {
     /// How long a forwarded request may go unanswered (`None`: forever).
     pub forward_timeout: Option<std::time::Duration>,
     /// What guest writes do once fenced.
-    pub on_fenced: colo_blk::replication::OnFenced,
+    pub on_fenced: OnFenced,
 }
 
 /// Secondary-only settings.
@@ -630,10 +613,7 @@ fn mode_config(a: &ServeArgs) -> Result<ModeConfig, ConfigError> {
             Ok(ModeConfig::Primary(PrimaryConfig {
                 secondary: parse_nbd_uri(uri).map_err(|why| invalid("secondary", why))?,
                 forward_timeout: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
-                on_fenced: match a.on_fenced {
-                    Some(OnFencedArg::Error) => colo_blk::replication::OnFenced::Error,
-                    None | Some(OnFencedArg::Hold) => colo_blk::replication::OnFenced::Hold,
-                },
+                on_fenced: a.on_fenced.unwrap_or_default(),
             }))
         }
         Some(Mode::Secondary) => {

@@ -11,8 +11,8 @@ use colo_blk::block::{
 };
 use colo_blk::control::{ControlContext, ControlError, ControlServer, EventHub, NbdExports};
 use colo_blk::nbd;
+use colo_blk::replication::{Connector, ForwardTarget, Primary, PrimaryControl};
 use colo_blk::replication::{EventSink, Replication, ReplicationError, Secondary};
-use colo_blk::replication::{ForwardTarget, Primary, PrimaryControl, TargetConnector};
 use colo_blk::stats::{self, DeviceStats, MetricsServer};
 use colo_blk::vhost::{self, Resizer, ServeOptions, Shutdown, VhostError};
 use std::io;
@@ -262,7 +262,7 @@ fn primary_stack(
     let uri = primary.secondary.clone();
     let timeout = primary.forward_timeout;
     log::info!("primary: will forward writes to {uri}");
-    let connect: TargetConnector = Box::new(move || {
+    let connect: Connector = Box::new(move || {
         let opts = nbd::ClientOptions {
             request_timeout: timeout,
             tls: tls.clone(),

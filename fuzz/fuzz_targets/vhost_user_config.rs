@@ -6,7 +6,7 @@
 #![no_main]
 
 use colo_blk::block::MemDev;
-use colo_blk::virtio_blk::{BlkDevice, Geometry, CONFIG_SPACE_SIZE};
+use colo_blk::virtio_blk::{VirtioBlk, Geometry, CONFIG_SPACE_SIZE};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let read_only = data[0] & 1 != 0;
     let lbs = if data[0] & 2 != 0 { 4096 } else { 512 };
-    let dev = BlkDevice::new(
+    let dev = VirtioBlk::new(
         Arc::new(MemDev::new(1 << 20)),
         Geometry::new(1 << 20, lbs, 256, 1, read_only),
         "fuzz",

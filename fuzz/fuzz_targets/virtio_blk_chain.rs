@@ -8,7 +8,7 @@
 #![no_main]
 
 use colo_blk::block::MemDev;
-use colo_blk::virtio_blk::{BlkDevice, Geometry, GuestMem, Scratch};
+use colo_blk::virtio_blk::{VirtioBlk, Geometry, GuestMem, Scratch};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let read_only = descs[6] & 0x80 != 0;
-    let dev = BlkDevice::new(
+    let dev = VirtioBlk::new(
         Arc::new(MemDev::new(DISK)),
         Geometry::new(DISK, 512, 16, 1, read_only),
         "fuzz-serial",

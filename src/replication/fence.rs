@@ -18,13 +18,14 @@ use crate::sync::{CondvarExt, MutexExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// What a fenced primary does with guest writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a fenced primary does with guest writes (also `serve --on-fenced`;
+/// the variants' documentation is its `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OnFenced {
-    /// Keep them pending until the tooling acts (default).
+    /// Hold guest writes.
     #[default]
     Hold,
-    /// Fail them with an I/O error at once.
+    /// Fail guest writes.
     Error,
 }
 

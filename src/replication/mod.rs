@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
-/// Which side of a COLO pair this process is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which side of a COLO pair this process is (also `serve --mode`; the
+/// variants' documentation is its `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Serves the primary VM and forwards its writes.
+    /// Serves the guest from the local disk and forwards writes to the secondary.
     Primary,
-    /// Serves the secondary VM; receives the primary's writes over NBD.
+    /// Receives the primary's writes over NBD; the guest sees active ▸ hidden ▸ disk.
     Secondary,
 }
 
@@ -294,5 +295,5 @@ mod secondary;
 
 pub use fence::{Admit, Fence, FenceStatus, OnFenced};
 pub use intent::{IntentError, WriteIntent};
-pub use primary::{Connector, ForwardTarget, Primary, PrimaryControl, TargetConnector};
+pub use primary::{Connector, ForwardTarget, Primary, PrimaryControl};
 pub use secondary::{Secondary, DEFAULT_CLUSTER_SIZE};

@@ -7,7 +7,7 @@ use super::resize::Resizer;
 use super::vring::Vring;
 use super::worker;
 use crate::sync::MutexExt;
-use crate::virtio_blk::{BlkDevice, GuestMem};
+use crate::virtio_blk::{GuestMem, VirtioBlk};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
 
 /// The backend of one vhost-user connection.
 pub(crate) struct BlkBackend {
-    device: Arc<BlkDevice>,
+    device: Arc<VirtioBlk>,
     /// One per queue, indexed like the queues (and the worker threads).
     queues: Vec<QueueIo>,
     /// The same object the vhost-user handler updates on SET_MEM_TABLE /
@@ -45,7 +45,7 @@ pub(crate) struct BlkBackend {
 
 impl BlkBackend {
     pub(crate) fn new(
-        device: Arc<BlkDevice>,
+        device: Arc<VirtioBlk>,
         mem: GuestMemoryAtomic<GuestMem>,
         num_queues: usize,
         queue_size: usize,

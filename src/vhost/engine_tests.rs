@@ -7,7 +7,7 @@ use super::vring::Vring;
 use super::worker::serve;
 use crate::block::channel::{Engine, IoChannel, IoCompletion};
 use crate::block::{BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RawFile, Result};
-use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
+use crate::virtio_blk::{Geometry, GuestMem, VirtioBlk};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use vhost_user_backend::VringT;
@@ -251,7 +251,7 @@ fn the_guests_queue_depth_reaches_the_node() {
     let node = Arc::new(HeldDisk {
         shared: shared.clone(),
     });
-    let device = Arc::new(BlkDevice::new(
+    let device = Arc::new(VirtioBlk::new(
         node,
         Geometry::new(DISK, 512, QSIZE, 1, false),
         "",
@@ -287,7 +287,7 @@ fn a_stopping_queue_waits_for_requests_in_flight_on_the_channel() {
     let node = Arc::new(HeldDisk {
         shared: shared.clone(),
     });
-    let device = Arc::new(BlkDevice::new(
+    let device = Arc::new(VirtioBlk::new(
         node,
         Geometry::new(DISK, 512, QSIZE, 1, false),
         "",
@@ -329,7 +329,7 @@ fn a_stopping_queue_waits_for_requests_in_flight_on_the_channel() {
 fn serve_until(
     vring: &Vring,
     atomic: &GuestMemoryAtomic<GuestMem>,
-    device: &BlkDevice,
+    device: &VirtioBlk,
     io: &QueueIo,
     vq: &MockSplitQueue<GuestMem>,
     n: u16,
@@ -358,13 +358,13 @@ fn serve_until(
 }
 
 /// A device on `file` driven through io_uring.
-fn uring_device(file: std::fs::File, read_only: bool) -> (Arc<BlkDevice>, Arc<RawFile>) {
+fn uring_device(file: std::fs::File, read_only: bool) -> (Arc<VirtioBlk>, Arc<RawFile>) {
     let raw = Arc::new(
         RawFile::from_file(file, read_only)
             .unwrap()
             .with_engine(Engine::Uring),
     );
-    let device = Arc::new(BlkDevice::new(
+    let device = Arc::new(VirtioBlk::new(
         raw.clone(),
         Geometry::new(raw.size(), 512, QSIZE, 1, read_only),
         "",

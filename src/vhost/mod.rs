@@ -26,7 +26,7 @@ pub use shutdown::Shutdown;
 use crate::acceptor::Wake;
 use crate::block::{BlockError, SharedDev};
 use crate::unix_socket::{self, UnixSocketError};
-use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
+use crate::virtio_blk::{Geometry, GuestMem, VirtioBlk};
 use backend::BlkBackend;
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -140,7 +140,7 @@ fn accept_loop(
 ) -> Result<(), VhostError> {
     while wait_for_frontend(listener, shutdown)? {
         let device = Arc::new(
-            BlkDevice::new(dev.clone(), geometry.clone(), &opts.serial)
+            VirtioBlk::new(dev.clone(), geometry.clone(), &opts.serial)
                 .with_capacity(resizer.capacity())
                 .with_stats(opts.stats.clone()),
         );

@@ -12,7 +12,7 @@
 //! share nothing here.
 
 use crate::sync::{CondvarExt, MutexExt};
-use crate::virtio_blk::{BlkDevice, Completion, Deferred, GuestMem, Offload};
+use crate::virtio_blk::{Completion, Deferred, GuestMem, Offload, VirtioBlk};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -28,7 +28,7 @@ const MAX_WRITE_THREADS: usize = 64;
 
 /// The I/O pool of one queue.
 pub(crate) struct IoPool {
-    device: Arc<BlkDevice>,
+    device: Arc<VirtioBlk>,
     queue_index: usize,
     /// Threads to start: enough for reads, or for the node's write hint.
     threads_wanted: usize,
@@ -49,7 +49,7 @@ pub(crate) struct IoPool {
 }
 
 impl IoPool {
-    pub(crate) fn new(device: Arc<BlkDevice>, queue_index: usize) -> std::io::Result<Self> {
+    pub(crate) fn new(device: Arc<VirtioBlk>, queue_index: usize) -> std::io::Result<Self> {
         let (done_tx, done_rx) = channel();
         let writes = device.concurrent_writes().min(MAX_WRITE_THREADS);
         let reads = device.concurrent_reads().min(MAX_WRITE_THREADS);

@@ -7,7 +7,7 @@ use super::inflight::QueueRegion;
 use super::offload::IoPool;
 use super::poll::Poller;
 use crate::sync::MutexExt;
-use crate::virtio_blk::{AsyncQueue, BlkDevice};
+use crate::virtio_blk::{AsyncQueue, VirtioBlk};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,7 +39,7 @@ impl QueueIo {
     /// Opens queue `index`'s channel on the device's node (for up to `depth`
     /// requests in flight) and its pool.
     pub(crate) fn new(
-        device: Arc<BlkDevice>,
+        device: Arc<VirtioBlk>,
         index: usize,
         depth: u16,
         poll_us: u32,

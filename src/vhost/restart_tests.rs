@@ -10,7 +10,7 @@ use super::inflight::{self, InflightBuffer};
 use super::queue_io::QueueIo;
 use super::vring::Vring;
 use super::worker::serve;
-use crate::virtio_blk::{BlkDevice, Geometry, GuestMem};
+use crate::virtio_blk::{Geometry, GuestMem, VirtioBlk};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// One incarnation of the backend: its node, queue and vring.
 struct Backend {
     shared: Arc<Mutex<Held>>,
-    device: Arc<BlkDevice>,
+    device: Arc<VirtioBlk>,
     io: QueueIo,
     vring: Vring,
     _kick: EventFd,
@@ -42,7 +42,7 @@ fn start(
     let node = Arc::new(HeldDisk {
         shared: shared.clone(),
     });
-    let device = Arc::new(BlkDevice::new(
+    let device = Arc::new(VirtioBlk::new(
         node,
         Geometry::new(DISK, 512, QSIZE, 1, false),
         "",

@@ -3,7 +3,7 @@
 //! took, and serve again the ones it never completed.
 
 use super::inflight::{QueueRegion, Recovery};
-use crate::virtio_blk::{BlkDevice, GuestMem, Offload, Scratch};
+use crate::virtio_blk::{GuestMem, Offload, Scratch, VirtioBlk};
 use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -19,7 +19,7 @@ const USED_ELEM: u64 = 8;
 pub(super) fn resume<'m>(
     queue: &mut Queue,
     mem: &'m GuestMem,
-    device: &BlkDevice,
+    device: &VirtioBlk,
     q: usize,
     region: &mut QueueRegion,
     scratch: &mut Scratch<'m>,

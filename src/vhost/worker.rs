@@ -6,7 +6,7 @@
 use super::queue_io::QueueIo;
 use super::resume;
 use super::vring::Vring;
-use crate::virtio_blk::{BlkDevice, Completion, GuestMem, NoLog, Offload, RingLog, Scratch};
+use crate::virtio_blk::{Completion, GuestMem, NoLog, Offload, RingLog, Scratch, VirtioBlk};
 use std::num::Wrapping;
 use std::time::Instant;
 use vhost_user_backend::{VringState, VringT};
@@ -30,7 +30,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 pub(crate) fn serve(
     vring: &Vring,
     mem: &GuestMemoryAtomic<GuestMem>,
-    device: &BlkDevice,
+    device: &VirtioBlk,
     io: &QueueIo,
 ) {
     let mut st = io.lock();
@@ -155,7 +155,7 @@ pub(crate) fn serve(
 fn add_used(
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
     mem: &GuestMem,
-    device: &BlkDevice,
+    device: &VirtioBlk,
     q: usize,
     done: &[Completion],
     log: &mut dyn RingLog,
@@ -174,7 +174,7 @@ fn add_used(
 fn notify(
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
     mem: &GuestMem,
-    device: &BlkDevice,
+    device: &VirtioBlk,
     q: usize,
     always: bool,
 ) {
@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn a_restarted_ring_notifies_once_even_when_used_event_says_not_yet() {
         let disk = temp_disk();
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let device = Arc::new(VirtioBlk::new(disk, geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
         let atomic = guest_memory();
         let guard = atomic.memory();
@@ -303,7 +303,7 @@ mod tests {
     #[test]
     fn a_pass_notifies_once_per_batch_and_rearms_event_idx() {
         let disk = temp_disk();
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let device = Arc::new(VirtioBlk::new(disk, geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
@@ -352,7 +352,7 @@ mod tests {
 
         let gate = Arc::new(Gate::closed());
         let disk = gated_disk(temp_disk(), &gate);
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let device = Arc::new(VirtioBlk::new(disk, geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
 
         let atomic = guest_memory();
@@ -460,7 +460,7 @@ mod tests {
         let raw = temp_disk();
         let gate = Arc::new(Gate::closed());
         let disk = gated_disk(raw.clone(), &gate);
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let device = Arc::new(VirtioBlk::new(disk, geometry(), ""));
         let io = Arc::new(QueueIo::new(device.clone(), 0, SIZE, 0).unwrap());
 
         let atomic = guest_memory();
@@ -518,7 +518,7 @@ mod tests {
     #[test]
     fn a_plain_disk_still_writes_inline_on_the_worker() {
         let disk = temp_disk();
-        let device = Arc::new(BlkDevice::new(disk, geometry(), ""));
+        let device = Arc::new(VirtioBlk::new(disk, geometry(), ""));
         let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
         let atomic = guest_memory();
         let guard = atomic.memory();

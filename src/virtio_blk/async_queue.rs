@@ -7,7 +7,7 @@
 //! request is ready for the used ring. The table is owned by one queue worker.
 
 use super::chain::{slices, GuestMem};
-use super::device::{BlkDevice, Completion, Deferred, DeferredOp, Exec, Offload};
+use super::device::{Completion, Deferred, DeferredOp, Exec, Offload, VirtioBlk};
 use super::RequestError;
 use crate::block::channel::{IoChannel, IoCompletion};
 use crate::block::BlockError;
@@ -89,7 +89,7 @@ impl AsyncQueue {
     /// guest memory) go to `done`.
     pub fn submitter<'a>(
         &'a mut self,
-        device: &'a BlkDevice,
+        device: &'a VirtioBlk,
         mem: &'a GuestMemoryLoadGuard<GuestMem>,
         done: &'a mut Vec<Completion>,
     ) -> Submitter<'a> {
@@ -101,7 +101,7 @@ impl AsyncQueue {
         }
     }
 
-    fn start(&mut self, device: &BlkDevice, req: Deferred, done: &mut Vec<Completion>) {
+    fn start(&mut self, device: &VirtioBlk, req: Deferred, done: &mut Vec<Completion>) {
         let slot = self.free.pop().unwrap_or_else(|| {
             self.reqs.push(None);
             (self.reqs.len() - 1) as u32
@@ -193,7 +193,7 @@ impl AsyncQueue {
 
     /// Moves every finished request to `out` (status byte written); returns
     /// how many.
-    pub fn reap(&mut self, device: &BlkDevice, out: &mut Vec<Completion>) -> usize {
+    pub fn reap(&mut self, device: &VirtioBlk, out: &mut Vec<Completion>) -> usize {
         let before = out.len();
         let mut reaped = std::mem::take(&mut self.reaped);
         self.channel.poll(&mut reaped);
@@ -233,7 +233,7 @@ impl AsyncQueue {
         out.len() - before
     }
 
-    fn complete(device: &BlkDevice, p: Pending) -> Option<Completion> {
+    fn complete(device: &VirtioBlk, p: Pending) -> Option<Completion> {
         let result = match p.error {
             None => Ok(Exec::Done(match p.req.op {
                 DeferredOp::Read { .. } => p.data_len,
@@ -257,7 +257,7 @@ impl AsyncQueue {
 /// The [`Offload`] a worker uses during one pass when its queue has a channel.
 pub struct Submitter<'a> {
     queue: &'a mut AsyncQueue,
-    device: &'a BlkDevice,
+    device: &'a VirtioBlk,
     mem: &'a GuestMemoryLoadGuard<GuestMem>,
     done: &'a mut Vec<Completion>,
 }

@@ -110,7 +110,7 @@ impl Deferred {
 
     /// Does the I/O, writes the status byte, and returns the used-ring entry.
     /// `device` is the model that deferred it (for error reporting).
-    pub fn run(self, device: &BlkDevice) -> Completion {
+    pub fn run(self, device: &VirtioBlk) -> Completion {
         let dev = self.dev.as_ref();
         let mut bufs = Vec::new();
         let result = match &self.op {
@@ -175,7 +175,7 @@ impl Scratch<'_> {
 /// The device model shared by every queue worker of one connection. Everything
 /// mutable is atomic and written only on control paths (feature negotiation,
 /// config writes), so queues never contend on it.
-pub struct BlkDevice {
+pub struct VirtioBlk {
     dev: SharedDev,
     geometry: Geometry,
     /// What requests are checked against and GET_CONFIG reports: shared with
@@ -205,14 +205,14 @@ pub(super) struct Range {
     pub(super) unmap: bool,
 }
 
-impl BlkDevice {
+impl VirtioBlk {
     /// A device serving `dev` as described by `geometry`; `serial` is answered
     /// to GET_ID (truncated to 20 bytes, zero padded).
     pub fn new(dev: SharedDev, geometry: Geometry, serial: &str) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        BlkDevice {
+        VirtioBlk {
             dev,
             capacity: Arc::new(Capacity::new(geometry.capacity_sectors)),
             geometry,

@@ -14,7 +14,7 @@ mod ratelimit;
 pub use async_queue::{AsyncQueue, Submitter as AsyncSubmitter};
 pub use chain::{GuestMem, HeadChain};
 pub use config::{capacity_sectors, Capacity, Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
-pub use device::{BlkDevice, Completion, Deferred, Offload, Scratch, OFFLOAD_MIN};
+pub use device::{Completion, Deferred, Offload, Scratch, VirtioBlk, OFFLOAD_MIN};
 pub use error::RequestError;
 pub use queue::{NoLog, RingLog};
 

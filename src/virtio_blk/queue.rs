@@ -2,7 +2,7 @@
 //! ring. Notifying the driver is left to the caller, once per pass.
 
 use super::chain::{GuestMem, HeadChain};
-use super::device::{BlkDevice, Offload, Scratch};
+use super::device::{Offload, Scratch, VirtioBlk};
 use super::RequestError;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
@@ -41,7 +41,7 @@ impl RingLog for NoLog {
     }
 }
 
-impl BlkDevice {
+impl VirtioBlk {
     /// Serves every chain available on `queue`; returns how many were completed
     /// (put in the used ring). Large reads may go to `offload` instead, which
     /// completes them later.

@@ -25,7 +25,7 @@ struct Rig {
     _dir: tempfile::TempDir,
     mem: Arc<GuestMem>,
     disk: Arc<RawFile>,
-    dev: BlkDevice,
+    dev: VirtioBlk,
 }
 
 impl Rig {
@@ -55,7 +55,7 @@ impl Rig {
             Arc::new(rw)
         };
         let geometry = Geometry::new(DISK, 512, queue_size, 1, read_only);
-        let dev = BlkDevice::new(disk.clone(), geometry, "colo-serial-0123");
+        let dev = VirtioBlk::new(disk.clone(), geometry, "colo-serial-0123");
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
         Rig {
             _dir: dir,

@@ -43,11 +43,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
 
-/// Opens a connection to the secondary, seen as any block device.
-pub type Connector = Box<dyn Fn() -> BlockResult<SharedDev> + Send + Sync>;
-
-/// Opens a connection to the secondary (an NBD client in the daemon).
-pub type TargetConnector = Box<dyn Fn() -> BlockResult<ForwardTarget> + Send + Sync>;
+/// How a primary reaches its secondary: called at every `start` (so a
+/// restarted secondary is picked up); the daemon's opens an NBD client.
+pub type Connector = Box<dyn Fn() -> BlockResult<ForwardTarget> + Send + Sync>;
 
 /// The secondary as the primary forwards to it: a block device, and, when it
 /// is an NBD client, the same client for writes whose reply is awaited after
@@ -135,7 +133,7 @@ struct ResyncState {
 /// A primary replication node; it is also the [`BlockDev`] the guest is served.
 pub struct Primary {
     local: SharedDev,
-    connect: TargetConnector,
+    connect: Connector,
     cluster_shift: u32,
     locks: Arc<RangeLocks>,
     /// One bit per cluster changed while not forwarding.
@@ -183,11 +181,11 @@ impl Primary {
     /// (called at every `start`, so a restarted secondary is picked up).
     pub fn new(
         local: SharedDev,
-        connect: Connector,
+        connect: impl Fn() -> BlockResult<SharedDev> + Send + Sync + 'static,
         cluster_size: u64,
         events: EventSink,
     ) -> Arc<Self> {
-        let connect: TargetConnector = Box::new(move || connect().map(ForwardTarget::device));
+        let connect: Connector = Box::new(move || connect().map(ForwardTarget::device));
         Self::with_target(local, connect, cluster_size, events)
     }
 
@@ -195,7 +193,7 @@ impl Primary {
     /// (whose writes then overlap the local write).
     pub fn with_target(
         local: SharedDev,
-        connect: TargetConnector,
+        connect: Connector,
         cluster_size: u64,
         events: EventSink,
     ) -> Arc<Self> {
@@ -930,7 +928,7 @@ impl Primary {
     /// Slow work (reaching the secondary, waiting for an old resync) runs with
     /// no lock held that `query-replication` needs; `starting` keeps a second
     /// `start` out meanwhile.
-    fn start_arc(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
+    fn start_replication(self: &Arc<Self>, sync: SyncMode) -> Result<(), ReplicationError> {
         {
             let stage = self.stage.lock_or_recover();
             match *stage {
@@ -1033,7 +1031,7 @@ impl Replication for PrimaryControl {
                 got: mode,
             });
         }
-        self.0.start_arc(sync)
+        self.0.start_replication(sync)
     }
 
     fn checkpoint(&self) -> Result<(), ReplicationError> {
