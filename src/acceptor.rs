@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(reader.join().unwrap().unwrap(), 7);
         a.stop();
         // The listener went with the thread: nobody accepts any more.
-        assert!(UnixStream::connect(&path).is_err());
+        UnixStream::connect(&path).unwrap_err();
     }
 
     #[test]

@@ -37,8 +37,8 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(65536));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
         assert_eq!(parse_size("3T"), Ok(3 << 40));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("1X").unwrap_err();
+        parse_size("-1").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 }

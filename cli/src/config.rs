@@ -862,10 +862,10 @@ mod tests {
                 export: "e".into()
             }
         );
-        assert!(parse_nbd_uri("nbd+unix:///e").is_err());
-        assert!(parse_nbd_uri("http://x").is_err());
-        assert!(parse_nbd_listen("tcp:host").is_err());
-        assert!(parse_nbd_listen("tcp:host:0").is_err());
+        parse_nbd_uri("nbd+unix:///e").unwrap_err();
+        parse_nbd_uri("http://x").unwrap_err();
+        parse_nbd_listen("tcp:host").unwrap_err();
+        parse_nbd_listen("tcp:host:0").unwrap_err();
         assert_eq!(
             parse_nbd_listen("unix:/a/b").unwrap(),
             NbdAddr::Unix("/a/b".into())
@@ -889,12 +889,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(sec("tcp:0.0.0.0:10809", &["--nbd-insecure"]).is_ok());
-        assert!(sec("tcp:0.0.0.0:10809", &["--tls-creds-x509", "/d"]).is_ok());
-        assert!(sec("tcp:127.0.0.1:10809", &[]).is_ok());
-        assert!(sec("tcp:[::1]:10809", &[]).is_ok());
-        assert!(sec("tcp:localhost:10809", &[]).is_ok());
-        assert!(sec("unix:/x", &[]).is_ok());
+        sec("tcp:0.0.0.0:10809", &["--nbd-insecure"]).unwrap();
+        sec("tcp:0.0.0.0:10809", &["--tls-creds-x509", "/d"]).unwrap();
+        sec("tcp:127.0.0.1:10809", &[]).unwrap();
+        sec("tcp:[::1]:10809", &[]).unwrap();
+        sec("tcp:localhost:10809", &[]).unwrap();
+        sec("unix:/x", &[]).unwrap();
     }
 
     #[test]
@@ -933,7 +933,7 @@ mod tests {
                 other => panic!("{extra:?}: {other:?}"),
             }
         }
-        assert!(primary(&["--tls-creds-psk", "/k", "--tls-creds-x509", "/d"]).is_err());
+        primary(&["--tls-creds-psk", "/k", "--tls-creds-x509", "/d"]).unwrap_err();
         assert!(matches!(
             parse(&[
                 "--mode",

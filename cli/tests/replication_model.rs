@@ -52,7 +52,7 @@ struct Model {
     /// Odd while a checkpoint is in progress.
     generation: AtomicU64,
     /// The state after the last checkpoint, tagged with its (odd) generation.
-    post: Mutex<(u64, Arc<Vec<u8>>)>,
+    post: Mutex<(u64, Arc<[u8]>)>,
     failed_over: AtomicBool,
     guest_ops: AtomicU64,
     /// Guest threads that ended (normally or by panicking).
@@ -70,7 +70,7 @@ impl Model {
             primary: Mutex::new(initial.to_vec()),
             pause: RwLock::new(()),
             generation: AtomicU64::new(0),
-            post: Mutex::new((u64::MAX, Arc::new(Vec::new()))),
+            post: Mutex::new((u64::MAX, Arc::from(Vec::new()))),
             failed_over: AtomicBool::new(false),
             guest_ops: AtomicU64::new(0),
             guests_ended: AtomicU64::new(0),
@@ -210,7 +210,7 @@ fn primary_write(model: &Model, primary: &SharedDev, rng: &mut XorShift) {
 /// Pauses the writers and checkpoints; the guest's view becomes the primary's.
 fn checkpoint(model: &Model, node: &Secondary) {
     let _paused = model.pause.write().unwrap();
-    let post = Arc::new(model.primary.lock().unwrap().clone());
+    let post: Arc<[u8]> = Arc::from(model.primary.lock().unwrap().clone());
     let g = model.generation.fetch_add(1, Ordering::SeqCst) + 1;
     *model.post.lock().unwrap() = (g, post.clone());
     node.checkpoint().unwrap();

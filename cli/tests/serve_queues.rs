@@ -22,7 +22,10 @@ fn four_queues_write_and_verify_their_own_regions_concurrently() {
         },
     )
     .unwrap();
-    assert_eq!(c.blkio().get_i32("num-queues").unwrap(), QUEUES as i32);
+    assert_eq!(
+        c.blkio().get_i32("num-queues").unwrap(),
+        i32::try_from(QUEUES).unwrap()
+    );
     // One worker thread per queue in the backend. A thread names itself once
     // it runs, so a just-spawned one may not be counted yet: wait for them.
     let deadline = std::time::Instant::now() + common::PATIENCE;

@@ -55,7 +55,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') || n.ends_with(".sock"))
+        .filter(|n| n.starts_with('.') || Path::new(n).extension().is_some_and(|e| e == "sock"))
         .collect()
 }
 

@@ -105,7 +105,7 @@ mod tests {
         let mut out = [0u8; 4];
         iov_copy_out(&bufs, 2, &mut out).unwrap();
         assert_eq!(out, [1, 2, 2, 2]);
-        assert!(iov_window(&bufs, 6, 3).is_err());
+        iov_window(&bufs, 6, 3).unwrap_err();
         iov_zero(&bufs[1..]);
         assert_eq!(a, [1, 1, 1]);
         assert_eq!(b, [0; 5]);

@@ -391,20 +391,20 @@ mod tests {
     fn injected_faults_fail_exactly_the_chosen_requests() {
         let dev = MemDev::filled(4 * PAGE, 0x11);
         dev.fail_writes_from(Some(2 * PAGE));
-        assert!(dev.write_at(2 * PAGE - 512, &[0u8; 512]).is_ok());
+        dev.write_at(2 * PAGE - 512, &[0u8; 512]).unwrap();
         assert!(dev.write_at(2 * PAGE - 512, &[0u8; 1024]).is_err());
         assert!(dev.discard(3 * PAGE, 512).is_err());
         dev.fail_writes_from(None);
         dev.fail_nth_read(2);
         let mut b = [0u8; 512];
-        assert!(dev.read_at(0, &mut b).is_ok());
+        dev.read_at(0, &mut b).unwrap();
         assert!(dev.read_at(0, &mut b).is_err());
-        assert!(dev.read_at(0, &mut b).is_ok());
+        dev.read_at(0, &mut b).unwrap();
         assert_eq!(b, [0x11; 512]);
         dev.fail_flush(true);
         assert!(dev.flush().is_err());
         dev.clear_faults();
-        assert!(dev.flush().is_ok());
+        dev.flush().unwrap();
         assert_eq!(dev.stats().injected_failures, 4);
     }
 

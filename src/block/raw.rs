@@ -46,6 +46,13 @@ const DIRECT_ALIGN: usize = 4096;
 /// At most this many iovecs per preadv/pwritev call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
+/// `offset` as the kernel's `off_t`; offsets past `i64::MAX` (never within a
+/// device, whose ranges are checked first) fail with `EOVERFLOW`.
+fn off_t(op: &'static str, offset: u64) -> Result<libc::off_t> {
+    libc::off_t::try_from(offset)
+        .map_err(|_| BlockError::io(op, offset, io::Error::from_raw_os_error(libc::EOVERFLOW)))
+}
+
 impl RawFile {
     /// A writable image of `size` bytes at `path` through the page cache,
     /// created sparse if it does not exist (as [`Overlay::create`] does for an
@@ -140,15 +147,9 @@ impl RawFile {
     }
 
     fn fallocate(&self, op: &'static str, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let (at, n) = (off_t(op, offset)?, off_t(op, len)?);
         // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, at, n) };
         if rc == 0 {
             Ok(())
         } else {
@@ -184,22 +185,15 @@ impl RawFile {
         let mut pos = offset;
         while first < iovs.len() {
             let batch = &iovs[first..iovs.len().min(first + IOV_MAX)];
+            // At most IOV_MAX (1024): always fits.
+            let count = libc::c_int::try_from(batch.len()).unwrap_or(libc::c_int::MAX);
+            let at = off_t(op, pos)?;
             // SAFETY: every iovec points into a VolatileSlice the caller lent us for
             // this call, of the stated length; the fd is owned by self.
             let n = unsafe {
                 match dir {
-                    Dir::Read => libc::preadv(
-                        self.file.as_raw_fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        pos as libc::off_t,
-                    ),
-                    Dir::Write => libc::pwritev(
-                        self.file.as_raw_fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        pos as libc::off_t,
-                    ),
+                    Dir::Read => libc::preadv(self.file.as_raw_fd(), batch.as_ptr(), count, at),
+                    Dir::Write => libc::pwritev(self.file.as_raw_fd(), batch.as_ptr(), count, at),
                 }
             };
             if n < 0 {
@@ -413,8 +407,9 @@ impl BlockDev for RawFile {
         check_range(offset, len, self.size())?;
         let fd = self.file.as_raw_fd();
         let end = offset + len;
+        let at = off_t("block-status", offset)?;
         // SAFETY: lseek only reads its integer arguments.
-        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
         if data < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
@@ -438,7 +433,7 @@ impl BlockDev for RawFile {
             });
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
         let hole = if hole < 0 {
             end
         } else {

@@ -150,7 +150,7 @@ fn send_iovecs(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
         // SAFETY: a zeroed msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = batch.as_mut_ptr();
-        msg.msg_iovlen = batch.len() as _;
+        msg.msg_iovlen = batch.len();
         // SAFETY: every iovec points into a buffer the caller lent us for the
         // duration of this call, with its true length; sendmsg only reads them.
         let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };

@@ -6,7 +6,7 @@
 //! Crash safety rests on one ordering: a cluster's bit is durable (written and
 //! fdatasync'ed) before any write to it starts, locally or on the secondary
 //! ([`WriteIntent::mark`]). Bits are cleared lazily
-//! ([`WriteIntent::clear_lazily`]): only for clusters whose writes all
+//! (`WriteIntent::clear_lazily`): only for clusters whose writes all
 //! completed on both sides and were flushed on both, and that no write since
 //! has touched. Losing a clear in a crash costs an extra copy, never a missed
 //! one. The hot set of a busy guest stays set, so steady writes to it cost no
@@ -14,7 +14,7 @@
 //!
 //! A queue worker cannot wait for that sync with other requests in flight: it
 //! asks for the bits ([`WriteIntent::mark_or_request`]) and retries the write
-//! once the syncer thread ([`WriteIntent::run_syncer`]) has made every bit
+//! once the syncer thread (`WriteIntent::sync_asked`, run by the primary's `intent-sync` thread) has made every bit
 //! asked for since its last round durable with one `fdatasync` and rung the
 //! askers (group commit, as md plugs bitmap updates).
 //!

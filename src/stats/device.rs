@@ -12,7 +12,7 @@ use std::time::Instant;
 
 /// Latency histogram boundaries in nanoseconds, in the shape of QEMU's
 /// `block-latency-histogram-set` (bins = boundaries + 1; bin i counts
-/// latencies in [boundaries[i-1], boundaries[i])).
+/// latencies in `[boundaries[i-1], boundaries[i])`).
 pub const LATENCY_BOUNDARIES_NS: [u64; 11] = [
     10_000,
     50_000,

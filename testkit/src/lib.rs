@@ -1,6 +1,6 @@
 //! What colo-blk's integration tests, `colo-blk demo` and `colo-blk bench`
 //! share, kept out of the product library: the one libblkio client
-//! ([`libblkio`]), the one test-data generator ([`pattern`]), and the one
+//! ([`libblkio`]), the one test-data generator ([`pattern`](mod@pattern)), and the one
 //! guard for child processes with its socket waits ([`process`]).
 //!
 //! The product library (`colo-blk`) does not depend on this crate or on

@@ -32,7 +32,7 @@ impl Transfer {
         self.pos = offset;
     }
 
-    /// The iovecs of the next system call or submission (at most [`IOV_MAX`]).
+    /// The iovecs of the next system call or submission (at most `IOV_MAX`).
     pub fn next_batch(&self) -> &[libc::iovec] {
         let end = self.iovs.len().min(self.first + IOV_MAX);
         &self.iovs[self.first..end]

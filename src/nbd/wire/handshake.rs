@@ -438,7 +438,7 @@ mod tests {
             Greeting::decode(&old),
             Err(WireError::BadMagic { .. })
         ));
-        assert!(Greeting::decode(&g.encode()[..17]).is_err());
+        Greeting::decode(&g.encode()[..17]).unwrap_err();
     }
 
     #[test]
@@ -489,11 +489,11 @@ mod tests {
         let mut bad = enc.clone();
         let at = 4 + "parent0".len();
         bad[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
-        assert!(InfoRequest::decode(&bad).is_err());
+        InfoRequest::decode(&bad).unwrap_err();
         // Name length beyond the data.
         let mut bad = enc;
         bad[..4].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(InfoRequest::decode(&bad).is_err());
+        InfoRequest::decode(&bad).unwrap_err();
     }
 
     #[test]
@@ -533,7 +533,7 @@ mod tests {
         ] {
             assert_eq!(Info::decode(&info.encode()), Ok(info));
         }
-        assert!(Info::decode(&[0, 0, 1]).is_err());
+        Info::decode(&[0, 0, 1]).unwrap_err();
         let mut long = Info::BlockSize {
             min: 1,
             preferred: 1,
@@ -563,9 +563,9 @@ mod tests {
 
     #[test]
     fn strings_reject_nul_invalid_utf8_and_overlong() {
-        assert!(decode_export_name(b"a\0b").is_err());
-        assert!(decode_export_name(&[0xff, 0xfe]).is_err());
-        assert!(decode_export_name(&vec![b'a'; MAX_STRING + 1]).is_err());
+        decode_export_name(b"a\0b").unwrap_err();
+        decode_export_name(&[0xff, 0xfe]).unwrap_err();
+        decode_export_name(&vec![b'a'; MAX_STRING + 1]).unwrap_err();
         assert_eq!(decode_export_name(b"parent0").as_deref(), Ok("parent0"));
         assert_eq!(decode_export_name(b"").as_deref(), Ok(""));
     }

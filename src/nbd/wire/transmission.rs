@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(ChunkHeader::decode(&enc), Ok(h));
         let magic = u32::from_be_bytes([enc[0], enc[1], enc[2], enc[3]]);
         assert_eq!(ReplyKind::from_magic(magic), Ok(ReplyKind::Structured));
-        assert!(ReplyKind::from_magic(0x1234_5678).is_err());
+        ReplyKind::from_magic(0x1234_5678).unwrap_err();
     }
 
     #[test]
@@ -550,7 +550,7 @@ mod tests {
         assert_eq!(h.len, 4096 + 8);
         assert_eq!(u64::from_be_bytes(raw[20..].try_into().unwrap()), 8192);
         assert_eq!(decode_offset_data_len(h.len), Ok(4096));
-        assert!(decode_offset_data_len(8).is_err());
+        decode_offset_data_len(8).unwrap_err();
     }
 
     #[test]
@@ -560,15 +560,15 @@ mod tests {
             len: 65536,
         };
         assert_eq!(OffsetHole::decode(&hole.encode()), Ok(hole));
-        assert!(OffsetHole::decode(&OffsetHole { offset: 0, len: 0 }.encode()).is_err());
+        OffsetHole::decode(&OffsetHole { offset: 0, len: 0 }.encode()).unwrap_err();
 
         let bs = BlockStatusChunk {
             context: 1,
             extents: vec![(4096, 0), (1 << 20, STATE_HOLE | STATE_ZERO)],
         };
         assert_eq!(BlockStatusChunk::decode(&bs.encode()), Ok(bs));
-        assert!(BlockStatusChunk::decode(&[0, 0, 0, 1]).is_err());
-        assert!(BlockStatusChunk::decode(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        BlockStatusChunk::decode(&[0, 0, 0, 1]).unwrap_err();
+        BlockStatusChunk::decode(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
 
         for e in [
             ErrorChunk {

@@ -56,6 +56,8 @@ impl Mapping {
     }
 
     /// The u16 at `off` (2-byte aligned by the layout).
+    // The alignment the cast needs is checked first, at run time.
+    #[allow(clippy::cast_ptr_alignment)]
     pub(super) fn u16_at(&self, off: usize) -> &AtomicU16 {
         assert!(off + 2 <= self.len && off % 2 == 0, "inflight u16 at {off}");
         // SAFETY: in bounds and aligned (checked; the mapping is page aligned),
@@ -64,6 +66,8 @@ impl Mapping {
     }
 
     /// The u64 at `off` (8-byte aligned by the layout).
+    // The alignment the cast needs is checked first, at run time.
+    #[allow(clippy::cast_ptr_alignment)]
     pub(super) fn u64_at(&self, off: usize) -> &AtomicU64 {
         assert!(off + 8 <= self.len && off % 8 == 0, "inflight u64 at {off}");
         // SAFETY: as for u16_at.
