@@ -1,23 +1,17 @@
 //! The virtio-blk device model: turns one descriptor chain into block-stack calls
 //! and a status byte.
 
-use super::chain::{gather, scatter, slices, GuestMem, Layout, HEADER_LEN};
-use super::config::{
-    Capacity, Geometry, CONFIG_SPACE_SIZE, ID_BYTES, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS,
-    SECTOR_SIZE, WRITEBACK_OFFSET,
-};
+use super::chain::{scatter, slices, GuestMem, Layout};
+use super::config::{Capacity, Geometry, CONFIG_SPACE_SIZE, ID_BYTES, WRITEBACK_OFFSET};
 use super::error::{ERROR_CLASSES, RING_CLASS};
 use super::ratelimit::LogLimiter;
+use super::request::{Limits, Range, Request};
 use super::RequestError;
 use crate::block::{BlockDev, SharedDev};
-use crate::stats::{DeviceStats, Outcome, RequestStat, StatOp};
+use crate::stats::{DeviceStats, Outcome, RequestStat};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
@@ -188,21 +182,6 @@ pub struct VirtioBlk {
     flush_negotiated: AtomicBool,
     log: LogLimiter,
     stats: Option<Arc<DeviceStats>>,
-}
-
-/// The request header fields colo-blk uses.
-#[derive(Debug, Clone, Copy)]
-struct Header {
-    kind: u32,
-    sector: u64,
-}
-
-/// One discard / write-zeroes segment.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Range {
-    pub(super) offset: u64,
-    pub(super) len: u64,
-    pub(super) unmap: bool,
 }
 
 impl VirtioBlk {
@@ -439,7 +418,16 @@ impl VirtioBlk {
         }
     }
 
-    /// Runs (or defers) the request.
+    /// What a request is checked against now.
+    fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.capacity.sectors(),
+            seg_max: self.geometry.seg_max,
+            read_only: self.geometry.read_only,
+        }
+    }
+
+    /// Parses the request, then runs (or defers) it.
     fn execute<'m>(
         &self,
         mem: &'m GuestMem,
@@ -448,91 +436,42 @@ impl VirtioBlk {
         status_addr: u64,
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
-        let layout = &scratch.layout;
-        let mut raw = [0u8; HEADER_LEN as usize];
-        layout.read_prefix(mem, &mut raw).map_err(|e| match e {
-            RequestError::ShortHeader(_) => RequestError::ShortHeader(layout.readable_len()),
-            e => e,
-        })?;
-        let header = Header {
-            kind: u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
-            sector: u64::from_le_bytes([
-                raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-            ]),
-        };
-        scratch.stat.op = StatOp::of_virtio(header.kind);
-        if layout.mixed_direction {
-            return Err(RequestError::WrongDirection(type_name(header.kind)));
+        let request = Request::parse(mem, &scratch.layout, &self.limits(), &mut scratch.stat)?;
+        let at = Deferral { head, status_addr };
+        match request {
+            Request::Read { offset, len } => self.read(mem, offset, len, scratch, at, offload),
+            Request::Write { offset } => self.write(mem, offset, scratch, at, offload),
+            Request::Flush => self.flush(scratch, at, offload),
+            Request::GetId => {
+                let written = scatter(mem, scratch.layout.writable_payload(), &self.serial)?;
+                Ok(Exec::Done(written as u64))
+            }
+            Request::Ranges { zeroes, ranges } => {
+                self.discard_or_zero(zeroes, ranges.as_slice(), scratch, at, offload)
+            }
         }
-        let done = match header.kind {
-            VIRTIO_BLK_T_IN => {
-                return self.read(mem, header, scratch, head, status_addr, offload);
-            }
-            VIRTIO_BLK_T_OUT => {
-                return self.write(mem, header, scratch, head, status_addr, offload);
-            }
-            VIRTIO_BLK_T_FLUSH => match offload.filter(|o| o.takes_all()) {
-                Some(offload) => {
-                    offload.submit(Deferred {
-                        head,
-                        op: DeferredOp::Flush,
-                        status_addr,
-                        flush: false,
-                        dev: self.dev.clone(),
-                        mem: offload.memory(),
-                        stat: scratch.stat,
-                    });
-                    return Ok(Exec::Deferred);
-                }
-                None => {
-                    self.dev.flush()?;
-                    Ok(0)
-                }
-            },
-            VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout),
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                return self.discard_or_zero(mem, header.kind, scratch, head, status_addr, offload);
-            }
-            other => Err(RequestError::UnsupportedType(other)),
-        };
-        done.map(Exec::Done)
     }
 
     fn read<'m>(
         &self,
         mem: &'m GuestMem,
-        header: Header,
+        offset: u64,
+        len: u64,
         scratch: &mut Scratch<'m>,
-        head: u16,
-        status_addr: u64,
+        at: Deferral,
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
-        if layout.readable_payload().next().is_some() {
-            return Err(RequestError::WrongDirection("read"));
-        }
-        self.check_segments(layout)?;
-        let len = layout.writable_payload().map(|(_, l)| l).sum();
-        scratch.stat.bytes = len;
-        let offset = self.check_data(header.sector, len, "read")?;
         // Resolving the buffers also validates them, before any hand-off.
         slices(mem, layout.writable_payload(), &mut scratch.slices)?;
         if let Some(offload) = offload.filter(|o| len >= OFFLOAD_MIN || o.takes_all()) {
             scratch.slices.clear();
-            offload.submit(Deferred {
-                head,
-                op: DeferredOp::Read {
-                    offset,
-                    len,
-                    ranges: layout.writable_payload().collect(),
-                },
-                status_addr,
-                flush: false,
-                dev: self.dev.clone(),
-                mem: offload.memory(),
-                stat: scratch.stat,
-            });
-            return Ok(Exec::Deferred);
+            let op = DeferredOp::Read {
+                offset,
+                len,
+                ranges: layout.writable_payload().collect(),
+            };
+            return Ok(self.defer(offload, at, op, false, scratch.stat));
         }
         self.dev.read_vectored(offset, &scratch.slices)?;
         Ok(Exec::Done(len))
@@ -541,39 +480,20 @@ impl VirtioBlk {
     fn write<'m>(
         &self,
         mem: &'m GuestMem,
-        header: Header,
+        offset: u64,
         scratch: &mut Scratch<'m>,
-        head: u16,
-        status_addr: u64,
+        at: Deferral,
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
         let layout = &scratch.layout;
-        if layout.writable_payload().next().is_some() {
-            return Err(RequestError::WrongDirection("write"));
-        }
-        if self.geometry.read_only {
-            return Err(RequestError::ReadOnly("write"));
-        }
-        self.check_segments(layout)?;
-        let len = layout.readable_payload().map(|(_, l)| l).sum();
-        scratch.stat.bytes = len;
-        let offset = self.check_data(header.sector, len, "write")?;
         slices(mem, layout.readable_payload(), &mut scratch.slices)?;
         if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
             scratch.slices.clear();
-            offload.submit(Deferred {
-                head,
-                op: DeferredOp::Write {
-                    offset,
-                    ranges: layout.readable_payload().collect(),
-                },
-                status_addr,
-                flush: self.write_through(),
-                dev: self.dev.clone(),
-                mem: offload.memory(),
-                stat: scratch.stat,
-            });
-            return Ok(Exec::Deferred);
+            let op = DeferredOp::Write {
+                offset,
+                ranges: layout.readable_payload().collect(),
+            };
+            return Ok(self.defer(offload, at, op, self.write_through(), scratch.stat));
         }
         apply_write(
             self.dev.as_ref(),
@@ -584,153 +504,65 @@ impl VirtioBlk {
         .map(Exec::Done)
     }
 
-    fn check_segments(&self, layout: &Layout) -> Result<(), RequestError> {
-        let data = if layout.overflow {
-            usize::MAX
-        } else {
-            layout.readable_payload().count() + layout.writable_payload().count()
-        };
-        if data > self.geometry.seg_max as usize {
-            return Err(RequestError::TooManySegments {
-                count: if layout.overflow {
-                    layout.segs.len()
-                } else {
-                    data
-                },
-                max: self.geometry.seg_max,
-            });
+    fn flush(
+        &self,
+        scratch: &Scratch<'_>,
+        at: Deferral,
+        offload: Option<&mut dyn Offload>,
+    ) -> Result<Exec, RequestError> {
+        if let Some(offload) = offload.filter(|o| o.takes_all()) {
+            return Ok(self.defer(offload, at, DeferredOp::Flush, false, scratch.stat));
         }
-        Ok(())
-    }
-
-    /// Validates a read/write data range; returns its byte offset.
-    fn check_data(&self, sector: u64, len: u64, op: &'static str) -> Result<u64, RequestError> {
-        if len == 0 {
-            return Err(RequestError::ZeroLength(op));
-        }
-        if len % SECTOR_SIZE != 0 {
-            return Err(RequestError::Unaligned(len));
-        }
-        self.check_range(sector, len)
-    }
-
-    fn check_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
-        // One load: the error names the capacity the request was checked
-        // against, even if a resize lands meanwhile.
-        let capacity = self.capacity.sectors();
-        let out = || RequestError::OutOfRange {
-            sector,
-            bytes: len,
-            capacity,
-        };
-        let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
-        match offset.checked_add(len) {
-            Some(end) if end <= capacity * SECTOR_SIZE => Ok(offset),
-            _ => Err(out()),
-        }
-    }
-
-    fn get_id(&self, mem: &GuestMem, layout: &Layout) -> Result<u64, RequestError> {
-        if layout.overflow {
-            self.check_segments(layout)?;
-        }
-        if layout.writable_payload().next().is_none() {
-            return Err(RequestError::ZeroLength("get-id"));
-        }
-        Ok(scatter(mem, layout.writable_payload(), &self.serial)? as u64)
+        self.dev.flush()?;
+        Ok(Exec::Done(0))
     }
 
     fn discard_or_zero(
         &self,
-        mem: &GuestMem,
-        kind: u32,
-        scratch: &mut Scratch<'_>,
-        head: u16,
-        status_addr: u64,
+        zeroes: bool,
+        ranges: &[Range],
+        scratch: &Scratch<'_>,
+        at: Deferral,
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
-        let layout = &scratch.layout;
-        let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
-        let op = if zeroes { "write-zeroes" } else { "discard" };
-        if layout.overflow {
-            return Err(RequestError::RangeLimit {
-                op,
-                detail: format!("more than {} descriptors", layout.segs.len()),
-            });
-        }
-        if layout.writable_payload().next().is_some() {
-            return Err(RequestError::WrongDirection(op));
-        }
-        if self.geometry.read_only {
-            return Err(RequestError::ReadOnly(op));
-        }
-        let len: u64 = layout.readable_payload().map(|(_, l)| l).sum();
-        if len == 0 || len % 16 != 0 {
-            return Err(RequestError::BadRangeList { op, len });
-        }
-        let count = len / 16;
-        if count > u64::from(MAX_RANGE_SEGMENTS) {
-            return Err(RequestError::RangeLimit {
-                op,
-                detail: format!("{count} segments, at most {MAX_RANGE_SEGMENTS}"),
-            });
-        }
-        let mut raw = [0u8; 16 * MAX_RANGE_SEGMENTS as usize];
-        let raw = &mut raw[..len as usize];
-        gather(mem, layout.readable_payload(), raw)?;
-
-        // Validate every segment before touching the disk, so a bad list has no
-        // partial effect.
-        let mut ranges = [Range {
-            offset: 0,
-            len: 0,
-            unmap: false,
-        }; MAX_RANGE_SEGMENTS as usize];
-        for (i, seg) in raw.chunks_exact(16).enumerate() {
-            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-            let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-            let allowed = if zeroes {
-                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-            } else {
-                0
-            };
-            if flags & !allowed != 0 {
-                return Err(RequestError::UnsupportedFlags { op, flags });
-            }
-            if sectors > MAX_RANGE_SECTORS {
-                return Err(RequestError::RangeLimit {
-                    op,
-                    detail: format!("{sectors} sectors, at most {MAX_RANGE_SECTORS}"),
-                });
-            }
-            let bytes = u64::from(sectors) * SECTOR_SIZE;
-            ranges[i] = Range {
-                offset: self.check_range(sector, bytes)?,
-                len: bytes,
-                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-            };
-        }
-        let ranges = &ranges[..count as usize];
-        scratch.stat.bytes = ranges.iter().map(|r| r.len).sum();
         let flush = zeroes && self.write_through();
         if let Some(offload) = offload.filter(|o| o.takes_writes() || o.takes_all()) {
-            offload.submit(Deferred {
-                head,
-                op: DeferredOp::Ranges {
-                    zeroes,
-                    ranges: ranges.to_vec(),
-                },
-                status_addr,
-                flush,
-                dev: self.dev.clone(),
-                mem: offload.memory(),
-                stat: scratch.stat,
-            });
-            return Ok(Exec::Deferred);
+            let op = DeferredOp::Ranges {
+                zeroes,
+                ranges: ranges.to_vec(),
+            };
+            return Ok(self.defer(offload, at, op, flush, scratch.stat));
         }
         apply_ranges(self.dev.as_ref(), zeroes, ranges, flush).map(Exec::Done)
     }
+
+    /// Hands a parsed request to `offload`.
+    fn defer(
+        &self,
+        offload: &mut dyn Offload,
+        at: Deferral,
+        op: DeferredOp,
+        flush: bool,
+        stat: RequestStat,
+    ) -> Exec {
+        offload.submit(Deferred {
+            head: at.head,
+            op,
+            status_addr: at.status_addr,
+            flush,
+            dev: self.dev.clone(),
+            mem: offload.memory(),
+            stat,
+        });
+        Exec::Deferred
+    }
+}
+
+/// Where a request's completion goes: its chain and its status byte.
+#[derive(Debug, Clone, Copy)]
+struct Deferral {
+    head: u16,
+    status_addr: u64,
 }
 
 /// Writes a validated request's data (flushing after it for a write-through
@@ -767,16 +599,4 @@ fn apply_ranges(
         dev.flush()?;
     }
     Ok(0)
-}
-
-fn type_name(kind: u32) -> &'static str {
-    match kind {
-        VIRTIO_BLK_T_IN => "read",
-        VIRTIO_BLK_T_OUT => "write",
-        VIRTIO_BLK_T_FLUSH => "flush",
-        VIRTIO_BLK_T_GET_ID => "get-id",
-        VIRTIO_BLK_T_DISCARD => "discard",
-        VIRTIO_BLK_T_WRITE_ZEROES => "write-zeroes",
-        _ => "unknown",
-    }
 }

@@ -10,6 +10,7 @@ mod device;
 mod error;
 mod queue;
 mod ratelimit;
+mod request;
 
 pub use async_queue::{AsyncQueue, Submitter as AsyncSubmitter};
 pub use chain::{GuestMem, HeadChain};
