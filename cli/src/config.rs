@@ -29,7 +29,8 @@ const MAX_POLL_US: u32 = 10_000;
 const MAX_QUEUE_SIZE: u16 = 32768;
 const MAX_CLUSTER_SIZE: u64 = 64 << 20;
 
-/// `colo-blk serve` flags, exactly as documented in DESIGN.md §3.
+/// `colo-blk serve` flags: the contract (ARCHITECTURE.md, "The contract, as it
+/// stands now"); extend, never rename.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// vhost-user socket to listen on. A stale socket left by a dead process is

@@ -1,4 +1,5 @@
-//! The two races DESIGN.md §1 says to design out, each forced deterministically
+//! The two races the secondary must design out (ARCHITECTURE.md, the secondary's
+//! invariants), each forced deterministically
 //! by holding one request of the secondary disk at a known point:
 //! * a guest read that decided to read the secondary disk must not see a primary
 //!   write (and its copy-before-write) that starts after it;

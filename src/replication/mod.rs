@@ -1,5 +1,6 @@
 //! COLO block replication: the stage machine, copy-before-write, checkpoint and
-//! failover commit (behaviour of QEMU's `block/replication.c`, see DESIGN.md §1).
+//! failover commit (behaviour of QEMU's `block/replication.c`; ARCHITECTURE.md,
+//! "Replication stages and their invariants", at the root of the repository).
 //!
 //! Both modes implement [`Replication`], the surface the control socket drives.
 
@@ -35,7 +36,7 @@ impl fmt::Display for Mode {
     }
 }
 
-/// Replication stage (DESIGN.md §1, "Stages and the I/O policy").
+/// Replication stage (ARCHITECTURE.md: the stages and the I/O policy per stage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     /// Not started.
@@ -266,7 +267,7 @@ pub enum ReplicationError {
 
 /// The control surface of a replication node, in either mode.
 ///
-/// Semantics per DESIGN.md §1. All methods are safe to call from any thread,
+/// Semantics as in ARCHITECTURE.md (the stages and their invariants). All methods are safe to call from any thread,
 /// concurrently with guest and peer I/O.
 pub trait Replication: Send + Sync {
     /// Configured mode.

@@ -6,7 +6,7 @@
 //!   primary() ─> [gate] ──────────────────────> secondary disk
 //! ```
 //!
-//! [`Secondary`] owns the stack and the stage machine of DESIGN.md §1 and hands out
+//! [`Secondary`] owns the stack and the stage machine of ARCHITECTURE.md and hands out
 //! two views of it: [`Secondary::guest`], what the vhost worker serves to the
 //! secondary VM, and [`Secondary::primary`], what the NBD server serves to the
 //! primary.

@@ -1,5 +1,5 @@
 //! The two I/O views of a [`Secondary`]: the secondary VM's (guest) and the
-//! primary's (NBD), with the per-stage policy of DESIGN.md §1.
+//! primary's (NBD), with the per-stage policy tabled in ARCHITECTURE.md.
 
 use super::channel::SecondaryChannel;
 use super::Secondary;
