@@ -3,6 +3,7 @@
 //! through libblkio guests and `colo-blk ctl` as COLO tooling would.
 
 mod common;
+mod tls_util;
 
 use colo_blk::block::BlockDevExt;
 use colo_blk::nbd;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tls_util::make_certs;
 
 const SIZE: u64 = 32 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -67,20 +69,6 @@ impl Side {
         d.wait_for_socket(&self.control);
         d
     }
-}
-
-/// Throwaway credentials from integration/tls/make-certs.sh.
-fn make_certs(root: &Path) -> PathBuf {
-    let out = root.join("certs");
-    let script = common::repo_path("integration/tls/make-certs.sh");
-    let st = std::process::Command::new("bash")
-        .arg(script)
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run make-certs.sh");
-    assert!(st.success(), "make-certs.sh failed");
-    out
 }
 
 struct Pair {

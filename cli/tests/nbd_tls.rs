@@ -6,88 +6,25 @@
 //! the log lines an operator reads are checked too.
 
 mod common;
+mod tls_util;
 
 use colo_blk::block::{BlockDev, BlockDevExt};
-use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri};
+use colo_blk::nbd::{Client, ClientOptions};
 use colo_blk::tls::ClientTls;
-use common::{free_port, pattern, spawn_qemu_nbd, Daemon, Process, BIN, PATIENCE};
+use common::{free_port, pattern, Daemon, PATIENCE};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use tls_util::{
+    all_zero, make_certs, qemu, qemu_nbd, qemu_nbd_with, read_reply, refused_start, send_option,
+    wait_log, Link, Tls,
+};
 
 const SIZE: u64 = 16 << 20;
+/// The credentials QEMU uses here.
+const TLS: Tls = Tls::X509;
 const CLIENT_ID: &str = "C=GB,O=Example,CN=client";
-
-/// Fresh credentials from integration/tls/make-certs.sh.
-fn certs(root: &Path) -> PathBuf {
-    let out = root.join("certs");
-    let script = common::repo_path("integration/tls/make-certs.sh");
-    let st = Command::new("bash")
-        .arg(script)
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run make-certs.sh");
-    assert!(st.success(), "make-certs.sh failed");
-    out
-}
-
-enum Link {
-    Tcp(u16),
-    Unix(PathBuf),
-}
-
-impl Link {
-    fn listen(&self) -> String {
-        match self {
-            Link::Tcp(p) => format!("tcp:127.0.0.1:{p}"),
-            Link::Unix(s) => format!("unix:{}", s.display()),
-        }
-    }
-    /// QEMU `--image-opts` for the export, with `tls-creds=tls0` when `tls`.
-    fn qemu_opts(&self, tls: bool) -> String {
-        let addr = match self {
-            Link::Tcp(p) => format!("driver=nbd,host=127.0.0.1,port={p}"),
-            Link::Unix(s) => format!("driver=nbd,server.type=unix,server.path={}", s.display()),
-        };
-        // QEMU checks the certificate name even on a Unix socket.
-        let tls = match (tls, self) {
-            (false, _) => "",
-            (true, Link::Tcp(_)) => ",tls-creds=tls0",
-            (true, Link::Unix(_)) => ",tls-creds=tls0,tls-hostname=localhost",
-        };
-        format!("{addr},export=parent0{tls}")
-    }
-    fn uri(&self) -> NbdUri {
-        NbdUri {
-            addr: match self {
-                Link::Tcp(p) => NbdAddr::Tcp {
-                    host: "127.0.0.1".into(),
-                    port: *p,
-                },
-                Link::Unix(s) => NbdAddr::Unix(s.clone()),
-            },
-            export: "parent0".into(),
-        }
-    }
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let up = match self {
-                Link::Tcp(p) => TcpStream::connect(("127.0.0.1", *p)).is_ok(),
-                Link::Unix(s) => s.exists(),
-            };
-            if up {
-                return;
-            }
-            assert!(Instant::now() < deadline, "NBD server never came up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 fn x509_object(dir: &Path, endpoint: &str) -> String {
     format!(
@@ -120,16 +57,6 @@ fn tls_secondary(dir: &Path, link: &Link, creds: &Path, authz: &[&str]) -> Daemo
     d
 }
 
-fn qemu(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(tool).args(args).output().expect(tool);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 fn client_tls(dir: &Path) -> ClientOptions {
     ClientOptions {
         tls: Some(Arc::new(ClientTls::load(dir, None).expect("client creds"))),
@@ -137,27 +64,9 @@ fn client_tls(dir: &Path) -> ClientOptions {
     }
 }
 
-fn all_zero(path: &Path) -> bool {
-    std::fs::read(path).unwrap().iter().all(|&b| b == 0)
-}
-
-/// Waits until the daemon's log contains `text` (the line may come just
-/// after the peer saw the refusal).
-fn wait_log(d: &Daemon, text: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while !d.log().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {text:?}:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn qemu_copy_into_tls_secondary(link: Link) {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let d = tls_secondary(dir.path(), &link, &certs.join("server"), &[CLIENT_ID]);
     let src = dir.path().join("src.img");
     let mut data = vec![0u8; SIZE as usize];
@@ -168,7 +77,7 @@ fn qemu_copy_into_tls_secondary(link: Link) {
     }
     std::fs::write(&src, &data).unwrap();
     let obj = x509_object(&certs.join("client"), "client");
-    let target = link.qemu_opts(true);
+    let target = link.qemu_opts(TLS);
     let (ok, out) = qemu(
         "qemu-img",
         &[
@@ -215,45 +124,16 @@ fn qemu_img_copies_into_a_tls_secondary_over_unix_and_compares_identical() {
     qemu_copy_into_tls_secondary(Link::Unix(dir.path().join("nbd.sock")));
 }
 
-fn qemu_nbd(link: &Link, image: &Path, tls: Option<&Path>) -> Process {
-    let mut cmd = Command::new("qemu-nbd");
-    if let Some(dir) = tls {
-        cmd.args([
-            "--object",
-            &x509_object(dir, "server"),
-            "--tls-creds",
-            "tls0",
-        ]);
-    }
-    match link {
-        Link::Tcp(p) => cmd.args(["-b", "127.0.0.1", "-p", &p.to_string()]),
-        Link::Unix(s) => cmd.arg("-k").arg(s),
-    };
-    // -e 4: the readiness probe must not hold the only connection slot.
-    cmd.args([
-        "-f",
-        "raw",
-        "-x",
-        "parent0",
-        "-t",
-        "-e",
-        "4",
-        "--cache=none",
-    ])
-    .arg(image)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let q = spawn_qemu_nbd(&mut cmd);
-    link.wait_ready();
-    q
-}
-
 fn colo_blk_client_into_qemu_nbd_tls(link: Link) {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let image = dir.path().join("qemu.img");
     std::fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
-    let server = qemu_nbd(&link, &image, Some(&certs.join("server")));
+    let server = qemu_nbd(
+        &link,
+        &image,
+        Some(x509_object(&certs.join("server"), "server")),
+    );
     let client = Client::connect_to(&link.uri(), client_tls(&certs.join("client")))
         .expect("TLS connection to qemu-nbd");
     let mut expected = vec![0u8; SIZE as usize];
@@ -298,31 +178,6 @@ fn colo_blk_client_writes_into_qemu_nbd_over_tls_on_tcp_and_qemu_img_compare_agr
 fn colo_blk_client_writes_into_qemu_nbd_over_tls_on_unix_and_qemu_img_compare_agrees() {
     let dir = tempfile::tempdir().unwrap();
     colo_blk_client_into_qemu_nbd_tls(Link::Unix(dir.path().join("nbd.sock")));
-}
-
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m).unwrap();
-}
-
-/// Reads one option reply: (option, reply type).
-fn read_reply(s: &mut impl Read) -> (u32, u32) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data).unwrap();
-    (
-        u32::from_be_bytes(h[8..12].try_into().unwrap()),
-        u32::from_be_bytes(h[12..16].try_into().unwrap()),
-    )
 }
 
 /// Greeting read, fixed newstyle + no zeroes answered.
@@ -372,12 +227,12 @@ fn raw_tls_client(port: u16, ca: &Path, cert_dir: &Path) -> bool {
 #[test]
 fn a_tls_secondary_refuses_untrusted_expired_missing_and_unauthorised_clients_and_plain_text() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let port = free_port();
     let link = Link::Tcp(port);
     let d = tls_secondary(dir.path(), &link, &certs.join("server"), &[CLIENT_ID]);
     let disk = dir.path().join("disk.img");
-    let target = link.qemu_opts(true);
+    let target = link.qemu_opts(TLS);
     let attempt = |creds: &str| {
         let obj = x509_object(&certs.join(creds), "client");
         let (ok, out) = qemu(
@@ -427,7 +282,7 @@ fn a_tls_secondary_refuses_untrusted_expired_missing_and_unauthorised_clients_an
         "qemu-io",
         &[
             "--image-opts",
-            &link.qemu_opts(false),
+            &link.qemu_opts(Tls::Plain),
             "-c",
             "write -P 0x5a 0 64k",
         ],
@@ -512,7 +367,7 @@ fn tampering_proxy(to: u16) -> u16 {
 #[test]
 fn tls_clients_refuse_a_plain_server_and_a_tampered_starttls_reply() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let image = dir.path().join("plain.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let plain = Link::Tcp(free_port());
@@ -540,7 +395,7 @@ fn tls_clients_refuse_a_plain_server_and_a_tampered_starttls_reply() {
             "--object",
             &obj,
             "--image-opts",
-            &proxy.qemu_opts(true),
+            &proxy.qemu_opts(TLS),
             "-c",
             "write -P 0x5a 0 64k",
         ],
@@ -550,61 +405,32 @@ fn tls_clients_refuse_a_plain_server_and_a_tampered_starttls_reply() {
     assert!(all_zero(&dir.path().join("disk.img")));
 }
 
-/// Runs `colo-blk serve ARGS` that must refuse to start; returns (code, stderr).
-fn refused_start(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("colo-blk serve {args:?} did not refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), err)
-}
-
 #[test]
 fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let sock = dir.path().join("v.sock");
     let disk = dir.path().join("d.img");
     let nbd = format!("unix:{}", dir.path().join("n.sock").display());
     let secondary = |creds: &Path| {
         let c = creds.display().to_string();
-        refused_start(&[
-            "--socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--size",
-            "1M",
-            "--mode",
-            "secondary",
-            "--nbd-listen",
-            &nbd,
-            "--tls-creds-x509",
-            &c,
-        ])
+        refused_start(
+            &[
+                "--socket",
+                sock.to_str().unwrap(),
+                "--disk",
+                disk.to_str().unwrap(),
+                "--size",
+                "1M",
+                "--mode",
+                "secondary",
+                "--nbd-listen",
+                &nbd,
+                "--tls-creds-x509",
+                &c,
+            ],
+            &[],
+        )
     };
     let copy = |name: &str| {
         let to = dir.path().join(name);
@@ -642,34 +468,40 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
     let (code, err) = secondary(&mismatch);
     assert!(code != 0 && err.contains("does not match"), "{err}");
 
-    let (code, err) = refused_start(&[
-        "--socket",
-        sock.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--size",
-        "1M",
-        "--mode",
-        "primary",
-        "--secondary",
-        "nbd://127.0.0.1:1/parent0",
-        "--tls-creds-x509",
-        certs.join("expired").to_str().unwrap(),
-    ]);
+    let (code, err) = refused_start(
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--mode",
+            "primary",
+            "--secondary",
+            "nbd://127.0.0.1:1/parent0",
+            "--tls-creds-x509",
+            certs.join("expired").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(code != 0 && err.contains("expired on"), "{err}");
 
-    let (code, err) = refused_start(&[
-        "--socket",
-        sock.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--size",
-        "1M",
-        "--mode",
-        "secondary",
-        "--nbd-listen",
-        "tcp:0.0.0.0:10809",
-    ]);
+    let (code, err) = refused_start(
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--mode",
+            "secondary",
+            "--nbd-listen",
+            "tcp:0.0.0.0:10809",
+        ],
+        &[],
+    );
     assert!(code == 2 && err.contains("--nbd-insecure"), "{err}");
     assert!(!sock.exists());
 }
@@ -677,7 +509,7 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
 #[test]
 fn sighup_reloads_credentials_for_new_sessions_and_keeps_the_established_one() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let live = dir.path().join("live");
     std::fs::create_dir_all(&live).unwrap();
     let install = |from: &str| {
@@ -723,7 +555,7 @@ fn sighup_reloads_credentials_for_new_sessions_and_keeps_the_established_one() {
 #[test]
 fn a_tls_authz_identity_means_the_same_to_qemu_authz_simple() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
+    let certs = make_certs(dir.path());
     let image = dir.path().join("qemu.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let link = Link::Tcp(free_port());
@@ -732,48 +564,25 @@ fn a_tls_authz_identity_means_the_same_to_qemu_authz_simple() {
         "authz-simple,id=auth0,identity={}",
         CLIENT_ID.replace(',', ",,")
     );
-    let mut cmd = Command::new("qemu-nbd");
-    cmd.args([
-        "--object",
-        &authz,
-        "--object",
-        &x509_object(&certs.join("server"), "server"),
-    ])
-    .args([
-        "--tls-creds",
-        "tls0",
-        "--tls-authz",
-        "auth0",
-        "-b",
-        "127.0.0.1",
-    ])
-    .args([
-        "-p",
-        &free_port_of(&link),
-        "-f",
-        "raw",
-        "-x",
-        "parent0",
-        "-t",
-        "-e",
-        "4",
-    ])
-    .arg(&image)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _server = spawn_qemu_nbd(&mut cmd);
-    link.wait_ready();
+    let server_creds = x509_object(&certs.join("server"), "server");
+    let _server = qemu_nbd_with(
+        &link,
+        &image,
+        &[
+            "--object",
+            &authz,
+            "--object",
+            &server_creds,
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+        ],
+    );
     let ok = Client::connect_to(&link.uri(), client_tls(&certs.join("client")))
         .expect("QEMU's authz-simple accepts the identity colo-blk renders");
     ok.write_at(0, &[7u8; 4096]).unwrap();
     drop(ok);
     let refused = Client::connect_to(&link.uri(), client_tls(&certs.join("intruder")));
     assert!(refused.is_err(), "QEMU let the intruder in");
-}
-
-fn free_port_of(link: &Link) -> String {
-    match link {
-        Link::Tcp(p) => p.to_string(),
-        Link::Unix(_) => unreachable!("TCP only"),
-    }
 }

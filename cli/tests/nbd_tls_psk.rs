@@ -6,86 +6,26 @@
 //! the real `colo-blk serve` binary, so the log lines are checked too.
 
 mod common;
+mod tls_util;
 
 use colo_blk::block::{BlockDev, BlockDevExt};
-use colo_blk::nbd::{Client, ClientOptions, NbdAddr, NbdUri};
+use colo_blk::nbd::{Client, ClientOptions};
 use colo_blk::tls::ClientTls;
-use common::{free_port, pattern, spawn_qemu_nbd, Daemon, Process, BIN, PATIENCE};
+use common::{free_port, pattern, Daemon, PATIENCE};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use tls_util::{
+    all_zero, make_certs, qemu, qemu_nbd, read_reply, refused_start, send_option, wait_log, Link,
+    Tls,
+};
 
 const SIZE: u64 = 16 << 20;
+/// The credentials QEMU uses here.
+const TLS: Tls = Tls::Psk;
 /// The primary's username in make-certs.sh's keys.psk files.
 const USER: &str = "primary";
-
-/// Fresh credentials from integration/tls/make-certs.sh (its psk* dirs).
-fn creds(root: &Path) -> PathBuf {
-    let out = root.join("certs");
-    let script = common::repo_path("integration/tls/make-certs.sh");
-    let st = Command::new("bash")
-        .arg(script)
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run make-certs.sh");
-    assert!(st.success(), "make-certs.sh failed");
-    out
-}
-
-enum Link {
-    Tcp(u16),
-    Unix(PathBuf),
-}
-
-impl Link {
-    fn listen(&self) -> String {
-        match self {
-            Link::Tcp(p) => format!("tcp:127.0.0.1:{p}"),
-            Link::Unix(s) => format!("unix:{}", s.display()),
-        }
-    }
-    /// QEMU `--image-opts` for the export, with `tls-creds=tls0` when `tls`.
-    fn qemu_opts(&self, tls: bool) -> String {
-        let addr = match self {
-            Link::Tcp(p) => format!("driver=nbd,host=127.0.0.1,port={p}"),
-            Link::Unix(s) => format!("driver=nbd,server.type=unix,server.path={}", s.display()),
-        };
-        format!(
-            "{addr},export=parent0{}",
-            if tls { ",tls-creds=tls0" } else { "" }
-        )
-    }
-    fn uri(&self) -> NbdUri {
-        NbdUri {
-            addr: match self {
-                Link::Tcp(p) => NbdAddr::Tcp {
-                    host: "127.0.0.1".into(),
-                    port: *p,
-                },
-                Link::Unix(s) => NbdAddr::Unix(s.clone()),
-            },
-            export: "parent0".into(),
-        }
-    }
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let up = match self {
-                Link::Tcp(p) => TcpStream::connect(("127.0.0.1", *p)).is_ok(),
-                Link::Unix(s) => s.exists(),
-            };
-            if up {
-                return;
-            }
-            assert!(Instant::now() < deadline, "NBD server never came up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// QEMU's `tls-creds-psk` object for the directory `dir` (holding keys.psk).
 fn psk_object(dir: &Path, endpoint: &str, username: Option<&str>) -> String {
@@ -120,16 +60,6 @@ fn psk_secondary(dir: &Path, link: &Link, keys: &Path, authz: &[&str]) -> Daemon
     d
 }
 
-fn qemu(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(tool).args(args).output().expect(tool);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 fn client_psk(keys: &Path, username: &str) -> ClientOptions {
     ClientOptions {
         tls: Some(Arc::new(
@@ -139,26 +69,9 @@ fn client_psk(keys: &Path, username: &str) -> ClientOptions {
     }
 }
 
-fn all_zero(path: &Path) -> bool {
-    std::fs::read(path).unwrap().iter().all(|&b| b == 0)
-}
-
-/// Waits until the daemon's log contains `text`.
-fn wait_log(d: &Daemon, text: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while !d.log().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {text:?}:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn qemu_copy_into_psk_secondary(link: Link) {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     // The server is given the file itself; QEMU gets the directory.
     let d = psk_secondary(dir.path(), &link, &creds.join("psk/keys.psk"), &[USER]);
     let src = dir.path().join("src.img");
@@ -170,7 +83,7 @@ fn qemu_copy_into_psk_secondary(link: Link) {
     }
     std::fs::write(&src, &data).unwrap();
     let obj = psk_object(&creds.join("psk-client"), "client", Some(USER));
-    let target = link.qemu_opts(true);
+    let target = link.qemu_opts(TLS);
     let (ok, out) = qemu(
         "qemu-img",
         &[
@@ -223,47 +136,16 @@ fn qemu_img_copies_into_a_psk_secondary_over_unix_and_compares_identical() {
     qemu_copy_into_psk_secondary(Link::Unix(dir.path().join("nbd.sock")));
 }
 
-/// qemu-nbd serving `image`, with QEMU's PSK server credentials from `keys`
-/// (a directory holding keys.psk) when given.
-fn qemu_nbd(link: &Link, image: &Path, keys: Option<&Path>) -> Process {
-    let mut cmd = Command::new("qemu-nbd");
-    if let Some(dir) = keys {
-        cmd.args([
-            "--object",
-            &psk_object(dir, "server", None),
-            "--tls-creds",
-            "tls0",
-        ]);
-    }
-    match link {
-        Link::Tcp(p) => cmd.args(["-b", "127.0.0.1", "-p", &p.to_string()]),
-        Link::Unix(s) => cmd.arg("-k").arg(s),
-    };
-    // -e 4: the readiness probe must not hold the only connection slot.
-    cmd.args([
-        "-f",
-        "raw",
-        "-x",
-        "parent0",
-        "-t",
-        "-e",
-        "4",
-        "--cache=none",
-    ])
-    .arg(image)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let q = spawn_qemu_nbd(&mut cmd);
-    link.wait_ready();
-    q
-}
-
 fn colo_blk_client_into_qemu_nbd_psk(link: Link) {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     let image = dir.path().join("qemu.img");
     std::fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
-    let server = qemu_nbd(&link, &image, Some(&creds.join("psk")));
+    let server = qemu_nbd(
+        &link,
+        &image,
+        Some(psk_object(&creds.join("psk"), "server", None)),
+    );
     // The client is given QEMU's directory.
     let client = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-client"), USER))
         .expect("TLS-PSK connection to qemu-nbd");
@@ -311,40 +193,15 @@ fn colo_blk_client_writes_into_qemu_nbd_over_psk_on_unix_and_qemu_img_compare_ag
     colo_blk_client_into_qemu_nbd_psk(Link::Unix(dir.path().join("nbd.sock")));
 }
 
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m).unwrap();
-}
-
-/// Reads one option reply: (option, reply type).
-fn read_reply(s: &mut impl Read) -> (u32, u32) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data).unwrap();
-    (
-        u32::from_be_bytes(h[8..12].try_into().unwrap()),
-        u32::from_be_bytes(h[12..16].try_into().unwrap()),
-    )
-}
-
 #[test]
 fn a_psk_secondary_refuses_a_wrong_key_unknown_or_unauthorised_username_and_plain_text() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     let port = free_port();
     let link = Link::Tcp(port);
     let d = psk_secondary(dir.path(), &link, &creds.join("psk"), &[USER]);
     let disk = dir.path().join("disk.img");
-    let target = link.qemu_opts(true);
+    let target = link.qemu_opts(TLS);
     let attempt = |keys: &str, user: &str| {
         let obj = psk_object(&creds.join(keys), "client", Some(user));
         let (ok, out) = qemu(
@@ -384,7 +241,7 @@ fn a_psk_secondary_refuses_a_wrong_key_unknown_or_unauthorised_username_and_plai
         "qemu-io",
         &[
             "--image-opts",
-            &link.qemu_opts(false),
+            &link.qemu_opts(Tls::Plain),
             "-c",
             "write -P 0x5a 0 64k",
         ],
@@ -443,7 +300,7 @@ fn a_psk_secondary_refuses_a_wrong_key_unknown_or_unauthorised_username_and_plai
 #[test]
 fn psk_clients_refuse_a_plain_server_and_qemu_nbd_refuses_a_wrong_key() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     let image = dir.path().join("qemu.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let plain = Link::Tcp(free_port());
@@ -454,7 +311,11 @@ fn psk_clients_refuse_a_plain_server_and_qemu_nbd_refuses_a_wrong_key() {
     drop(server);
 
     let link = Link::Tcp(free_port());
-    let _server = qemu_nbd(&link, &image, Some(&creds.join("psk")));
+    let _server = qemu_nbd(
+        &link,
+        &image,
+        Some(psk_object(&creds.join("psk"), "server", None)),
+    );
     for (keys, user) in [("psk-wrongkey", USER), ("psk-unknown", "stranger")] {
         let err = Client::connect_to(&link.uri(), client_psk(&creds.join(keys), user))
             .expect_err("qemu-nbd let a wrong key in");
@@ -467,44 +328,10 @@ fn psk_clients_refuse_a_plain_server_and_qemu_nbd_refuses_a_wrong_key() {
     assert!(all_zero(&image));
 }
 
-/// Runs `colo-blk serve ARGS` (with `env`) that must refuse to start;
-/// returns (code, stderr).
-fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("colo-blk serve {args:?} did not refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), err)
-}
-
 #[test]
 fn bad_keys_psk_files_and_a_missing_gnutls_refuse_to_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     let sock = dir.path().join("v.sock");
     let disk = dir.path().join("d.img");
     let nbd = format!("unix:{}", dir.path().join("n.sock").display());
@@ -594,7 +421,7 @@ fn bad_keys_psk_files_and_a_missing_gnutls_refuse_to_start_with_the_reason() {
 #[test]
 fn sighup_reloads_keys_psk_for_new_sessions_and_keeps_the_established_one() {
     let dir = tempfile::tempdir().unwrap();
-    let creds = creds(dir.path());
+    let creds = make_certs(dir.path());
     let live = dir.path().join("live");
     std::fs::create_dir_all(&live).unwrap();
     let install = |text: &str| {
