@@ -12,10 +12,12 @@
 //! place, [`Engine`].
 
 mod doorbell;
+mod queued;
 mod transfer;
 mod uring;
 
 pub use doorbell::{Doorbell, Waiters};
+pub(crate) use queued::{add_ops_by_starting, QueuedOp, StartsOps};
 pub use transfer::Transfer;
 pub use uring::UringChannel;
 

@@ -39,7 +39,10 @@
 //! [`RangeLocks::try_exclusive`]: crate::block::RangeLocks::try_exclusive
 
 use super::{ForwardTarget, Primary};
-use crate::block::channel::{iov_slices, Doorbell, IoChannel, IoCompletion, Kind};
+use crate::block::channel::{
+    add_ops_by_starting, iov_slices, Doorbell, IoChannel, IoCompletion, Kind, QueuedOp as Op,
+    StartsOps,
+};
 use crate::block::{check_range, BlockDev, BlockError, OwnedRangeGuard, Result as BlockResult};
 use crate::nbd;
 use crate::replication::fence::Admit;
@@ -50,15 +53,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, TryLockError};
 use vm_memory::VolatileSlice;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
-
-/// An operation as added by the queue's request table.
-struct Op {
-    id: u64,
-    kind: Kind,
-    offset: u64,
-    len: u64,
-    iovs: Vec<libc::iovec>,
-}
 
 /// One half of a request: the local disk's, or the secondary's.
 enum Part {
@@ -185,7 +179,7 @@ impl PrimaryChannel {
     }
 
     /// Starts `op`, or hands it back when something is in the way.
-    fn start(&mut self, op: Op) -> Option<Op> {
+    fn try_start(&mut self, op: Op) -> Option<Op> {
         match op.kind {
             Kind::Read => {
                 let slot = self.slot();
@@ -548,62 +542,24 @@ impl PrimaryChannel {
             self.complete(id, Err(e));
         }
     }
+}
 
-    /// Starts what waited, in order.
-    fn retry_waiting(&mut self) {
-        for _ in 0..self.waiting.len() {
-            let Some(op) = self.waiting.pop_front() else {
-                break;
-            };
-            if let Some(op) = self.start(op) {
-                self.waiting.push_back(op);
-            }
-        }
+impl StartsOps for PrimaryChannel {
+    fn start(&mut self, op: Op) -> Option<Op> {
+        self.try_start(op)
     }
 
-    fn add(&mut self, id: u64, kind: Kind, offset: u64, len: u64, iovs: &[libc::iovec]) {
-        let op = Op {
-            id,
-            kind,
-            offset,
-            len,
-            iovs: iovs.to_vec(),
-        };
-        // A request may overtake one that waits: they touch other clusters
-        // (same-cluster order is the range locks' job), and virtio does not
-        // order requests in flight together.
-        if let Some(op) = self.start(op) {
-            self.waiting.push_back(op);
-        }
+    fn held_back(&mut self) -> &mut VecDeque<Op> {
+        &mut self.waiting
     }
 }
 
 impl IoChannel for PrimaryChannel {
-    unsafe fn add_read(&mut self, id: u64, offset: u64, iovs: &[libc::iovec]) {
-        let len = iovs.iter().map(|v| v.iov_len as u64).sum();
-        self.add(id, Kind::Read, offset, len, iovs);
-    }
-
-    unsafe fn add_write(&mut self, id: u64, offset: u64, iovs: &[libc::iovec]) {
-        let len = iovs.iter().map(|v| v.iov_len as u64).sum();
-        self.add(id, Kind::Write, offset, len, iovs);
-    }
-
-    fn add_flush(&mut self, id: u64) {
-        self.add(id, Kind::Flush, 0, 0, &[]);
-    }
-
-    fn add_discard(&mut self, id: u64, offset: u64, len: u64) {
-        self.add(id, Kind::Discard, offset, len, &[]);
-    }
-
-    fn add_write_zeroes(&mut self, id: u64, offset: u64, len: u64, unmap: bool) {
-        self.add(id, Kind::Zeroes { unmap }, offset, len, &[]);
-    }
+    add_ops_by_starting!();
 
     fn submit(&mut self) {
         if self.bell.is_rung() {
-            self.retry_waiting();
+            self.retry_held_back();
         }
         if let Some(ch) = self.local.as_mut() {
             ch.submit();
@@ -628,7 +584,7 @@ impl IoChannel for PrimaryChannel {
         }
         self.retire();
         self.unpark();
-        self.retry_waiting();
+        self.retry_held_back();
         if let Some(ch) = self.local.as_mut() {
             // What the retries started.
             ch.submit();

@@ -26,7 +26,10 @@
 
 use super::io::{not_started, GuestOp, Zeroes};
 use super::Secondary;
-use crate::block::channel::{iov_slices, Doorbell, IoChannel, IoCompletion, Kind};
+use crate::block::channel::{
+    add_ops_by_starting, iov_slices, Doorbell, IoChannel, IoCompletion, Kind, QueuedOp as Op,
+    StartsOps,
+};
 use crate::block::{check_range, OwnedRangeGuard, Result as BlockResult};
 use crate::replication::gate::{HeldPass, HeldPasses};
 use crate::replication::Stage;
@@ -34,15 +37,6 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// An operation as added by the queue's request table.
-struct Op {
-    id: u64,
-    kind: Kind,
-    offset: u64,
-    len: u64,
-    iovs: Vec<libc::iovec>,
-}
 
 /// A request on the disk's channel, with the holds it keeps until then.
 struct Req {
@@ -97,7 +91,7 @@ impl SecondaryChannel {
     }
 
     /// Starts `op`, or hands it back when the gate or a cluster is in the way.
-    fn start(&mut self, op: Op) -> Option<Op> {
+    fn try_start(&mut self, op: Op) -> Option<Op> {
         // Done is final and the overlays are empty: no gate, no locks.
         if self.s.stage() == Stage::Done {
             self.start_on_disk(op, None, None);
@@ -217,61 +211,24 @@ impl SecondaryChannel {
         });
         self.active += 1;
     }
+}
 
-    /// Starts what waited, in order.
-    fn retry_waiting(&mut self) {
-        for _ in 0..self.waiting.len() {
-            let Some(op) = self.waiting.pop_front() else {
-                break;
-            };
-            if let Some(op) = self.start(op) {
-                self.waiting.push_back(op);
-            }
-        }
+impl StartsOps for SecondaryChannel {
+    fn start(&mut self, op: Op) -> Option<Op> {
+        self.try_start(op)
     }
 
-    fn add(&mut self, id: u64, kind: Kind, offset: u64, len: u64, iovs: &[libc::iovec]) {
-        let op = Op {
-            id,
-            kind,
-            offset,
-            len,
-            iovs: iovs.to_vec(),
-        };
-        // A request may overtake one that waits: virtio does not order
-        // requests in flight together.
-        if let Some(op) = self.start(op) {
-            self.waiting.push_back(op);
-        }
+    fn held_back(&mut self) -> &mut VecDeque<Op> {
+        &mut self.waiting
     }
 }
 
 impl IoChannel for SecondaryChannel {
-    unsafe fn add_read(&mut self, id: u64, offset: u64, iovs: &[libc::iovec]) {
-        let len = iovs.iter().map(|v| v.iov_len as u64).sum();
-        self.add(id, Kind::Read, offset, len, iovs);
-    }
-
-    unsafe fn add_write(&mut self, id: u64, offset: u64, iovs: &[libc::iovec]) {
-        let len = iovs.iter().map(|v| v.iov_len as u64).sum();
-        self.add(id, Kind::Write, offset, len, iovs);
-    }
-
-    fn add_flush(&mut self, id: u64) {
-        self.add(id, Kind::Flush, 0, 0, &[]);
-    }
-
-    fn add_discard(&mut self, id: u64, offset: u64, len: u64) {
-        self.add(id, Kind::Discard, offset, len, &[]);
-    }
-
-    fn add_write_zeroes(&mut self, id: u64, offset: u64, len: u64, unmap: bool) {
-        self.add(id, Kind::Zeroes { unmap }, offset, len, &[]);
-    }
+    add_ops_by_starting!();
 
     fn submit(&mut self) {
         if self.bell.is_rung() {
-            self.retry_waiting();
+            self.retry_held_back();
         }
         self.disk.submit();
     }
@@ -293,7 +250,7 @@ impl IoChannel for SecondaryChannel {
             }
         }
         self.disk_done = finished;
-        self.retry_waiting();
+        self.retry_held_back();
         // What the retries started.
         self.disk.submit();
         let n = self.done.len();
