@@ -66,7 +66,9 @@ impl Side {
         ];
         args.extend_from_slice(extra);
         let mut d = Daemon::spawn(&args, &self.socket, &self.dir.join("serve.log"));
-        d.wait_for_socket(&self.control);
+        // A restarted side finds its SIGKILLed predecessor's socket files:
+        // wait until this daemon listens, not until the path exists.
+        d.wait_for_listener(&self.control);
         d
     }
 }
@@ -162,7 +164,27 @@ impl Pair {
                 ],
             });
         }
-        self.secondary = Some(self.s.spawn(&args));
+        let mut d = self.s.spawn(&args);
+        self.wait_nbd_listening(&mut d);
+        self.secondary = Some(d);
+    }
+
+    /// Waits until the secondary's NBD server accepts connections.
+    fn wait_nbd_listening(&self, d: &mut Daemon) {
+        if let Some(path) = self.listen.strip_prefix("unix:") {
+            d.wait_for_listener(Path::new(path));
+            return;
+        }
+        let addr = self.listen.trim_start_matches("tcp:");
+        let deadline = Instant::now() + common::PATIENCE;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {addr}:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// An NBD client like the primary's (with its TLS credentials if any).

@@ -74,6 +74,18 @@ impl Daemon {
         }
     }
 
+    /// Waits until the Unix socket `path` accepts a connection: after a
+    /// SIGKILLed predecessor its stale file exists before this daemon listens.
+    pub fn wait_for_listener(&mut self, path: &Path) {
+        if let Err(e) = self.process.wait_for_listener(path) {
+            panic!(
+                "{e}: nothing listens on {}:\n{}",
+                path.display(),
+                self.log()
+            );
+        }
+    }
+
     /// The vhost-user socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
