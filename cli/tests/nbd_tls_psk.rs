@@ -8,7 +8,7 @@
 mod common;
 mod tls_util;
 
-use colo_blk::block::{BlockDev, BlockDevExt};
+use colo_blk::block::BlockDevExt;
 use colo_blk::nbd::{Client, ClientOptions};
 use colo_blk::tls::ClientTls;
 use common::{free_port, pattern, Daemon, PATIENCE};
@@ -17,8 +17,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use tls_util::{
-    all_zero, make_certs, qemu, qemu_nbd, read_reply, refused_start, send_option, wait_log, Link,
-    Tls,
+    all_zero, make_certs, qemu, qemu_nbd, read_reply, refused_start, send_option, wait_log,
+    write_through_and_compare, Link, Tls,
 };
 
 const SIZE: u64 = 16 << 20;
@@ -149,37 +149,7 @@ fn colo_blk_client_into_qemu_nbd_psk(link: Link) {
     // The client is given QEMU's directory.
     let client = Client::connect_to(&link.uri(), client_psk(&creds.join("psk-client"), USER))
         .expect("TLS-PSK connection to qemu-nbd");
-    let mut expected = vec![0u8; SIZE as usize];
-    for (i, off) in [0u64, 4096, 1 << 20, 5 << 20, (15 << 20) + 512]
-        .iter()
-        .enumerate()
-    {
-        let len = [4096, 64 << 10, 1 << 20, 3 << 20, 4096][i];
-        let data = pattern(i as u64 + 21, len);
-        client.write_at(*off, &data).unwrap();
-        expected[*off as usize..*off as usize + len].copy_from_slice(&data);
-    }
-    client.flush().unwrap();
-    let mut back = vec![0u8; 3 << 20];
-    client.read_at(5 << 20, &mut back).unwrap();
-    assert!(back == expected[5 << 20..8 << 20], "read back over TLS-PSK");
-    drop(client);
-    drop(server);
-    let want = dir.path().join("want.img");
-    std::fs::write(&want, &expected).unwrap();
-    let (ok, out) = qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            want.to_str().unwrap(),
-            image.to_str().unwrap(),
-        ],
-    );
-    assert!(ok && out.contains("Images are identical"), "{out}");
+    write_through_and_compare(client, server, &image, SIZE, 21, "TLS-PSK");
 }
 
 #[test]

@@ -208,3 +208,50 @@ pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     err.read_to_string(&mut text).unwrap();
     (status.code().unwrap_or(-1), text)
 }
+
+/// Writes five patterned extents (`seed` picks the bytes) through `client` into
+/// `image`, which a QEMU NBD server (`server`) exports, reads the largest back
+/// over the same link, then stops both and requires `qemu-img compare` to
+/// find the image identical to what was written. `what` names the link in
+/// failures.
+pub fn write_through_and_compare(
+    client: colo_blk::nbd::Client,
+    server: Process,
+    image: &Path,
+    size: u64,
+    seed: u64,
+    what: &str,
+) {
+    use colo_blk::block::{BlockDev, BlockDevExt};
+    let mut expected = vec![0u8; size as usize];
+    for (i, off) in [0u64, 4096, 1 << 20, 5 << 20, (15 << 20) + 512]
+        .iter()
+        .enumerate()
+    {
+        let len = [4096, 64 << 10, 1 << 20, 3 << 20, 4096][i];
+        let data = super::common::pattern(i as u64 + seed, len);
+        client.write_at(*off, &data).unwrap();
+        expected[*off as usize..*off as usize + len].copy_from_slice(&data);
+    }
+    client.flush().unwrap();
+    let mut back = vec![0u8; 3 << 20];
+    client.read_at(5 << 20, &mut back).unwrap();
+    assert!(back == expected[5 << 20..8 << 20], "read back over {what}");
+    drop(client);
+    drop(server);
+    let want = image.with_extension("want");
+    std::fs::write(&want, &expected).unwrap();
+    let (ok, out) = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            want.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && out.contains("Images are identical"), "{out}");
+}
