@@ -184,14 +184,26 @@ impl VhostUserBackend for BlkBackend {
         // process with SIGBUS at the first ring or buffer past the file's end:
         // unmap all guest memory instead (every request then fails) until the
         // frontend sends a table that holds.
-        let Err(why) = memory_fits_files(&self.mem.memory()) else {
-            return Ok(());
+        let result = match memory_fits_files(&self.mem.memory()) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                log::error!("refusing the frontend's memory table: {why}; guest memory unmapped");
+                if let Ok(guard) = self.mem.lock() {
+                    guard.replace(GuestMem::new());
+                }
+                Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+            }
         };
-        log::error!("refusing the frontend's memory table: {why}; guest memory unmapped");
-        if let Ok(guard) = self.mem.lock() {
-            guard.replace(GuestMem::new());
+        // The reply goes out when this returns, and a frontend (libblkio maps
+        // its buffers one ADD_MEM_REG at a time) then queues requests in the
+        // new regions at once. A worker pass still running on the old
+        // snapshot would find them outside guest memory: wait until every
+        // pass has seen the change and ended (a pass ends at its next turn
+        // once the table changed).
+        for io in &self.queues {
+            drop(io.lock());
         }
-        Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+        result
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -291,5 +303,50 @@ impl Drop for BlkBackend {
             // one else refers to it now.
             unsafe { libc::close(fd) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::RawFile;
+    use crate::virtio_blk::Geometry;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_new_memory_table_is_acknowledged_only_after_the_running_pass_ends() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let raw = Arc::new(RawFile::from_file(file, false).unwrap());
+        let device = Arc::new(VirtioBlk::new(
+            raw.clone(),
+            Geometry::new(1 << 20, 512, 16, 1, false),
+            "",
+        ));
+        let mem =
+            GuestMemoryAtomic::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let resizer = Arc::new(Resizer::new(raw, 512));
+        let backend = Arc::new(BlkBackend::new(device, mem.clone(), 1, 16, 0, resizer).unwrap());
+
+        // A worker pass holds its queue for as long as it runs.
+        let pass = backend.queue(0).unwrap().lock();
+        let (tx, rx) = mpsc::channel();
+        let updater = {
+            let (backend, mem) = (backend.clone(), mem.clone());
+            std::thread::spawn(move || {
+                backend.update_memory(mem).unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "update_memory returned (and the frontend got its reply) during a pass"
+        );
+        drop(pass);
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("update_memory returns once the pass ended");
+        updater.join().unwrap();
     }
 }

@@ -57,7 +57,7 @@ fn check_eventfd(file: &File) -> Result<(), String> {
 /// Makes the ring's first pass happen as soon as it is enabled, kick or not: a
 /// restarted backend owes the driver the requests its predecessor took, and a
 /// driver waiting for them has no reason to kick (libvhost-user does the same).
-fn kick_self(kick: &File) {
+pub(crate) fn kick_self(kick: &impl AsRawFd) {
     let one = 1u64.to_ne_bytes();
     // SAFETY: an 8-byte write from a live buffer to an eventfd this vring owns.
     let rc = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };

@@ -5,7 +5,7 @@
 
 use super::queue_io::QueueIo;
 use super::resume;
-use super::vring::Vring;
+use super::vring::{kick_self, Vring};
 use crate::virtio_blk::{Completion, GuestMem, NoLog, Offload, RingLog, Scratch, VirtioBlk};
 use std::num::Wrapping;
 use std::time::Instant;
@@ -73,6 +73,16 @@ pub(crate) fn serve(
         }
     }
     loop {
+        if !first_pass && memory_replaced(mem, m) {
+            // The frontend changed its memory table (ADD_MEM_REG and the like)
+            // during this pass: what it queues from now on may sit in regions
+            // `m` does not map. The pass ends, and its own kick starts the
+            // next one on the new table (update_memory waits for that).
+            if let Some(kick) = state.get_kick() {
+                kick_self(kick);
+            }
+            break;
+        }
         let mut work = 0;
         let mut completed = 0;
         let log: &mut dyn RingLog = match st.inflight.as_mut() {
@@ -149,6 +159,11 @@ pub(crate) fn serve(
         }
     }
     st.poller.sleeping();
+}
+
+/// True when the memory table in `mem` is no longer the snapshot `m`.
+fn memory_replaced(mem: &GuestMemoryAtomic<GuestMem>, m: &GuestMem) -> bool {
+    !std::ptr::eq(&*mem.memory() as *const GuestMem, m)
 }
 
 /// Puts finished requests in the used ring; returns how many went in.
@@ -513,6 +528,50 @@ mod tests {
             raw.read_at(u64::from(i) * 4096, &mut back).unwrap();
             assert!(back.iter().all(|&b| b == i as u8 + 1), "write {i} on disk");
         }
+    }
+
+    #[test]
+    fn a_pass_that_sees_the_memory_table_change_ends_and_kicks_its_ring() {
+        let atomic = guest_memory();
+        // The frontend adds a region while the worker is writing: the
+        // handler replaces the table under the running pass.
+        let replaced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let disk = {
+            let (atomic, replaced) = (atomic.clone(), replaced.clone());
+            Intercept::new(temp_disk(), move |op, _, _| {
+                if op == Op::Write && !replaced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    let bigger = GuestMem::from_ranges(&[
+                        (GuestAddress(0), 0x100_0000),
+                        (GuestAddress(0x200_0000), 0x1_0000),
+                    ])
+                    .unwrap();
+                    atomic.lock().unwrap().replace(bigger);
+                }
+                Ok(())
+            })
+        };
+        let device = Arc::new(VirtioBlk::new(Arc::new(disk), geometry(), ""));
+        let io = QueueIo::new(device.clone(), 0, SIZE, 0).unwrap();
+        let guard = atomic.memory();
+        let mem: &GuestMem = &guard;
+        let vq = MockSplitQueue::new(mem, SIZE);
+        let vring = ready_vring(&atomic, &vq);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd that the File then owns exclusively.
+        let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+        vring.set_kick(Some(dup));
+        assert_eq!(kick.read().unwrap(), 1, "the start's own kick");
+
+        add_writes(mem, &vq, 0, 2);
+        serve(&vring, &atomic, &device, &io);
+        assert!(replaced.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(
+            kick.read().unwrap(),
+            1,
+            "the pass kicked itself so the next one starts on the new table"
+        );
+        let used_idx = vq.used_addr().unchecked_add(2);
+        assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 2);
     }
 
     #[test]
