@@ -163,7 +163,8 @@ pub(crate) fn serve(
 
 /// True when the memory table in `mem` is no longer the snapshot `m`.
 fn memory_replaced(mem: &GuestMemoryAtomic<GuestMem>, m: &GuestMem) -> bool {
-    !std::ptr::eq(&*mem.memory() as *const GuestMem, m)
+    let current = mem.memory();
+    !std::ptr::eq::<GuestMem>(&*current, m)
 }
 
 /// Puts finished requests in the used ring; returns how many went in.
