@@ -8,7 +8,7 @@ use super::worker::serve;
 use crate::block::channel::{Engine, IoChannel, IoCompletion};
 use crate::block::{BlockDev, BlockDevExt, BlockError, Extent, ExtentKind, RawFile, Result};
 use crate::virtio_blk::{Geometry, GuestMem, VirtioBlk};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{
@@ -116,6 +116,9 @@ pub(super) struct Held {
     pub(super) release: bool,
     /// Operations to complete at the next poll while `release` is false.
     pub(super) release_ids: Vec<u64>,
+    /// Complete one operation per poll (a disk that finishes them one by
+    /// one), instead of all of them.
+    pub(super) one_per_poll: bool,
 }
 
 /// A channel that holds every operation until the test releases it, and
@@ -165,8 +168,16 @@ impl IoChannel for HeldChannel {
             }
         }
         if h.release {
+            let keep = if h.one_per_poll {
+                h.pending.len().saturating_sub(1)
+            } else {
+                0
+            };
             // Completes in reverse order: the used ring must not care.
-            while let Some((id, bufs)) = h.pending.pop() {
+            while h.pending.len() > keep {
+                let Some((id, bufs)) = h.pending.pop() else {
+                    break;
+                };
                 for (ptr, len) in bufs {
                     // SAFETY: the worker keeps the guest buffers mapped until
                     // this completion is returned.
@@ -512,4 +523,53 @@ fn writes_flushes_discards_and_zeroes_land_through_io_uring() {
     );
     raw.read_at((256 << 10) + 4096, &mut z[..4096]).unwrap();
     assert!(z[..4096].iter().all(|&b| b == 0xcd), "next to it untouched");
+}
+
+#[test]
+fn a_pass_with_work_every_turn_ends_and_kicks_its_ring() {
+    let shared = Arc::new(Mutex::new(Held::default()));
+    let node = Arc::new(HeldDisk {
+        shared: shared.clone(),
+    });
+    let device = Arc::new(VirtioBlk::new(
+        node,
+        Geometry::new(DISK, 512, QSIZE, 1, false),
+        "",
+    ));
+    let io = QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap();
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMem = &guard;
+    let vq = MockSplitQueue::new(mem, QSIZE);
+    let vring = ready_vring(&atomic, &vq);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: dup returns a new fd that the File then owns exclusively.
+    let dup = unsafe { std::fs::File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+    vring.set_kick(Some(dup));
+    assert_eq!(kick.read().unwrap(), 1, "the start's own kick");
+
+    // 40 reads in flight, then a disk that finishes one per poll: every turn
+    // of the pass has work, for longer than a pass may run (as under a guest
+    // that never lets the queue run dry).
+    add_requests(mem, &vq, &reads(40));
+    serve(&vring, &atomic, &device, &io);
+    assert_eq!(kick.read().ok(), None, "the pass ran dry and went to sleep");
+    {
+        let mut h = shared.lock().unwrap();
+        h.release = true;
+        h.one_per_poll = true;
+    }
+    serve(&vring, &atomic, &device, &io);
+    let done = used_idx(mem, &vq);
+    assert!(done < 40, "one pass reaped all {done} one by one");
+    assert!(done > 0);
+    assert_eq!(kick.read().unwrap(), 1, "the pass kicked its ring to go on");
+    // The passes that follow finish the rest.
+    for _ in 0..40 {
+        if used_idx(mem, &vq) == 40 {
+            break;
+        }
+        serve(&vring, &atomic, &device, &io);
+    }
+    assert_eq!(used_idx(mem, &vq), 40);
 }

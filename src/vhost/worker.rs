@@ -13,6 +13,10 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
+/// Turns with work one pass takes at most before it yields to the epoll loop
+/// (each turn takes everything available, so this is many requests).
+const MAX_TURNS: u32 = 32;
+
 /// Serves queue `io.index`: everything available on `vring`, and every
 /// completion waiting on the queue's channel or pool.
 ///
@@ -72,12 +76,16 @@ pub(crate) fn serve(
             }
         }
     }
+    let mut busy_turns = 0u32;
     loop {
-        if !first_pass && memory_replaced(mem, m) {
-            // The frontend changed its memory table (ADD_MEM_REG and the like)
-            // during this pass: what it queues from now on may sit in regions
-            // `m` does not map. The pass ends, and its own kick starts the
-            // next one on the new table (update_memory waits for that).
+        // A guest that never lets the ring run dry would keep this pass going
+        // for ever, and the epoll loop around it with it: the worker's exit
+        // event (a shutdown, a disconnect) would wait. And once the frontend
+        // changed its memory table (ADD_MEM_REG and the like), what it queues
+        // may sit in regions `m` does not map (update_memory waits for this
+        // pass to end). Either way the pass ends, and its own kick starts
+        // the next one.
+        if busy_turns >= MAX_TURNS || (!first_pass && memory_replaced(mem, m)) {
             if let Some(kick) = state.get_kick() {
                 kick_self(kick);
             }
@@ -133,6 +141,7 @@ pub(crate) fn serve(
         first_pass = false;
 
         if work > 0 {
+            busy_turns += 1;
             idle_passes = 0;
             if !window.is_zero() {
                 last_work = Instant::now();
