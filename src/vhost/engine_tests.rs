@@ -241,6 +241,21 @@ impl BlockDev for HeldDisk {
     }
 }
 
+/// A device on a [`HeldDisk`] (one queue of [`QSIZE`]), and what its channel
+/// holds.
+pub(super) fn held_device() -> (Arc<Mutex<Held>>, Arc<VirtioBlk>) {
+    let shared = Arc::new(Mutex::new(Held::default()));
+    let node = Arc::new(HeldDisk {
+        shared: shared.clone(),
+    });
+    let device = Arc::new(VirtioBlk::new(
+        node,
+        Geometry::new(DISK, 512, QSIZE, 1, false),
+        "",
+    ));
+    (shared, device)
+}
+
 pub(super) fn reads(n: u16) -> Vec<Req> {
     (0..n)
         .map(|i| Req {
@@ -258,15 +273,7 @@ pub(super) fn used_idx(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>) -> u16 {
 
 #[test]
 fn the_guests_queue_depth_reaches_the_node() {
-    let shared = Arc::new(Mutex::new(Held::default()));
-    let node = Arc::new(HeldDisk {
-        shared: shared.clone(),
-    });
-    let device = Arc::new(VirtioBlk::new(
-        node,
-        Geometry::new(DISK, 512, QSIZE, 1, false),
-        "",
-    ));
+    let (shared, device) = held_device();
     let io = QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap();
     assert!(io.channel_name().is_some());
     let atomic = guest_memory();
@@ -294,15 +301,7 @@ fn the_guests_queue_depth_reaches_the_node() {
 
 #[test]
 fn a_stopping_queue_waits_for_requests_in_flight_on_the_channel() {
-    let shared = Arc::new(Mutex::new(Held::default()));
-    let node = Arc::new(HeldDisk {
-        shared: shared.clone(),
-    });
-    let device = Arc::new(VirtioBlk::new(
-        node,
-        Geometry::new(DISK, 512, QSIZE, 1, false),
-        "",
-    ));
+    let (shared, device) = held_device();
     let io = Arc::new(QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap());
     let atomic = guest_memory();
     let guard = atomic.memory();
@@ -527,15 +526,7 @@ fn writes_flushes_discards_and_zeroes_land_through_io_uring() {
 
 #[test]
 fn a_pass_with_work_every_turn_ends_and_kicks_its_ring() {
-    let shared = Arc::new(Mutex::new(Held::default()));
-    let node = Arc::new(HeldDisk {
-        shared: shared.clone(),
-    });
-    let device = Arc::new(VirtioBlk::new(
-        node,
-        Geometry::new(DISK, 512, QSIZE, 1, false),
-        "",
-    ));
+    let (shared, device) = held_device();
     let io = QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap();
     let atomic = guest_memory();
     let guard = atomic.memory();

@@ -3,14 +3,14 @@
 //! buffer: every request the guest submitted completes exactly once.
 
 use super::engine_tests::{
-    add_requests, add_requests_at, data_addr, guest_memory, reads, ready_vring, status, used_idx,
-    Held, HeldDisk, DISK, QSIZE,
+    add_requests, add_requests_at, data_addr, guest_memory, held_device, reads, ready_vring,
+    status, used_idx, Held, QSIZE,
 };
 use super::inflight::{self, InflightBuffer};
 use super::queue_io::QueueIo;
 use super::vring::Vring;
 use super::worker::serve;
-use crate::virtio_blk::{Geometry, GuestMem, VirtioBlk};
+use crate::virtio_blk::{GuestMem, VirtioBlk};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
@@ -38,15 +38,7 @@ fn start(
     buffer: (&File, &VhostUserInflight),
     base: u16,
 ) -> Backend {
-    let shared = Arc::new(Mutex::new(Held::default()));
-    let node = Arc::new(HeldDisk {
-        shared: shared.clone(),
-    });
-    let device = Arc::new(VirtioBlk::new(
-        node,
-        Geometry::new(DISK, 512, QSIZE, 1, false),
-        "",
-    ));
+    let (shared, device) = held_device();
     let io = QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap();
     let region = InflightBuffer::open(buffer.1, buffer.0, 1, usize::from(QSIZE))
         .unwrap()
