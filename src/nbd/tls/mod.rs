@@ -20,8 +20,8 @@ mod record;
 mod tests;
 
 use self::record::{
-    RecordKey, Version, ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, HANDSHAKE, HEADER, MAX_BODY,
-    MAX_PLAIN,
+    RecordKey, TrafficSecret, Version, ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, HANDSHAKE,
+    HEADER, MAX_BODY, MAX_PLAIN,
 };
 use super::stream::Stream;
 use super::NbdError;
@@ -32,9 +32,7 @@ use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
-use rustls::{
-    ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig, SupportedCipherSuite,
-};
+use rustls::{ClientConfig, ExtractedSecrets, ServerConfig, SupportedCipherSuite};
 use rustls_pki_types::{CertificateDer, ServerName};
 use std::io::{self, Read, Write};
 use std::ops::Range;
@@ -50,6 +48,9 @@ const SEND_CHUNK: usize = 256 << 10;
 const OUT_BUF: usize = SEND_CHUNK + HEADER + MAX_BODY;
 /// Ciphertext read per socket read (about sixteen full TLS records).
 const RECV_BUF: usize = 256 << 10;
+/// AES-GCM's confidentiality limit in records per key (rustls' figure,
+/// after the AEAD limits draft: 2^-60 attack probability at full records).
+const GCM_LIMIT: u64 = 1 << 24;
 // A whole record always fits behind a partial one moved to the front.
 const _: () = assert!(RECV_BUF >= 2 * (HEADER + MAX_BODY));
 
@@ -58,9 +59,9 @@ const _: () = assert!(RECV_BUF >= 2 * (HEADER + MAX_BODY));
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum TlsStream {
-    /// x509 credentials, rustls.
-    Rustls(RustlsStream),
-    /// PSK credentials, GnuTLS.
+    /// Our own records: x509 (rustls' handshake), or TLS 1.3 PSK (GnuTLS's).
+    Records(RecordStream),
+    /// PSK credentials, GnuTLS throughout (when it cannot hand over).
     Psk(gnutls::Session<Stream>),
 }
 
@@ -70,14 +71,14 @@ impl TlsStream {
     /// the session and the identity (subject DN or PSK username).
     pub(crate) fn accept(sock: Stream, creds: &ServerTls) -> Result<(TlsStream, String), NbdError> {
         if let Some(config) = creds.x509_config() {
-            let session = RustlsStream::accept(sock, config).map_err(NbdError::TlsHandshake)?;
+            let session = RecordStream::accept(sock, config).map_err(NbdError::TlsHandshake)?;
             let identity = creds.authorise(session.peer_certificates().as_deref())?;
-            return Ok((TlsStream::Rustls(session), identity));
+            return Ok((TlsStream::Records(session), identity));
         }
         let session =
             gnutls::Session::server(sock, &|name| creds.psk_lookup(name)).map_err(psk_error)?;
         let identity = creds.authorise_identity(session.username().to_string())?;
-        Ok((TlsStream::Psk(session), identity))
+        Ok((TlsStream::psk(session, false)?, identity))
     }
 
     /// Client side of STARTTLS. `host` is the host connected to (`None` for
@@ -90,8 +91,8 @@ impl TlsStream {
         if let Some(config) = creds.x509_config() {
             let name = creds.server_name(host)?;
             let session =
-                RustlsStream::connect(sock, config, name).map_err(NbdError::TlsHandshake)?;
-            return Ok(TlsStream::Rustls(session));
+                RecordStream::connect(sock, config, name).map_err(NbdError::TlsHandshake)?;
+            return Ok(TlsStream::Records(session));
         }
         let Some((username, key)) = creds.psk() else {
             return Err(NbdError::Tls(TlsError::Config(
@@ -99,13 +100,29 @@ impl TlsStream {
             )));
         };
         let session = gnutls::Session::client(sock, &username, &key).map_err(psk_error)?;
-        Ok(TlsStream::Psk(session))
+        TlsStream::psk(session, true)
+    }
+
+    /// An established PSK session: its records are ours from here when
+    /// GnuTLS hands them over (TLS 1.3, see [`gnutls::Session::take_records`]),
+    /// for the same single copy per direction as x509; else GnuTLS carries on.
+    fn psk(mut session: gnutls::Session<Stream>, client: bool) -> Result<TlsStream, NbdError> {
+        let Some(parts) = session.take_records() else {
+            return Ok(TlsStream::Psk(session));
+        };
+        // A second descriptor of the socket: the session's goes with it.
+        let sock = session.socket().try_clone()?;
+        let describe = session.description().to_string();
+        drop(session);
+        let s = RecordStream::from_psk(sock, parts, &describe, client)
+            .map_err(NbdError::TlsHandshake)?;
+        Ok(TlsStream::Records(s))
     }
 
     /// What the handshake agreed on, for log lines.
     pub(crate) fn describe(&self) -> String {
         match self {
-            TlsStream::Rustls(s) => s.describe().to_string(),
+            TlsStream::Records(s) => s.describe().to_string(),
             TlsStream::Psk(s) => s.description().to_string(),
         }
     }
@@ -113,7 +130,7 @@ impl TlsStream {
     /// The plain socket under the session (shutdown, timeouts, peer name).
     pub(crate) fn socket(&self) -> &Stream {
         match self {
-            TlsStream::Rustls(s) => s.socket(),
+            TlsStream::Records(s) => s.socket(),
             TlsStream::Psk(s) => s.socket(),
         }
     }
@@ -121,7 +138,7 @@ impl TlsStream {
     /// Encrypts and sends `parts` as one ordered burst.
     pub(crate) fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
         match self {
-            TlsStream::Rustls(s) => s.send_all(parts),
+            TlsStream::Records(s) => s.send_all(parts),
             TlsStream::Psk(s) => s.send_all(parts),
         }
     }
@@ -129,7 +146,7 @@ impl TlsStream {
     /// Sends `head` then guest memory.
     pub(crate) fn send_volatile(&self, head: &[u8], bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         match self {
-            TlsStream::Rustls(s) => s.send_volatile(head, bufs),
+            TlsStream::Records(s) => s.send_volatile(head, bufs),
             TlsStream::Psk(s) => s.send_volatile(head, bufs),
         }
     }
@@ -137,7 +154,7 @@ impl TlsStream {
     /// Reads decrypted bytes; `Ok(0)` after the peer's close_notify.
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            TlsStream::Rustls(s) => s.read(buf),
+            TlsStream::Records(s) => s.read(buf),
             TlsStream::Psk(s) => s.read(buf),
         }
     }
@@ -204,41 +221,46 @@ impl Gather<'_, '_, '_> {
     }
 }
 
-/// What rustls keeps of a session once the handshake is over: it derives
-/// the next traffic keys (key updates) and takes session tickets.
+/// What derives the next traffic keys (key updates) and takes session
+/// tickets once the handshake is over: rustls' kernel connection, or for a
+/// GnuTLS (PSK) session the traffic secrets themselves.
 enum Kernel {
     Client(KernelConnection<ClientConnectionData>),
     Server(KernelConnection<ServerConnectionData>),
+    Secrets {
+        tx: TrafficSecret,
+        rx: TrafficSecret,
+        client: bool,
+    },
 }
 
 impl Kernel {
-    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        match self {
+    fn update_tx(&mut self, version: Version) -> io::Result<RecordKey> {
+        let next = match self {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
-        }
+            Kernel::Secrets { tx, .. } => return tx.update(),
+        };
+        RecordKey::new(version, next.map_err(tls_io_error)?)
     }
 
-    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        match self {
+    fn update_rx(&mut self, version: Version) -> io::Result<RecordKey> {
+        let next = match self {
             Kernel::Client(k) => k.update_rx_secret(),
             Kernel::Server(k) => k.update_rx_secret(),
-        }
+            Kernel::Secrets { rx, .. } => return rx.update(),
+        };
+        RecordKey::new(version, next.map_err(tls_io_error)?)
     }
 
-    fn session_ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error> {
+    fn session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
         match self {
-            Kernel::Client(k) => k.handle_new_session_ticket(payload),
-            Kernel::Server(_) => Err(rustls::Error::General(
-                "a client sent a session ticket".into(),
-            )),
-        }
-    }
-
-    fn suite(&self) -> SupportedCipherSuite {
-        match self {
-            Kernel::Client(k) => k.negotiated_cipher_suite(),
-            Kernel::Server(k) => k.negotiated_cipher_suite(),
+            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(tls_io_error),
+            // Nothing resumes a PSK session here (no tickets asked for).
+            Kernel::Secrets { client: true, .. } => Ok(()),
+            Kernel::Server(_) | Kernel::Secrets { .. } => {
+                Err(invalid("TLS: a client sent a session ticket"))
+            }
         }
     }
 }
@@ -416,7 +438,7 @@ fn drive<C: Handshaking>(conn: &mut C, sock: &Stream) -> io::Result<(Vec<u8>, us
 
 /// An x509 TLS session (client or server side) on `sock`: rustls for the
 /// handshake and the key schedule, [`record`] for the records.
-pub(crate) struct RustlsStream {
+pub(crate) struct RecordStream {
     sock: Stream,
     version: Version,
     describe: String,
@@ -456,9 +478,9 @@ struct RecvState {
     closed: bool,
 }
 
-impl std::fmt::Debug for RustlsStream {
+impl std::fmt::Debug for RecordStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RustlsStream")
+        f.debug_struct("RecordStream")
             .field("sock", &self.sock)
             .field("version", &self.version)
             .finish()
@@ -478,16 +500,16 @@ const HS_HELLO_REQUEST: u8 = 0;
 const HS_NEW_SESSION_TICKET: u8 = 4;
 const HS_KEY_UPDATE: u8 = 24;
 
-impl RustlsStream {
+impl RecordStream {
     /// Server side: the handshake on `sock`, bounded by its read timeout.
-    pub(crate) fn accept(sock: Stream, config: Arc<ServerConfig>) -> io::Result<RustlsStream> {
+    pub(crate) fn accept(sock: Stream, config: Arc<ServerConfig>) -> io::Result<RecordStream> {
         let mut conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
         let (buf, end, early) = drive(&mut conn, &sock)?;
         let info = Handshaken::of(&conn)?;
         let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(tls_io_error)?;
-        RustlsStream::new(sock, info, secrets, Kernel::Server(kernel), buf, end, early)
+        RecordStream::new(sock, info, secrets, Kernel::Server(kernel), buf, end, early)
     }
 
     /// Client side: the handshake on `sock`, bounded by its read timeout.
@@ -495,16 +517,17 @@ impl RustlsStream {
         sock: Stream,
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
-    ) -> io::Result<RustlsStream> {
+    ) -> io::Result<RecordStream> {
         let mut conn = UnbufferedClientConnection::new(config, name).map_err(io::Error::other)?;
         let (buf, end, early) = drive(&mut conn, &sock)?;
         let info = Handshaken::of(&conn)?;
         let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(tls_io_error)?;
-        RustlsStream::new(sock, info, secrets, Kernel::Client(kernel), buf, end, early)
+        RecordStream::new(sock, info, secrets, Kernel::Client(kernel), buf, end, early)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         sock: Stream,
         info: Handshaken,
@@ -513,29 +536,101 @@ impl RustlsStream {
         buf: Vec<u8>,
         end: usize,
         early: Vec<u8>,
-    ) -> io::Result<RustlsStream> {
-        let suite = kernel.suite();
+    ) -> io::Result<RecordStream> {
+        let suite = match &kernel {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+            Kernel::Secrets { .. } => return Err(io::Error::other("not a rustls session")),
+        };
         let limit = match suite {
             SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
             SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         };
         let version = info.version;
-        Ok(RustlsStream {
+        let keys = (
+            RecordKey::new(version, secrets.tx)?,
+            RecordKey::new(version, secrets.rx)?,
+        );
+        Ok(RecordStream::assemble(
             sock,
-            version,
-            describe: format!("x509, {:?}, {:?}", info.protocol, suite.suite()),
+            format!("x509, {:?}, {:?}", info.protocol, suite.suite()),
+            info,
+            limit,
+            kernel,
+            keys,
+            (buf, end, early),
+        ))
+    }
+
+    /// A GnuTLS (PSK) session's records, taken over after its handshake:
+    /// TLS 1.3, keys from its traffic secrets.
+    pub(crate) fn from_psk(
+        sock: Stream,
+        parts: gnutls::RecordParts,
+        describe: &str,
+        client: bool,
+    ) -> io::Result<RecordStream> {
+        let (aead, hash, limit) = match parts.cipher {
+            gnutls::ffi::CIPHER_AES_128_GCM => {
+                (&ring::aead::AES_128_GCM, ring::hkdf::HKDF_SHA256, GCM_LIMIT)
+            }
+            gnutls::ffi::CIPHER_AES_256_GCM => {
+                (&ring::aead::AES_256_GCM, ring::hkdf::HKDF_SHA384, GCM_LIMIT)
+            }
+            gnutls::ffi::CIPHER_CHACHA20_POLY1305 => (
+                &ring::aead::CHACHA20_POLY1305,
+                ring::hkdf::HKDF_SHA256,
+                u64::MAX,
+            ),
+            c => return Err(io::Error::other(format!("TLS: unknown GnuTLS cipher {c}"))),
+        };
+        let tx = TrafficSecret::new(parts.write_secret, aead, hash);
+        let rx = TrafficSecret::new(parts.read_secret, aead, hash);
+        let keys = (tx.key(parts.write_seq)?, rx.key(parts.read_seq)?);
+        let mut buf = parts.received;
+        let end = buf.len();
+        buf.resize(RECV_BUF.max(end), 0);
+        let info = Handshaken {
+            version: Version::Tls13,
+            protocol: rustls::ProtocolVersion::TLSv1_3,
+            peer_certs: None,
+        };
+        Ok(RecordStream::assemble(
+            sock,
+            describe.to_string(),
+            info,
+            limit,
+            Kernel::Secrets { tx, rx, client },
+            keys,
+            (buf, end, Vec::new()),
+        ))
+    }
+
+    fn assemble(
+        sock: Stream,
+        describe: String,
+        info: Handshaken,
+        limit: u64,
+        kernel: Kernel,
+        (tx, rx): (RecordKey, RecordKey),
+        (buf, end, early): (Vec<u8>, usize, Vec<u8>),
+    ) -> RecordStream {
+        RecordStream {
+            sock,
+            version: info.version,
+            describe,
             peer_certs: info.peer_certs,
             // A margin below the limit, as rustls keeps one.
             limit: limit - limit / 16,
             kernel: Mutex::new(kernel),
             send: Mutex::new(SendState {
-                key: RecordKey::new(version, secrets.tx)?,
+                key: tx,
                 out: vec![0; OUT_BUF],
                 len: 0,
                 broken: false,
             }),
             recv: Mutex::new(RecvState {
-                key: RecordKey::new(version, secrets.rx)?,
+                key: rx,
                 buf,
                 start: 0,
                 end,
@@ -545,7 +640,7 @@ impl RustlsStream {
                 closed: false,
             }),
             owe_update: AtomicBool::new(false),
-        })
+        }
     }
 
     /// The plain socket under the session (shutdown, timeouts, peer name).
@@ -651,12 +746,7 @@ impl RustlsStream {
         // key_update, 1 byte: update_not_requested.
         let msg = [HS_KEY_UPDATE, 0, 0, 1, 0];
         self.seal_with_current_key(st, HANDSHAKE, msg.len(), |d| d.copy_from_slice(&msg))?;
-        let next = self
-            .kernel
-            .lock_or_recover()
-            .update_tx()
-            .map_err(tls_io_error)?;
-        st.key = RecordKey::new(self.version, next)?;
+        st.key = self.kernel.lock_or_recover().update_tx(self.version)?;
         Ok(())
     }
 
@@ -815,12 +905,7 @@ impl RustlsStream {
                     if request > 1 || !msgs.is_empty() {
                         return Err(invalid("TLS: malformed key_update"));
                     }
-                    let next = self
-                        .kernel
-                        .lock_or_recover()
-                        .update_rx()
-                        .map_err(tls_io_error)?;
-                    rs.key = RecordKey::new(self.version, next)?;
+                    rs.key = self.kernel.lock_or_recover().update_rx(self.version)?;
                     if request == 1 {
                         self.owe_update.store(true, Ordering::Release);
                         // Sent now unless a sender holds the lock (it sends
@@ -832,11 +917,9 @@ impl RustlsStream {
                         }
                     }
                 }
-                (Version::Tls13, HS_NEW_SESSION_TICKET) => self
-                    .kernel
-                    .lock_or_recover()
-                    .session_ticket(body)
-                    .map_err(tls_io_error)?,
+                (Version::Tls13, HS_NEW_SESSION_TICKET) => {
+                    self.kernel.lock_or_recover().session_ticket(body)?
+                }
                 (Version::Tls12, HS_HELLO_REQUEST) => {}
                 _ => {
                     return Err(invalid(format!(
@@ -849,7 +932,7 @@ impl RustlsStream {
     }
 }
 
-impl Drop for RustlsStream {
+impl Drop for RecordStream {
     /// A close_notify, best effort and never blocking: the peer reads a
     /// clean end rather than a truncation.
     fn drop(&mut self) {

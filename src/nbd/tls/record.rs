@@ -21,7 +21,7 @@
 //!
 //! In TLS 1.2 the additional data is `seq || type || version || length`.
 
-use ring::aead;
+use ring::{aead, hkdf};
 use rustls::ConnectionTrafficSecrets;
 use std::io;
 use std::ops::Range;
@@ -271,6 +271,76 @@ impl RecordKey {
     }
 }
 
+/// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 §7.1).
+fn expand_label(
+    hash: hkdf::Algorithm,
+    secret: &[u8],
+    label: &[u8],
+    out: &mut [u8],
+) -> io::Result<()> {
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let len = (out.len() as u16).to_be_bytes();
+    let label_len = [(b"tls13 ".len() + label.len()) as u8];
+    let info: [&[u8]; 5] = [&len, &label_len, b"tls13 ", label, &[0]];
+    hkdf::Prk::new_less_safe(hash, secret)
+        .expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .map_err(|_| io::Error::other("TLS: HKDF failed"))
+}
+
+/// A TLS 1.3 application traffic secret of one direction, for sessions
+/// whose handshake library hands over secrets rather than keys (GnuTLS):
+/// it makes the record key and, at a key update, the next secret.
+pub(super) struct TrafficSecret {
+    secret: Vec<u8>,
+    hash: hkdf::Algorithm,
+    aead: &'static aead::Algorithm,
+}
+
+impl TrafficSecret {
+    /// `secret` of a suite with `aead` and `hash` (SHA-256 or SHA-384).
+    pub(super) fn new(
+        secret: Vec<u8>,
+        aead: &'static aead::Algorithm,
+        hash: hkdf::Algorithm,
+    ) -> TrafficSecret {
+        TrafficSecret { secret, hash, aead }
+    }
+
+    /// The record key it makes, the next record being number `seq`.
+    pub(super) fn key(&self, seq: u64) -> io::Result<RecordKey> {
+        let mut key = [0u8; 32];
+        let key = &mut key[..self.aead.key_len()];
+        let mut iv = [0u8; 12];
+        expand_label(self.hash, &self.secret, b"key", key)?;
+        expand_label(self.hash, &self.secret, b"iv", &mut iv)?;
+        let k = RecordKey::from_parts(Version::Tls13, self.aead, key, &iv, seq);
+        key.fill(0);
+        k
+    }
+
+    /// Moves to the next secret (a key update, RFC 8446 §7.2) and returns
+    /// its record key.
+    pub(super) fn update(&mut self) -> io::Result<RecordKey> {
+        let mut next = vec![0u8; self.secret.len()];
+        expand_label(self.hash, &self.secret, b"traffic upd", &mut next)?;
+        self.secret.fill(0);
+        self.secret = next;
+        self.key(0)
+    }
+}
+
+impl Drop for TrafficSecret {
+    fn drop(&mut self) {
+        self.secret.fill(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +373,37 @@ mod tests {
                 assert_eq!((tx.seq(), rx.seq()), (8, 8));
             }
         }
+    }
+
+    #[test]
+    fn traffic_keys_derive_as_rfc_8448_says() {
+        // RFC 8448 §3 ("Simple 1-RTT Handshake"): the server's application
+        // traffic secret and the write key and IV derived from it.
+        let hex = |s: &str| -> Vec<u8> {
+            s.split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).unwrap())
+                .collect()
+        };
+        let secret = hex("a1 1a f9 f0 55 31 f8 56 ad 47 11 6b 45 a9 50 32 \
+                          82 04 b4 f4 4b fb 6b 3a 4b 4f 1f 3f cb 63 16 43");
+        let mut key = [0u8; 16];
+        let mut iv = [0u8; 12];
+        expand_label(hkdf::HKDF_SHA256, &secret, b"key", &mut key).unwrap();
+        expand_label(hkdf::HKDF_SHA256, &secret, b"iv", &mut iv).unwrap();
+        assert_eq!(
+            key.to_vec(),
+            hex("9f 02 28 3b 6c 9c 07 ef c2 6b b9 f2 ac 92 e3 56")
+        );
+        assert_eq!(iv.to_vec(), hex("cf 78 2b 88 dd 83 54 9a ad f1 e9 84"));
+        // Both ends of a key update agree.
+        let mut a = TrafficSecret::new(secret.clone(), &aead::AES_128_GCM, hkdf::HKDF_SHA256);
+        let mut b = TrafficSecret::new(secret, &aead::AES_128_GCM, hkdf::HKDF_SHA256);
+        let (mut tx, mut rx) = (a.update().unwrap(), b.update().unwrap());
+        let mut rec = vec![0u8; tx.record_len(3)];
+        tx.seal(&mut rec, APPLICATION_DATA, 3, |p| p.copy_from_slice(b"abc"))
+            .unwrap();
+        let (_, range) = rx.open(&mut rec).unwrap();
+        assert_eq!(&rec[range], b"abc");
     }
 
     #[test]

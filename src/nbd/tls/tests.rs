@@ -79,10 +79,10 @@ fn pair() -> (Stream, Stream) {
 }
 
 /// Our client and our server on a socket pair.
-fn our_pair(client: Arc<ClientConfig>) -> (RustlsStream, RustlsStream) {
+fn our_pair(client: Arc<ClientConfig>) -> (RecordStream, RecordStream) {
     let (a, b) = pair();
-    let server = std::thread::spawn(move || RustlsStream::accept(b, server_config()).unwrap());
-    let client = RustlsStream::connect(a, client, localhost()).unwrap();
+    let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
+    let client = RecordStream::connect(a, client, localhost()).unwrap();
     (client, server.join().unwrap())
 }
 
@@ -92,7 +92,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn read_exactly(s: &RustlsStream, len: usize) -> Vec<u8> {
+fn read_exactly(s: &RecordStream, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     let mut got = 0;
     while got < len {
@@ -106,7 +106,7 @@ fn read_exactly(s: &RustlsStream, len: usize) -> Vec<u8> {
 /// Both sides send `len` bytes in odd-sized pieces while reading the
 /// other's: more than the socket buffers hold, so a send that held up its
 /// own reader would deadlock.
-fn exchange(a: &RustlsStream, b: &RustlsStream, len: usize) {
+fn exchange(a: &RecordStream, b: &RecordStream, len: usize) {
     let (da, db) = (pattern(len, 1), pattern(len, 2));
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -164,7 +164,7 @@ fn a_stock_rustls_peer_interoperates_including_its_key_updates() {
         let server = {
             let data = data.clone();
             std::thread::spawn(move || {
-                let s = RustlsStream::accept(b, server_config()).unwrap();
+                let s = RecordStream::accept(b, server_config()).unwrap();
                 assert!(
                     read_exactly(&s, data.len()) == data,
                     "server read wrong bytes"
@@ -220,7 +220,7 @@ fn an_expired_or_unknown_client_certificate_is_refused_in_the_handshake() {
         ("other-ca", "UnknownCA", "UnknownIssuer"),
     ] {
         let (a, b) = pair();
-        let server = std::thread::spawn(move || RustlsStream::accept(b, server_config()));
+        let server = std::thread::spawn(move || RecordStream::accept(b, server_config()));
         let Stream::Unix(sock) = a else {
             unreachable!()
         };
@@ -246,8 +246,8 @@ fn a_tampered_record_ends_the_session() {
     let Stream::Unix(raw) = a.try_clone().unwrap() else {
         unreachable!()
     };
-    let server = std::thread::spawn(move || RustlsStream::accept(b, server_config()).unwrap());
-    let c = RustlsStream::connect(a, client_config(), localhost()).unwrap();
+    let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
+    let c = RecordStream::connect(a, client_config(), localhost()).unwrap();
     let s = server.join().unwrap();
     // A record of garbage in place of a sealed one.
     let mut rec = vec![23u8, 3, 3, 0, 40];
@@ -257,4 +257,74 @@ fn a_tampered_record_ends_the_session() {
     let err = s.read(&mut one).unwrap_err();
     assert!(err.to_string().contains("authenticate"), "{err}");
     drop(c);
+}
+
+mod psk {
+    use super::*;
+    use crate::tls::psk::{PskKeys, PskLookup, Secret};
+
+    fn key() -> Secret {
+        let text = "alice:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n";
+        let keys = PskKeys::parse(Path::new("test"), text.as_bytes()).unwrap();
+        keys.get(b"alice").unwrap().clone()
+    }
+
+    /// GnuTLS sessions on both ends of a socket pair, handshaken.
+    fn sessions() -> (gnutls::Session<Stream>, gnutls::Session<Stream>) {
+        let (a, b) = pair();
+        let server = std::thread::spawn(move || {
+            let k = key();
+            gnutls::Session::server(b, &|_| PskLookup::Key(k.clone())).unwrap()
+        });
+        let client = gnutls::Session::client(a, "alice", &key()).unwrap();
+        (client, server.join().unwrap())
+    }
+
+    fn records(s: gnutls::Session<Stream>, client: bool) -> RecordStream {
+        match TlsStream::psk(s, client).unwrap() {
+            TlsStream::Records(r) => r,
+            TlsStream::Psk(_) => panic!("GnuTLS kept the records"),
+        }
+    }
+
+    #[test]
+    fn psk_sessions_hand_their_records_over_and_update_keys() {
+        let (c, s) = sessions();
+        let (mut c, mut s) = (records(c, true), records(s, false));
+        assert!(c.describe().contains("AES-128-GCM"), "{}", c.describe());
+        exchange(&c, &s, 4 << 20);
+        // Key updates both ways, derived from the secrets on each side.
+        c.limit = 50;
+        s.limit = 23;
+        exchange(&c, &s, 8 << 20);
+        assert!(c.send.lock().unwrap().key.seq() <= 50);
+        assert!(s.send.lock().unwrap().key.seq() <= 23);
+    }
+
+    #[test]
+    fn a_handed_over_psk_session_talks_to_gnutls_records() {
+        let (c, s) = sessions();
+        // The server's records are ours, the client's stay GnuTLS's.
+        let s = records(s, false);
+        let data = pattern(3 << 20, 9);
+        std::thread::scope(|scope| {
+            scope.spawn(|| c.send_all(&[&data]).unwrap());
+            assert!(read_exactly(&s, data.len()) == data, "GnuTLS -> ours");
+        });
+        std::thread::scope(|scope| {
+            scope.spawn(|| s.send_all(&[&data]).unwrap());
+            let mut back = vec![0u8; data.len()];
+            let mut got = 0;
+            while got < back.len() {
+                let n = c.read(&mut back[got..]).unwrap();
+                assert!(n > 0);
+                got += n;
+            }
+            assert!(back == data, "ours -> GnuTLS");
+        });
+        // GnuTLS's close_notify reads as a clean end.
+        drop(c);
+        let mut one = [0u8; 1];
+        assert_eq!(s.read(&mut one).unwrap(), 0);
+    }
 }
