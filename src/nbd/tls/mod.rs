@@ -48,6 +48,10 @@ const SEND_CHUNK: usize = 256 << 10;
 const OUT_BUF: usize = SEND_CHUNK + HEADER + MAX_BODY;
 /// Ciphertext read per socket read (about sixteen full TLS records).
 const RECV_BUF: usize = 256 << 10;
+/// Reads at least this big receive records straight into the caller's
+/// buffer and open them there (an NBD WRITE payload), with room for a few
+/// whole records so the partial one carried over stays a small part.
+const DIRECT_READ: usize = 4 * (HEADER + MAX_BODY);
 /// AES-GCM's confidentiality limit in records per key (rustls' figure,
 /// after the AEAD limits draft: 2^-60 attack probability at full records).
 const GCM_LIMIT: u64 = 1 << 24;
@@ -811,6 +815,15 @@ impl RecordStream {
             if rs.closed {
                 return Ok(0);
             }
+            // Nothing opened is in hand and no whole record is here: a read
+            // big enough for whole records takes them in place.
+            if buf.len() >= DIRECT_READ {
+                let n = self.read_direct(rs, buf)?;
+                if n > 0 || rs.closed {
+                    return Ok(n);
+                }
+                continue;
+            }
             // Nothing opened is left (`plain` is empty): move the partial
             // record to the front and read more behind it.
             if rs.start > 0 {
@@ -832,27 +845,46 @@ impl RecordStream {
     /// Opens the next record if it was received whole. False when there is
     /// none (or the peer closed).
     fn open_next(&self, rs: &mut RecvState) -> io::Result<bool> {
-        if rs.closed || rs.end - rs.start < HEADER {
+        if rs.closed {
             return Ok(false);
         }
         let at = rs.start;
-        let body = usize::from(u16::from_be_bytes([rs.buf[at + 3], rs.buf[at + 4]]));
-        if body > MAX_BODY {
-            return Err(invalid(format!(
-                "TLS: a record of {body} bytes, more than the protocol allows"
-            )));
-        }
-        if rs.end - at < HEADER + body {
+        let Some(len) = Self::whole_record(&rs.buf, at, rs.end)? else {
             return Ok(false);
-        }
-        rs.start = at + HEADER + body;
-        let (ty, range) = rs.key.open(&mut rs.buf[at..at + HEADER + body])?;
+        };
+        rs.start = at + len;
+        let (ty, range) = rs.key.open(&mut rs.buf[at..at + len])?;
         let range = at + range.start..at + range.end;
+        if ty == APPLICATION_DATA {
+            rs.plain = range;
+        } else {
+            let plain = rs.buf[range].to_vec();
+            self.control(rs, ty, &plain)?;
+        }
+        Ok(true)
+    }
+
+    /// A received alert: true for the peer's close_notify (a clean end).
+    fn alert(bytes: &[u8]) -> io::Result<bool> {
+        let &[level, desc] = bytes else {
+            return Err(invalid("TLS: malformed alert"));
+        };
+        match rustls::AlertDescription::from(desc) {
+            rustls::AlertDescription::CloseNotify => Ok(true),
+            // Followed by a close_notify (RFC 8446 §6.1).
+            rustls::AlertDescription::UserCanceled => Ok(false),
+            d => Err(invalid(format!(
+                "TLS: the peer sent alert {d:?} (level {level})"
+            ))),
+        }
+    }
+
+    /// Acts on an opened record that is not application data.
+    fn control(&self, rs: &mut RecvState, ty: u8, plain: &[u8]) -> io::Result<()> {
         match ty {
-            APPLICATION_DATA => rs.plain = range,
-            ALERT => self.alert(rs, range)?,
+            ALERT => rs.closed |= Self::alert(plain)?,
             HANDSHAKE => {
-                let msgs = rs.buf[range].to_vec();
+                let msgs = plain.to_vec();
                 self.post_handshake(rs, &msgs)?;
             }
             CHANGE_CIPHER_SPEC if self.version == Version::Tls12 => {
@@ -864,24 +896,61 @@ impl RecordStream {
                 )))
             }
         }
-        Ok(true)
+        Ok(())
     }
 
-    fn alert(&self, rs: &mut RecvState, range: Range<usize>) -> io::Result<()> {
-        let &[level, desc] = &rs.buf[range] else {
-            return Err(invalid("TLS: malformed alert"));
-        };
-        match rustls::AlertDescription::from(desc) {
-            rustls::AlertDescription::CloseNotify => {
-                rs.closed = true;
-                Ok(())
-            }
-            // Followed by a close_notify (RFC 8446 §6.1).
-            rustls::AlertDescription::UserCanceled => Ok(()),
-            d => Err(invalid(format!(
-                "TLS: the peer sent alert {d:?} (level {level})"
-            ))),
+    /// The length of the whole record at `buf[at..end]`, if it is all there.
+    fn whole_record(buf: &[u8], at: usize, end: usize) -> io::Result<Option<usize>> {
+        if end - at < HEADER {
+            return Ok(None);
         }
+        let body = usize::from(u16::from_be_bytes([buf[at + 3], buf[at + 4]]));
+        if body > MAX_BODY {
+            return Err(invalid(format!(
+                "TLS: a record of {body} bytes, more than the protocol allows"
+            )));
+        }
+        Ok((end - at >= HEADER + body).then_some(HEADER + body))
+    }
+
+    /// A big read with nothing opened in hand: the records are received
+    /// straight into `buf` (after the partial one we hold) and opened there,
+    /// each one's plaintext moved up behind the previous one's in the same
+    /// pass, so the bytes are not copied again. The partial record left at
+    /// the end goes back into our buffer. `Ok(0)` when no whole record came
+    /// (and the peer did not close): the caller reads the usual way.
+    fn read_direct(&self, rs: &mut RecvState, buf: &mut [u8]) -> io::Result<usize> {
+        let held = rs.end - rs.start;
+        buf[..held].copy_from_slice(&rs.buf[rs.start..rs.end]);
+        rs.start = 0;
+        rs.end = 0;
+        let n = self.sock.read_raw(&mut buf[held..])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection without a TLS close_notify",
+            ));
+        }
+        let filled = held + n;
+        let (mut at, mut out) = (0, 0);
+        while !rs.closed {
+            let Some(len) = Self::whole_record(buf, at, filled)? else {
+                break;
+            };
+            let (ty, n) = rs.key.open_to(buf, at, len, out)?;
+            at += len;
+            if ty == APPLICATION_DATA {
+                out += n;
+            } else {
+                self.control(rs, ty, &buf[out..out + n])?;
+            }
+        }
+        if !rs.closed {
+            let rest = filled - at;
+            rs.buf[..rest].copy_from_slice(&buf[at..filled]);
+            rs.end = rest;
+        }
+        Ok(out)
     }
 
     /// Handshake messages after the handshake: key updates and session
