@@ -112,8 +112,9 @@ pub(crate) struct RecordParts {
     pub write_secret: Vec<u8>,
     /// The peer's.
     pub read_secret: Vec<u8>,
-    /// Records sent and received with them so far.
+    /// Records sent with them so far (the next one's sequence number).
     pub write_seq: u64,
+    /// Records received with them so far.
     pub read_seq: u64,
     /// Ciphertext received and not yet opened.
     pub received: Vec<u8>,
