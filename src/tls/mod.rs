@@ -274,6 +274,9 @@ fn build_server(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(config_err)?;
     // Nothing resumes: one long-lived connection per primary.
     cfg.send_tls13_tickets = 0;
+    // The NBD layer seals and opens the records itself once the handshake
+    // is done (nbd/tls/record.rs): rustls hands over the traffic keys.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -284,7 +287,7 @@ fn build_client(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
         .map_err(config_err)?
         .with_root_certificates(roots);
     let has_cert = dir.join(CLIENT_CERT).exists() || dir.join(CLIENT_KEY).exists();
-    let cfg = if has_cert {
+    let mut cfg = if has_cert {
         let (certs, key) = load_pair(dir, CLIENT_CERT, CLIENT_KEY)?;
         builder
             .with_client_auth_cert(certs, key)
@@ -296,6 +299,8 @@ fn build_client(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
         );
         builder.with_no_client_auth()
     };
+    // As the server's: the NBD layer does the records (nbd/tls/record.rs).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -46,6 +46,22 @@ pub type PullTimeoutFn = unsafe extern "C" fn(TransportPtr, c_uint) -> c_int;
 /// unknown name from a wrong key), negative to abort.
 pub type ServerKeyFn = unsafe extern "C" fn(Session, *const c_char, *mut Datum) -> c_int;
 
+/// `gnutls_handshake_secret_func`: the traffic secrets of an encryption
+/// level as the handshake installs them (either may be null).
+pub type SecretFn =
+    unsafe extern "C" fn(Session, c_int, *const c_void, *const c_void, usize) -> c_int;
+
+/// `GNUTLS_ENCRYPTION_LEVEL_APPLICATION`.
+pub const LEVEL_APPLICATION: c_int = 3;
+/// `GNUTLS_TLS1_3`.
+pub const TLS1_3: c_int = 5;
+/// `GNUTLS_CIPHER_AES_128_GCM`.
+pub const CIPHER_AES_128_GCM: c_int = 10;
+/// `GNUTLS_CIPHER_AES_256_GCM`.
+pub const CIPHER_AES_256_GCM: c_int = 11;
+/// `GNUTLS_CIPHER_CHACHA20_POLY1305`.
+pub const CIPHER_CHACHA20_POLY1305: c_int = 23;
+
 /// `gnutls_init` flags.
 pub const SERVER: c_uint = 1;
 /// Client side.
@@ -131,6 +147,9 @@ macro_rules! table {
                 #[doc = concat!("`", $sym, "`")]
                 pub $field: $ty,
             )*
+            /// What hands a TLS 1.3 session's records over to the caller
+            /// (GnuTLS 3.7.0 or later; `None` before).
+            pub records: Option<RecordFns>,
             /// The value of the exported variable `gnutls_malloc`: keys handed
             /// to GnuTLS are freed by it with `gnutls_free`.
             pub malloc: unsafe extern "C" fn(usize) -> *mut c_void,
@@ -170,7 +189,9 @@ macro_rules! table {
                         *(f as *const unsafe extern "C" fn(*mut c_void)),
                     )
                 };
-                Ok(Lib { $($field,)* malloc, free })
+                // SAFETY: handle is live (this function's contract).
+                let records = unsafe { RecordFns::resolve(handle, library) };
+                Ok(Lib { $($field,)* records, malloc, free })
             }
         }
     };
@@ -222,6 +243,75 @@ table! {
     session_get_desc: "gnutls_session_get_desc" => unsafe extern "C" fn(Session) -> *mut c_char,
     kx_get: "gnutls_kx_get" => unsafe extern "C" fn(Session) -> c_int,
     kx_get_name: "gnutls_kx_get_name" => unsafe extern "C" fn(c_int) -> *const c_char,
+}
+
+/// The functions that let the caller seal and open an established TLS 1.3
+/// session's records itself (as kTLS does): the traffic secrets as the
+/// handshake installs them, the suite, and where the record counts stand.
+pub struct RecordFns {
+    /// `gnutls_handshake_set_secret_function` (3.7.0).
+    pub handshake_set_secret_function: unsafe extern "C" fn(Session, SecretFn),
+    /// `gnutls_transport_get_ptr`.
+    pub transport_get_ptr: unsafe extern "C" fn(Session) -> TransportPtr,
+    /// `gnutls_protocol_get_version`.
+    pub protocol_get_version: unsafe extern "C" fn(Session) -> c_int,
+    /// `gnutls_cipher_get`.
+    pub cipher_get: unsafe extern "C" fn(Session) -> c_int,
+    /// `gnutls_record_get_state`.
+    pub record_get_state:
+        unsafe extern "C" fn(Session, c_uint, *mut Datum, *mut Datum, *mut Datum, *mut u8) -> c_int,
+    /// `gnutls_record_check_pending`.
+    pub record_check_pending: unsafe extern "C" fn(Session) -> usize,
+}
+
+impl RecordFns {
+    /// All of them, or `None` when the library lacks one.
+    ///
+    /// # Safety
+    /// As [`Lib::resolve`].
+    unsafe fn resolve(handle: *mut c_void, library: &str) -> Option<RecordFns> {
+        // SAFETY: handle is live (this function's contract); each address is
+        // that of the GnuTLS function of the same name, whose C signature is
+        // the field's type.
+        unsafe {
+            let f = |name| symbol(handle, library, name).ok();
+            Some(RecordFns {
+                handshake_set_secret_function: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(Session, SecretFn),
+                >(f(
+                    "gnutls_handshake_set_secret_function",
+                )?),
+                transport_get_ptr: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(Session) -> TransportPtr,
+                >(f("gnutls_transport_get_ptr")?),
+                protocol_get_version: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(Session) -> c_int,
+                >(f("gnutls_protocol_get_version")?),
+                cipher_get: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(Session) -> c_int,
+                >(f("gnutls_cipher_get")?),
+                record_get_state: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(
+                        Session,
+                        c_uint,
+                        *mut Datum,
+                        *mut Datum,
+                        *mut Datum,
+                        *mut u8,
+                    ) -> c_int,
+                >(f("gnutls_record_get_state")?),
+                record_check_pending: std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(Session) -> usize,
+                >(f("gnutls_record_check_pending")?),
+            })
+        }
+    }
 }
 
 /// Looks `name` up in `handle`.

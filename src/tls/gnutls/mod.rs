@@ -9,7 +9,7 @@ pub(crate) mod ffi;
 pub(crate) mod session;
 
 pub use ffi::{GnutlsError, LIBRARY, LIBRARY_ENV, MIN_VERSION};
-pub(crate) use session::{HandshakeError, Session};
+pub(crate) use session::{HandshakeError, RecordParts, Session};
 
 /// Loads GnuTLS now (a missing or too old library fails here, at start).
 pub fn load() -> Result<(), GnutlsError> {

@@ -84,6 +84,40 @@ struct Transport {
     fd: RawFd,
     rx: Mutex<Rx>,
     tx: Mutex<Tx>,
+    /// The application traffic secrets, as the handshake installs them.
+    secrets: Mutex<AppSecrets>,
+}
+
+/// TLS 1.3 application traffic secrets (wiped when dropped).
+#[derive(Default)]
+struct AppSecrets {
+    read: Vec<u8>,
+    write: Vec<u8>,
+}
+
+impl Drop for AppSecrets {
+    fn drop(&mut self) {
+        self.read.fill(0);
+        self.write.fill(0);
+    }
+}
+
+/// What the caller needs to seal and open an established TLS 1.3 session's
+/// records itself: the suite, the application traffic secrets, the record
+/// counts, and the bytes already received past the handshake.
+pub(crate) struct RecordParts {
+    /// `ffi::CIPHER_*`.
+    pub cipher: c_int,
+    /// Our application traffic secret (wiped by the receiver).
+    pub write_secret: Vec<u8>,
+    /// The peer's.
+    pub read_secret: Vec<u8>,
+    /// Records sent with them so far (the next one's sequence number).
+    pub write_seq: u64,
+    /// Records received with them so far.
+    pub read_seq: u64,
+    /// Ciphertext received and not yet opened.
+    pub received: Vec<u8>,
 }
 
 struct Rx {
@@ -163,6 +197,38 @@ impl Transport {
 /// into C.
 fn guarded<R>(fail: R, f: impl FnOnce() -> R) -> R {
     std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(fail)
+}
+
+/// Keeps the application traffic secrets (other levels are of no use).
+unsafe extern "C" fn secret(
+    session: ffi::Session,
+    level: c_int,
+    read: *const c_void,
+    write: *const c_void,
+    size: usize,
+) -> c_int {
+    guarded(-1, || {
+        if level != ffi::LEVEL_APPLICATION {
+            return 0;
+        }
+        let Some(fns) = ffi::lib().ok().and_then(|l| l.records.as_ref()) else {
+            return 0;
+        };
+        // SAFETY: a live session in its handshake; its transport pointer is
+        // the Box<Transport> the session registered, alive until deinit.
+        let t = unsafe { &*((fns.transport_get_ptr)(session) as *const Transport) };
+        let mut secrets = t.secrets.lock_or_recover();
+        // SAFETY: GnuTLS passes `size`-byte secrets, or null for one not set.
+        unsafe {
+            if !read.is_null() {
+                secrets.read = std::slice::from_raw_parts(read.cast::<u8>(), size).to_vec();
+            }
+            if !write.is_null() {
+                secrets.write = std::slice::from_raw_parts(write.cast::<u8>(), size).to_vec();
+            }
+        }
+        0
+    })
 }
 
 unsafe extern "C" fn pull(ptr: ffi::TransportPtr, buf: *mut c_void, len: usize) -> isize {
@@ -400,6 +466,7 @@ impl<S: AsRawFd> Session<S> {
                 dontwait: false,
                 err: None,
             }),
+            secrets: Mutex::new(AppSecrets::default()),
         });
         let flags = ffi::NO_TICKETS
             | match side {
@@ -441,6 +508,9 @@ impl<S: AsRawFd> Session<S> {
             (lib.transport_set_pull_timeout_function)(s.raw, pull_timeout);
             // The socket's read timeout bounds the handshake, as for rustls.
             (lib.handshake_set_timeout)(s.raw, 0);
+            if let Some(fns) = &lib.records {
+                (fns.handshake_set_secret_function)(s.raw, secret);
+            }
             rc
         };
         lib.check("gnutls_priority_set_direct", rc)?;
@@ -660,6 +730,74 @@ impl<S: AsRawFd> Session<S> {
     /// The client's PSK username (the identity `--tls-authz` lists).
     pub(crate) fn username(&self) -> &str {
         &self.username
+    }
+
+    /// Hands the established session's records over to the caller, who
+    /// seals and opens them from now on (see [`RecordParts`]): TLS 1.3 with
+    /// an AEAD suite the caller knows, nothing decrypted and unread, nothing
+    /// unsent, and GnuTLS 3.7.0 or later (the secrets). `None` otherwise:
+    /// the session carries on with GnuTLS. Afterwards the session must only
+    /// be dropped (which then sends nothing).
+    pub(crate) fn take_records(&mut self) -> Option<RecordParts> {
+        let fns = self.lib.records.as_ref()?;
+        if !self.established {
+            return None;
+        }
+        // SAFETY: live established session, not shared yet (just handshaken).
+        let (version, cipher, pending) = unsafe {
+            (
+                (fns.protocol_get_version)(self.raw),
+                (fns.cipher_get)(self.raw),
+                (fns.record_check_pending)(self.raw),
+            )
+        };
+        let known = [
+            ffi::CIPHER_AES_128_GCM,
+            ffi::CIPHER_AES_256_GCM,
+            ffi::CIPHER_CHACHA20_POLY1305,
+        ];
+        if version != ffi::TLS1_3 || !known.contains(&cipher) || pending > 0 {
+            return None;
+        }
+        if !self.transport.tx.lock_or_recover().buf.is_empty() {
+            return None;
+        }
+        let seq = |read: c_uint| {
+            let mut n = [0u8; 8];
+            let d = || Datum {
+                data: std::ptr::null_mut(),
+                size: 0,
+            };
+            let (mut mac, mut iv, mut key) = (d(), d(), d());
+            // SAFETY: live session; GnuTLS fills the datums with pointers
+            // into its own state (not to be freed) and 8 bytes into `n`.
+            let rc = unsafe {
+                (fns.record_get_state)(self.raw, read, &mut mac, &mut iv, &mut key, n.as_mut_ptr())
+            };
+            (rc >= 0).then_some(u64::from_be_bytes(n))
+        };
+        let (write_seq, read_seq) = (seq(0)?, seq(1)?);
+        let (write_secret, read_secret) = {
+            let s = self.transport.secrets.lock_or_recover();
+            if s.read.is_empty() || s.write.is_empty() {
+                return None;
+            }
+            (s.write.clone(), s.read.clone())
+        };
+        let received = {
+            let rx = self.transport.rx.lock_or_recover();
+            rx.buf[rx.start..rx.end].to_vec()
+        };
+        // GnuTLS's record state is stale from here: no close_notify from it.
+        self.established = false;
+        Some(RecordParts {
+            cipher,
+            write_secret,
+            read_secret,
+            write_seq,
+            read_seq,
+            received,
+        })
     }
 
     /// Protocol, key exchange and cipher, e.g. `(TLS1.3-PSK)-(ECDHE-SECP256R1)-(AES-256-GCM)`.
