@@ -272,6 +272,81 @@ fn a_tampered_record_ends_the_session() {
     }
 }
 
+#[test]
+fn hostile_bytes_after_the_handshake_end_the_session_without_a_panic() {
+    // A peer (or whoever sits on the wire) controls every byte after the
+    // handshake: odd record types and versions, lengths from zero past the
+    // limit, bodies shorter than a tag, records cut off by EOF.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let lens = [
+        0usize,
+        1,
+        15,
+        16,
+        17,
+        21,
+        40,
+        16_384 + 256,
+        16_384 + 2_049,
+        65_535,
+    ];
+    for case in 0..40 {
+        let (a, b) = pair();
+        let Stream::Unix(raw) = a.try_clone().unwrap() else {
+            unreachable!()
+        };
+        let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
+        let c = RecordStream::connect(a, client_config(), localhost()).unwrap();
+        let s = server.join().unwrap();
+        c.send_all(&[b"fine"]).unwrap();
+        let r = next();
+        let ty = [20u8, 21, 22, 23, 23, 23, 24, 0, 255][(r % 9) as usize];
+        let version: u16 = if r & 0x100 == 0 {
+            0x0303
+        } else {
+            (r >> 16) as u16
+        };
+        let len = if case % 3 == 0 {
+            (r >> 32) as usize % 70_000
+        } else {
+            lens[(r >> 40) as usize % lens.len()]
+        };
+        let len16 = len.min(usize::from(u16::MAX)) as u16;
+        let mut wire = vec![ty];
+        wire.extend_from_slice(&version.to_be_bytes());
+        wire.extend_from_slice(&len16.to_be_bytes());
+        // Sometimes the whole body, sometimes cut short by EOF.
+        let sent = if r & 0x200 == 0 {
+            usize::from(len16)
+        } else {
+            usize::from(len16) / 2
+        };
+        wire.extend((0..sent).map(|_| next() as u8));
+        // A write of a closed session is fine to fail: the reader may have
+        // hung up already.
+        let _ = (&raw).write_all(&wire);
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let size = if case % 2 == 0 { 1 } else { 1 << 20 };
+        let mut buf = vec![0u8; size];
+        let mut got = Vec::new();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            assert!(got.len() <= 4, "case {case}: garbage read as data: {got:?}");
+        }
+        assert!(b"fine".starts_with(&got), "case {case}: {got:?}");
+        drop(c);
+    }
+}
+
 mod psk {
     use super::*;
     use crate::tls::psk::{PskKeys, PskLookup, Secret};
