@@ -280,31 +280,26 @@ trait Handshaking {
     fn common(&self) -> &rustls::CommonState;
 }
 
-impl Handshaking for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
+/// rustls' client and server connections take records the same way.
+macro_rules! handshaking {
+    ($conn:ty, $data:ty) => {
+        impl Handshaking for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self
+            }
+        }
+    };
 }
 
-impl Handshaking for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-}
+handshaking!(UnbufferedClientConnection, ClientConnectionData);
+handshaking!(UnbufferedServerConnection, ServerConnectionData);
 
 /// What one handshake step asks for next.
 enum Next {

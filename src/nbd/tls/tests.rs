@@ -86,6 +86,18 @@ fn our_pair(client: Arc<ClientConfig>) -> (RecordStream, RecordStream) {
     (client, server.join().unwrap())
 }
 
+/// Our client and server, and a raw handle on the client's socket: what is
+/// written there reaches the server as if the client had sent it.
+fn tapped_pair() -> (RecordStream, RecordStream, UnixStream) {
+    let (a, b) = pair();
+    let Stream::Unix(raw) = a.try_clone().unwrap() else {
+        unreachable!()
+    };
+    let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
+    let c = RecordStream::connect(a, client_config(), localhost()).unwrap();
+    (c, server.join().unwrap(), raw)
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -141,15 +153,24 @@ fn our_client_and_server_move_bulk_data_both_ways_at_once() {
     exchange(&c, &s, 8 << 20);
 }
 
+/// [`exchange`]s `len` bytes with each sender's key good for only `limits`
+/// records (a few dozen instead of millions): keys update on both sides.
+fn exchange_updating_keys(
+    c: &mut RecordStream,
+    s: &mut RecordStream,
+    limits: (u64, u64),
+    len: usize,
+) {
+    (c.limit, s.limit) = limits;
+    exchange(c, s, len);
+    assert!(c.send.lock().unwrap().key.seq() <= limits.0);
+    assert!(s.send.lock().unwrap().key.seq() <= limits.1);
+}
+
 #[test]
 fn keys_update_when_a_sender_reaches_its_record_limit() {
     let (mut c, mut s) = our_pair(client_config());
-    // A few hundred records per key instead of millions.
-    c.limit = 100;
-    s.limit = 37;
-    exchange(&c, &s, 16 << 20);
-    assert!(c.send.lock().unwrap().key.seq() <= 100);
-    assert!(s.send.lock().unwrap().key.seq() <= 37);
+    exchange_updating_keys(&mut c, &mut s, (100, 37), 16 << 20);
 }
 
 #[test]
@@ -244,13 +265,7 @@ fn an_expired_or_unknown_client_certificate_is_refused_in_the_handshake() {
 fn a_tampered_record_ends_the_session() {
     // Small reads open records in our buffer, big ones in the caller's.
     for size in [1, 1 << 20] {
-        let (a, b) = pair();
-        let Stream::Unix(raw) = a.try_clone().unwrap() else {
-            unreachable!()
-        };
-        let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
-        let c = RecordStream::connect(a, client_config(), localhost()).unwrap();
-        let s = server.join().unwrap();
+        let (c, s, raw) = tapped_pair();
         // A good record, then garbage in place of a sealed one.
         c.send_all(&[b"fine"]).unwrap();
         let mut rec = vec![23u8, 3, 3, 0, 40];
@@ -297,13 +312,7 @@ fn hostile_bytes_after_the_handshake_end_the_session_without_a_panic() {
         65_535,
     ];
     for case in 0..40 {
-        let (a, b) = pair();
-        let Stream::Unix(raw) = a.try_clone().unwrap() else {
-            unreachable!()
-        };
-        let server = std::thread::spawn(move || RecordStream::accept(b, server_config()).unwrap());
-        let c = RecordStream::connect(a, client_config(), localhost()).unwrap();
-        let s = server.join().unwrap();
+        let (c, s, raw) = tapped_pair();
         c.send_all(&[b"fine"]).unwrap();
         let r = next();
         let ty = [20u8, 21, 22, 23, 23, 23, 24, 0, 255][(r % 9) as usize];
@@ -382,11 +391,7 @@ mod psk {
         assert!(c.describe().contains("AES-128-GCM"), "{}", c.describe());
         exchange(&c, &s, 4 << 20);
         // Key updates both ways, derived from the secrets on each side.
-        c.limit = 50;
-        s.limit = 23;
-        exchange(&c, &s, 8 << 20);
-        assert!(c.send.lock().unwrap().key.seq() <= 50);
-        assert!(s.send.lock().unwrap().key.seq() <= 23);
+        exchange_updating_keys(&mut c, &mut s, (50, 23), 8 << 20);
     }
 
     #[test]
