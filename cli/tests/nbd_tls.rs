@@ -17,7 +17,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use tls_util::{
-    all_zero, make_certs, qemu, qemu_nbd, qemu_nbd_with, read_reply, refused_start, send_option,
+    all_zero, make_certs, qemu, qemu_nbd, qemu_nbd_with, read_reply, refused_1m, send_option,
     wait_log, write_through_and_compare, Link, Tls,
 };
 
@@ -384,14 +384,10 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
     let nbd = format!("unix:{}", dir.path().join("n.sock").display());
     let secondary = |creds: &Path| {
         let c = creds.display().to_string();
-        refused_start(
+        refused_1m(
+            &sock,
+            &disk,
             &[
-                "--socket",
-                sock.to_str().unwrap(),
-                "--disk",
-                disk.to_str().unwrap(),
-                "--size",
-                "1M",
                 "--mode",
                 "secondary",
                 "--nbd-listen",
@@ -438,14 +434,10 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
     let (code, err) = secondary(&mismatch);
     assert!(code != 0 && err.contains("does not match"), "{err}");
 
-    let (code, err) = refused_start(
+    let (code, err) = refused_1m(
+        &sock,
+        &disk,
         &[
-            "--socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--size",
-            "1M",
             "--mode",
             "primary",
             "--secondary",
@@ -457,19 +449,10 @@ fn bad_credentials_and_insecure_listeners_refuse_to_start_with_the_reason() {
     );
     assert!(code != 0 && err.contains("expired on"), "{err}");
 
-    let (code, err) = refused_start(
-        &[
-            "--socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--size",
-            "1M",
-            "--mode",
-            "secondary",
-            "--nbd-listen",
-            "tcp:0.0.0.0:10809",
-        ],
+    let (code, err) = refused_1m(
+        &sock,
+        &disk,
+        &["--mode", "secondary", "--nbd-listen", "tcp:0.0.0.0:10809"],
         &[],
     );
     assert!(code == 2 && err.contains("--nbd-insecure"), "{err}");

@@ -17,7 +17,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use tls_util::{
-    all_zero, make_certs, qemu, qemu_nbd, read_reply, refused_start, send_option, wait_log,
+    all_zero, make_certs, qemu, qemu_nbd, read_reply, refused_1m, send_option, wait_log,
     write_through_and_compare, Link, Tls,
 };
 
@@ -307,14 +307,10 @@ fn bad_keys_psk_files_and_a_missing_gnutls_refuse_to_start_with_the_reason() {
     let nbd = format!("unix:{}", dir.path().join("n.sock").display());
     let secondary = |keys: &Path, env: &[(&str, &str)]| {
         let k = keys.display().to_string();
-        refused_start(
+        refused_1m(
+            &sock,
+            &disk,
             &[
-                "--socket",
-                sock.to_str().unwrap(),
-                "--disk",
-                disk.to_str().unwrap(),
-                "--size",
-                "1M",
                 "--mode",
                 "secondary",
                 "--nbd-listen",
@@ -364,14 +360,10 @@ fn bad_keys_psk_files_and_a_missing_gnutls_refuse_to_start_with_the_reason() {
     );
 
     // The primary's username must have a line.
-    let (code, err) = refused_start(
+    let (code, err) = refused_1m(
+        &sock,
+        &disk,
         &[
-            "--socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--size",
-            "1M",
             "--mode",
             "primary",
             "--secondary",

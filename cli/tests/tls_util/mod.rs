@@ -209,6 +209,21 @@ pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     (status.code().unwrap_or(-1), text)
 }
 
+/// [`refused_start`] of a 1 MiB disk `disk` served on `sock`, with `args`
+/// after those.
+pub fn refused_1m(sock: &Path, disk: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut all = vec![
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--size",
+        "1M",
+    ];
+    all.extend_from_slice(args);
+    refused_start(&all, env)
+}
+
 /// Writes five patterned extents (`seed` picks the bytes) through `client` into
 /// `image`, which a QEMU NBD server (`server`) exports, reads the largest back
 /// over the same link, then stops both and requires `qemu-img compare` to
