@@ -119,6 +119,13 @@ pub(super) struct Held {
     /// Complete one operation per poll (a disk that finishes them one by
     /// one), instead of all of them.
     pub(super) one_per_poll: bool,
+    /// The channel asks for lone requests to run on the node's synchronous
+    /// path, which then takes writes (and counts them) instead of failing.
+    pub(super) inline_when_lone: bool,
+    /// Operations the channel was given.
+    pub(super) channel_ops: usize,
+    /// Writes the node's synchronous path took.
+    pub(super) sync_writes: usize,
 }
 
 /// A channel that holds every operation until the test releases it, and
@@ -132,6 +139,7 @@ struct HeldChannel {
 impl HeldChannel {
     fn hold(&mut self, id: u64, bufs: Vec<(usize, usize)>) {
         let mut h = self.shared.lock().unwrap();
+        h.channel_ops += 1;
         h.pending.push((id, bufs));
         h.most_in_flight = h.most_in_flight.max(h.pending.len());
     }
@@ -200,9 +208,13 @@ impl IoChannel for HeldChannel {
     fn notify_fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }
+    fn inline_when_lone(&self) -> bool {
+        self.shared.lock().unwrap().inline_when_lone
+    }
 }
 
-/// A node whose only I/O path is a [`HeldChannel`].
+/// A node whose only I/O path is a [`HeldChannel`] (and, when the channel
+/// asks for lone requests inline, a counting synchronous write).
 pub(super) struct HeldDisk {
     pub(super) shared: Arc<Mutex<Held>>,
 }
@@ -215,7 +227,12 @@ impl BlockDev for HeldDisk {
         Err(BlockError::Unsupported("synchronous read"))
     }
     fn write_vectored(&self, _: u64, _: &[VolatileSlice<'_>]) -> Result<()> {
-        Err(BlockError::Unsupported("synchronous write"))
+        let mut h = self.shared.lock().unwrap();
+        if !h.inline_when_lone {
+            return Err(BlockError::Unsupported("synchronous write"));
+        }
+        h.sync_writes += 1;
+        Ok(())
     }
     fn flush(&self) -> Result<()> {
         Err(BlockError::Unsupported("synchronous flush"))
@@ -563,4 +580,57 @@ fn a_pass_with_work_every_turn_ends_and_kicks_its_ring() {
         serve(&vring, &atomic, &device, &io);
     }
     assert_eq!(used_idx(mem, &vq), 40);
+}
+
+#[test]
+fn a_write_alone_on_its_queue_runs_on_the_worker_once_the_queue_is_at_depth_one() {
+    use crate::virtio_blk::LONE_STREAK;
+
+    let (shared, device) = held_device();
+    {
+        let mut h = shared.lock().unwrap();
+        h.inline_when_lone = true;
+        h.release = true;
+    }
+    let io = QueueIo::new(device.clone(), 0, QSIZE, 0).unwrap();
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMem = &guard;
+    let vq = MockSplitQueue::new(mem, QSIZE);
+    let vring = ready_vring(&atomic, &vq);
+    let write = |i: u16| Req {
+        kind: VIRTIO_BLK_T_OUT,
+        sector: u64::from(i) * 8,
+        len: 4096,
+    };
+
+    // A guest at depth one: each write waits for the last to complete.
+    let streak = LONE_STREAK as u16;
+    for i in 0..=streak {
+        add_requests_at(mem, &vq, i, &[write(i)]);
+        serve(&vring, &atomic, &device, &io);
+        assert_eq!(used_idx(mem, &vq), i + 1, "write {i} completed");
+        assert_eq!(status(mem, i), VIRTIO_BLK_S_OK as u8);
+    }
+    {
+        let h = shared.lock().unwrap();
+        assert_eq!(
+            h.channel_ops, LONE_STREAK as usize,
+            "the streak on the channel"
+        );
+        assert_eq!(
+            h.sync_writes, 1,
+            "then the next one alone ran on the worker"
+        );
+    }
+
+    // Two at once: neither waits for the other on the worker.
+    let next = streak + 1;
+    add_requests_at(mem, &vq, next, &[write(next), write(next + 1)]);
+    serve(&vring, &atomic, &device, &io);
+    assert_eq!(used_idx(mem, &vq), next + 2);
+    let h = shared.lock().unwrap();
+    assert_eq!(h.channel_ops, LONE_STREAK as usize + 2);
+    assert_eq!(h.sync_writes, 1);
+    assert_eq!(h.most_in_flight, 2, "both on the channel at once");
 }

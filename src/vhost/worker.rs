@@ -8,6 +8,7 @@ use super::resume;
 use super::vring::{kick_self, Vring};
 use crate::virtio_blk::{Completion, GuestMem, NoLog, Offload, RingLog, Scratch, VirtioBlk};
 use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{Queue, QueueT};
@@ -102,12 +103,20 @@ pub(crate) fn serve(
             if let Err(e) = queue.disable_notification(m) {
                 device.report_ring_error(q, "cannot disable notifications", e);
             }
-            let before = queue.next_avail();
+            let before = Wrapping(queue.next_avail());
             completed += match st.channel.as_mut() {
                 Some(ch) => {
+                    // An unreadable index counts as nothing available: the
+                    // pass below reports it.
+                    let available = queue
+                        .avail_idx(m, Ordering::Acquire)
+                        .map_or(0, |idx| (idx - before).0);
+                    ch.begin_turn(available);
                     let mut sub = ch.submitter(device, &guard, &mut done);
                     let off = Some(&mut sub as &mut dyn Offload);
-                    device.process_queue_logged(queue, m, &mut scratch, off, log)
+                    let n = device.process_queue_logged(queue, m, &mut scratch, off, log);
+                    ch.end_turn((Wrapping(queue.next_avail()) - before).0);
+                    n
                 }
                 None => {
                     let mut off = io.pool.offload(&guard);
@@ -115,7 +124,7 @@ pub(crate) fn serve(
                     device.process_queue_logged(queue, m, &mut scratch, off, log)
                 }
             };
-            work += usize::from((Wrapping(queue.next_avail()) - Wrapping(before)).0);
+            work += usize::from((Wrapping(queue.next_avail()) - before).0);
         }
         if let Some(ch) = st.channel.as_mut() {
             ch.submit();

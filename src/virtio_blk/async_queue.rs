@@ -8,6 +8,7 @@
 
 use super::chain::{slices, GuestMem};
 use super::device::{Completion, Deferred, DeferredOp, Exec, Offload, VirtioBlk};
+use super::lone::LoneRule;
 use super::RequestError;
 use crate::block::channel::{IoChannel, IoCompletion};
 use crate::block::BlockError;
@@ -39,6 +40,9 @@ pub struct AsyncQueue {
     in_flight: usize,
     iovs: Vec<libc::iovec>,
     reaped: Vec<IoCompletion>,
+    lone: LoneRule,
+    /// The next submitter runs its first request inline.
+    inline_next: bool,
 }
 
 // SAFETY: the iovec scratch vector only holds pointers between building them and
@@ -56,6 +60,8 @@ impl AsyncQueue {
             in_flight: 0,
             iovs: Vec::new(),
             reaped: Vec::new(),
+            lone: LoneRule::default(),
+            inline_next: false,
         }
     }
 
@@ -79,6 +85,22 @@ impl AsyncQueue {
         self.channel.has_completions()
     }
 
+    /// A worker turn starts with `available` requests in the ring: the
+    /// turn's [`submitter`](Self::submitter) runs the first one synchronously
+    /// when the lone-request rule (`lone.rs`) says so and the channel gains
+    /// by it.
+    pub fn begin_turn(&mut self, available: u16) {
+        self.inline_next =
+            self.lone.begin(available, self.in_flight) && self.channel.inline_when_lone();
+    }
+
+    /// The turn that [`begin_turn`](Self::begin_turn) started took `taken`
+    /// requests from the ring.
+    pub fn end_turn(&mut self, taken: u16) {
+        self.inline_next = false;
+        self.lone.end(taken);
+    }
+
     /// Hands the operations added since the last call to the storage.
     pub fn submit(&mut self) {
         self.channel.submit();
@@ -93,11 +115,13 @@ impl AsyncQueue {
         mem: &'a GuestMemoryLoadGuard<GuestMem>,
         done: &'a mut Vec<Completion>,
     ) -> Submitter<'a> {
+        let inline = std::mem::take(&mut self.inline_next);
         Submitter {
             queue: self,
             device,
             mem,
             done,
+            inline,
         }
     }
 
@@ -260,6 +284,8 @@ pub struct Submitter<'a> {
     device: &'a VirtioBlk,
     mem: &'a GuestMemoryLoadGuard<GuestMem>,
     done: &'a mut Vec<Completion>,
+    /// The first request asked about runs inline.
+    inline: bool,
 }
 
 impl Offload for Submitter<'_> {
@@ -273,6 +299,10 @@ impl Offload for Submitter<'_> {
 
     fn takes_all(&self) -> bool {
         true
+    }
+
+    fn run_inline(&mut self) -> bool {
+        std::mem::take(&mut self.inline)
     }
 
     fn submit(&mut self, request: Deferred) {

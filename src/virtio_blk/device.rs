@@ -58,6 +58,12 @@ pub trait Offload {
         false
     }
 
+    /// Asked once per valid request, before anything is handed over: true
+    /// runs this one synchronously on the worker, as without an offload.
+    fn run_inline(&mut self) -> bool {
+        false
+    }
+
     /// Takes a validated request. The implementation must eventually
     /// [`run`](Deferred::run) it and put the returned completion in the used
     /// ring.
@@ -437,6 +443,7 @@ impl VirtioBlk {
         offload: Option<&mut dyn Offload>,
     ) -> Result<Exec, RequestError> {
         let request = Request::parse(mem, &scratch.layout, &self.limits(), &mut scratch.stat)?;
+        let offload = offload.and_then(|o| if o.run_inline() { None } else { Some(o) });
         let at = Deferral { head, status_addr };
         match request {
             Request::Read { offset, len } => self.read(mem, offset, len, scratch, at, offload),

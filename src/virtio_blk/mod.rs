@@ -8,6 +8,7 @@ mod chain;
 mod config;
 mod device;
 mod error;
+mod lone;
 mod queue;
 mod ratelimit;
 mod request;
@@ -17,6 +18,7 @@ pub use chain::{GuestMem, HeadChain};
 pub use config::{capacity_sectors, Capacity, Geometry, CONFIG_SPACE_SIZE, ID_BYTES, SECTOR_SIZE};
 pub use device::{Completion, Deferred, Offload, Scratch, VirtioBlk, OFFLOAD_MIN};
 pub use error::RequestError;
+pub use lone::STREAK as LONE_STREAK;
 pub use queue::{NoLog, RingLog};
 
 #[cfg(test)]

@@ -47,8 +47,10 @@ const fn wl(
 /// Every workload, in the order they run: sequential writes first, so that
 /// reads never hit unallocated (and artificially fast) ranges. The first six
 /// are the default set (one queue, depth at most 32, any queue size); the
-/// others need `--queue-size 256` or more (QD128) or a device with 2 queues.
-pub const ALL: [Workload; 10] = [
+/// others need `--queue-size 256` or more (QD128) or a device with 2 queues,
+/// or probe one engine choice (QD2: two requests that complete apart, which
+/// must never be served one at a time).
+pub const ALL: [Workload; 12] = [
     wl("seqwrite-1m-qd8", 1 << 20, 8, 1, true, false, true),
     wl("seqread-1m-qd8", 1 << 20, 8, 1, false, false, true),
     wl("randread-4k-qd1", 4096, 1, 1, false, true, true),
@@ -59,6 +61,8 @@ pub const ALL: [Workload; 10] = [
     wl("randwrite-4k-qd128", 4096, 128, 1, true, true, false),
     wl("randread-4k-2q-qd32", 4096, 32, 2, false, true, false),
     wl("randwrite-4k-2q-qd32", 4096, 32, 2, true, true, false),
+    wl("randread-4k-qd2", 4096, 2, 1, false, true, false),
+    wl("randwrite-4k-qd2", 4096, 2, 1, true, true, false),
 ];
 
 /// What one run measured.

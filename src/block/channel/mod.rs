@@ -118,6 +118,13 @@ pub trait IoChannel: Send {
     /// An eventfd that becomes readable when completions are waiting.
     fn notify_fd(&self) -> RawFd;
 
+    /// True when a request alone on its queue is served faster by the served
+    /// node's synchronous path than through this channel (the rule that uses
+    /// it: `virtio_blk::lone`).
+    fn inline_when_lone(&self) -> bool {
+        false
+    }
+
     /// What drives the operations, for logs ("io_uring", ...).
     fn name(&self) -> &'static str {
         "asynchronous channel"
@@ -132,6 +139,8 @@ pub trait IoChannel: Send {
 /// it busy; a file on the page cache is served synchronously on the queue
 /// worker, because a cache hit is a memory copy and an asynchronous round trip
 /// only adds to it (measured in integration/bench-peers.sh: tmpfs rows).
+/// On a channel, one exception: a request alone on a queue that keeps one in
+/// flight runs synchronously (`virtio_blk::lone` holds that rule).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
     /// io_uring with `--direct`, synchronous otherwise.

@@ -391,6 +391,13 @@ impl IoChannel for UringChannel {
         self.event.as_raw_fd()
     }
 
+    fn inline_when_lone(&self) -> bool {
+        // O_DIRECT writes complete through the file system's workqueue when
+        // asynchronous; a page-cache file is served synchronously anyway
+        // unless io_uring was asked for, and then it is what was asked for.
+        self.file.is_direct()
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }
