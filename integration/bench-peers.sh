@@ -238,7 +238,7 @@ if [[ ,$tables, == *,direct,* ]]; then
   echo
   bench_table "$work/direct.med" "$direct_rows" \
     "colo=$colo_label --direct,colo-nopoll=--direct --poll-us 0,baseline=baseline --direct,qsd-io_uring=qsd io_uring,qsd-native=qsd native,fio=fio io_uring (device)" \
-    "colo / fio=colo/fio,colo / better qsd=colo/max(qsd-io_uring|qsd-native),--poll-us 0 / better qsd=colo-nopoll/max(qsd-io_uring|qsd-native),baseline / better qsd=baseline/max(qsd-io_uring|qsd-native)"
+    "colo / fio=colo/fio,--poll-us 0 / fio=colo-nopoll/fio,colo / better qsd=colo/max(qsd-io_uring|qsd-native),--poll-us 0 / better qsd=colo-nopoll/max(qsd-io_uring|qsd-native),baseline / better qsd=baseline/max(qsd-io_uring|qsd-native)"
   echo
   echo "Server CPU (utime+stime per second, % of one core; idle: ${idle} s connected, no I/O; load: the median run), O_DIRECT:"
   echo
