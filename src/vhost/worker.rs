@@ -111,8 +111,7 @@ pub(crate) fn serve(
                     let available = queue
                         .avail_idx(m, Ordering::Acquire)
                         .map_or(0, |idx| (idx - before).0);
-                    ch.begin_turn(available);
-                    let mut sub = ch.submitter(device, &guard, &mut done);
+                    let mut sub = ch.turn_submitter(device, &guard, &mut done, available);
                     let off = Some(&mut sub as &mut dyn Offload);
                     let n = device.process_queue_logged(queue, m, &mut scratch, off, log);
                     ch.end_turn((Wrapping(queue.next_avail()) - before).0);

@@ -41,8 +41,6 @@ pub struct AsyncQueue {
     iovs: Vec<libc::iovec>,
     reaped: Vec<IoCompletion>,
     lone: LoneRule,
-    /// The next submitter runs its first request inline.
-    inline_next: bool,
 }
 
 // SAFETY: the iovec scratch vector only holds pointers between building them and
@@ -61,7 +59,6 @@ impl AsyncQueue {
             iovs: Vec::new(),
             reaped: Vec::new(),
             lone: LoneRule::default(),
-            inline_next: false,
         }
     }
 
@@ -85,19 +82,26 @@ impl AsyncQueue {
         self.channel.has_completions()
     }
 
-    /// A worker turn starts with `available` requests in the ring: the
-    /// turn's [`submitter`](Self::submitter) runs the first one synchronously
+    /// The [`submitter`](Self::submitter) for a worker turn that starts with
+    /// `available` requests in the ring: it runs the first one synchronously
     /// when the lone-request rule (`lone.rs`) says so and the channel gains
     /// by it.
-    pub fn begin_turn(&mut self, available: u16) {
-        self.inline_next =
-            self.lone.begin(available, self.in_flight) && self.channel.inline_when_lone();
+    pub fn turn_submitter<'a>(
+        &'a mut self,
+        device: &'a VirtioBlk,
+        mem: &'a GuestMemoryLoadGuard<GuestMem>,
+        done: &'a mut Vec<Completion>,
+        available: u16,
+    ) -> Submitter<'a> {
+        let inline = self.lone.begin(available, self.in_flight) && self.channel.inline_when_lone();
+        let mut sub = self.submitter(device, mem, done);
+        sub.inline = inline;
+        sub
     }
 
-    /// The turn that [`begin_turn`](Self::begin_turn) started took `taken`
-    /// requests from the ring.
+    /// The turn that [`turn_submitter`](Self::turn_submitter) served took
+    /// `taken` requests from the ring.
     pub fn end_turn(&mut self, taken: u16) {
-        self.inline_next = false;
         self.lone.end(taken);
     }
 
@@ -115,13 +119,12 @@ impl AsyncQueue {
         mem: &'a GuestMemoryLoadGuard<GuestMem>,
         done: &'a mut Vec<Completion>,
     ) -> Submitter<'a> {
-        let inline = std::mem::take(&mut self.inline_next);
         Submitter {
             queue: self,
             device,
             mem,
             done,
-            inline,
+            inline: false,
         }
     }
 
