@@ -10,6 +10,8 @@
 #   bench_wait_socket PATH # until the socket accepts, or the last start died
 #   bench_stop PID         # stop one process by pid and reap it
 #   bench_load             # "load x y z on N CPUs" for the report
+#   bench_wake_cost        # eventfd round trip between two threads, same
+#                          # CPU and across CPUs, for the report
 #
 # Every process started with bench_start is stopped by pid on every exit path
 # (normal end, error under `set -e`, Ctrl-C), then $work (and $disk_work) is
@@ -95,6 +97,49 @@ bench_wait_socket() {
 
 bench_load() {
   echo "load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
+}
+
+# A vhost-user round trip is two wake-ups across threads (the frontend's kick,
+# the backend's call); fio, the device's limit, has none. What one costs on
+# this machine decides how close to fio any backend can get, so the report
+# carries it: the median eventfd ping-pong between two threads pinned to the
+# same CPU, then to the first and last CPU (both sleep in read between turns).
+bench_wake_cost() {
+  python3 - <<'PY'
+import os, statistics, threading, time
+
+def round_trip(cpu_a, cpu_b, n=3000):
+    a, b = os.eventfd(0), os.eventfd(0)
+
+    def peer():
+        os.sched_setaffinity(0, {cpu_b})
+        for _ in range(n):
+            os.eventfd_read(a)
+            os.eventfd_write(b, 1)
+
+    t = threading.Thread(target=peer)
+    mask = os.sched_getaffinity(0)
+    t.start()
+    os.sched_setaffinity(0, {cpu_a})
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        os.eventfd_write(a, 1)
+        os.eventfd_read(b)
+        lat.append(time.perf_counter_ns() - t0)
+    t.join()
+    os.sched_setaffinity(0, mask)
+    os.close(a)
+    os.close(b)
+    return statistics.median(lat) / 1000
+
+cpus = sorted(os.sched_getaffinity(0))
+same = round_trip(cpus[0], cpus[0])
+if len(cpus) > 1:
+    print(f"wake-up round trip: {same:.1f} us on one CPU, {round_trip(cpus[0], cpus[-1]):.1f} us across CPUs")
+else:
+    print(f"wake-up round trip: {same:.1f} us on one CPU (only one CPU)")
+PY
 }
 
 # Nanoseconds since the epoch, for wall-clock intervals.

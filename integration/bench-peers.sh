@@ -193,6 +193,7 @@ PY
 }
 
 echo "== $(bench_load) at start; $seconds s per workload, $rounds round(s), median counts"
+echo "== $(bench_wake_cost)"
 echo "== colo-blk under test: $colo$( [ -n "$poll" ] && echo " (takes --poll-us: runs with --poll-us $poll_us and 0)")"
 
 opt=()
@@ -219,6 +220,7 @@ if [[ ,$tables, == *,direct,* ]]; then
   measure_idle direct colo "${opt[@]}" qsd-io_uring
 fi
 echo "== $(bench_load) at end"
+echo "== $(bench_wake_cost)"
 
 colo_label="colo-blk"
 [ -n "$poll" ] && colo_label="colo-blk --poll-us $poll_us"
