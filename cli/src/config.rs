@@ -20,9 +20,10 @@ pub const DEFAULT_FORWARD_TIMEOUT_SECS: u64 = 15;
 
 const MAX_QUEUES: u16 = 64;
 /// Default `--poll-us`: off. On the 2-core machines benchmarked
-/// (bench-peers.sh), polling did not win the QD1 rows (the worker's spin
-/// competes with the guest for the cores); on hosts with a core to spare per
-/// queue, `--poll-us 50` is the setting to try.
+/// (bench-peers.sh), polling won QD1 on the page cache but not on O_DIRECT
+/// (the polling worker competes with the guest and the disk's interrupt for
+/// the cores); on hosts with a core to spare per queue, `--poll-us 50` is the
+/// setting to try.
 pub const DEFAULT_POLL_US: u32 = 0;
 /// Longest accepted `--poll-us`: beyond this a worker would rather sleep.
 const MAX_POLL_US: u32 = 10_000;
@@ -72,9 +73,12 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "auto|uring|sync", default_value_t = Engine::Auto)]
     pub io_engine: Engine,
 
-    /// After serving work, a queue worker polls its ring and its completions
-    /// for up to this many microseconds before it sleeps; the window adapts
-    /// (it shrinks on an idle disk, so idle costs no CPU). 0 disables polling.
+    /// After serving work, a queue worker with nothing in flight on the disk
+    /// polls its ring for the guest's next request for up to this many
+    /// microseconds before it sleeps (with requests in flight it sleeps: their
+    /// completion wakes it). The window adapts: it shrinks when the guest
+    /// keeps it waiting longer, so an idle disk costs no CPU. 0 disables
+    /// polling.
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
     pub poll_us: u32,
 

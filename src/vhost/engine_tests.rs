@@ -126,6 +126,9 @@ pub(super) struct Held {
     pub(super) channel_ops: usize,
     /// Writes the node's synchronous path took.
     pub(super) sync_writes: usize,
+    /// Times the worker asked whether completions are waiting (each turn of
+    /// a polling worker asks once).
+    pub(super) completion_checks: usize,
 }
 
 /// A channel that holds every operation until the test releases it, and
@@ -199,7 +202,8 @@ impl IoChannel for HeldChannel {
         n
     }
     fn has_completions(&mut self) -> bool {
-        let h = self.shared.lock().unwrap();
+        let mut h = self.shared.lock().unwrap();
+        h.completion_checks += 1;
         (h.release && !h.pending.is_empty()) || !h.release_ids.is_empty()
     }
     fn in_flight(&self) -> usize {
@@ -633,4 +637,36 @@ fn a_write_alone_on_its_queue_runs_on_the_worker_once_the_queue_is_at_depth_one(
     assert_eq!(h.channel_ops, LONE_STREAK as usize + 2);
     assert_eq!(h.sync_writes, 1);
     assert_eq!(h.most_in_flight, 2, "both on the channel at once");
+}
+
+#[test]
+fn a_polling_worker_polls_for_the_guest_and_sleeps_while_the_disk_works() {
+    // A window far longer than a pass: whether serve() polled shows in how
+    // often it looked for completions, and in how long it took.
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+    let (shared, device) = held_device();
+    let io = QueueIo::new(device.clone(), 0, QSIZE, WINDOW.as_micros() as u32).unwrap();
+    io.lock().poller.open_fully();
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMem = &guard;
+    let vq = MockSplitQueue::new(mem, QSIZE);
+    let vring = ready_vring(&atomic, &vq);
+
+    // Four reads in flight on the disk: the pass submits them and ends, no
+    // polling (a completion wakes the worker anyway).
+    add_requests(mem, &vq, &reads(4));
+    serve(&vring, &atomic, &device, &io);
+    let checks = std::mem::take(&mut shared.lock().unwrap().completion_checks);
+    assert!(checks <= 2, "looked {checks} times: it polled the disk");
+
+    // They complete: with nothing in flight, the next event can only be the
+    // guest's, and the worker polls for it for the whole window.
+    shared.lock().unwrap().release = true;
+    let start = std::time::Instant::now();
+    serve(&vring, &atomic, &device, &io);
+    assert_eq!(used_idx(mem, &vq), 4);
+    assert!(start.elapsed() >= WINDOW, "gave up before the window ended");
+    let checks = shared.lock().unwrap().completion_checks;
+    assert!(checks > 2, "looked only {checks} times while polling");
 }

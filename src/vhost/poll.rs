@@ -6,6 +6,12 @@
 //! keep polling: the window grows (doubling, up to the maximum). A worker that
 //! slept longer than the maximum could not have been saved by polling: the
 //! window halves, down to nothing, so an idle disk costs no CPU.
+//!
+//! Only waits for the guest count. A worker with requests in flight on the
+//! disk waits for the disk: it sleeps, since a completion wakes it anyway and
+//! polling would take the CPU that the interrupt, the direct-I/O workqueue and
+//! the frontend need; and how long a disk takes says nothing about how soon
+//! the guest sends the next request.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +41,13 @@ impl Poller {
         self.window
     }
 
+    /// Opens the window to the maximum, as a worker that has polled
+    /// successfully for a while would have it.
+    #[cfg(test)]
+    pub(crate) fn open_fully(&mut self) {
+        self.window = self.max;
+    }
+
     /// The worker woke up (an event arrived): adapt the window to the sleep
     /// that just ended.
     pub(crate) fn woke(&mut self) {
@@ -56,11 +69,10 @@ impl Poller {
         }
     }
 
-    /// The worker is about to sleep.
-    pub(crate) fn sleeping(&mut self) {
-        if !self.max.is_zero() {
-            self.asleep_since = Some(Instant::now());
-        }
+    /// The worker is about to sleep, waiting for the guest (nothing in flight)
+    /// or not (requests in flight: it waits for the disk).
+    pub(crate) fn sleeping(&mut self, on_guest: bool) {
+        self.asleep_since = (on_guest && !self.max.is_zero()).then(Instant::now);
     }
 }
 
@@ -100,10 +112,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sleep_waiting_for_the_disk_leaves_the_window_alone() {
+        let mut p = Poller::new(50);
+        for _ in 0..10 {
+            p.woke_after(Some(us(40)));
+        }
+        assert_eq!(p.window(), us(50));
+        for _ in 0..10 {
+            p.sleeping(false);
+            std::thread::sleep(Duration::from_millis(1));
+            p.woke();
+        }
+        assert_eq!(p.window(), us(50), "long disk waits did not shrink it");
+        p.sleeping(true);
+        std::thread::sleep(Duration::from_millis(1));
+        p.woke();
+        assert_eq!(p.window(), us(25), "a long wait for the guest did");
+    }
+
+    #[test]
     fn zero_disables_polling() {
         let mut p = Poller::new(0);
         p.woke_after(Some(Duration::ZERO));
-        p.sleeping();
+        p.sleeping(true);
         assert_eq!(p.window(), Duration::ZERO);
         assert!(p.asleep_since.is_none());
     }

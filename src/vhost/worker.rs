@@ -3,7 +3,7 @@
 //! more while polling pays, and re-arm notifications without losing a request
 //! that raced with re-arming.
 
-use super::queue_io::QueueIo;
+use super::queue_io::{QueueIo, QueueState};
 use super::resume;
 use super::vring::{kick_self, Vring};
 use crate::virtio_blk::{Completion, GuestMem, NoLog, Offload, RingLog, Scratch, VirtioBlk};
@@ -156,12 +156,10 @@ pub(crate) fn serve(
             }
             continue;
         }
-        if ready && !window.is_zero() && last_work.elapsed() < window {
-            // Yield, not spin: the tasks this worker waits for may need this
-            // very CPU (a frontend woken by our call runs where we run; a
-            // write's completion runs on the direct-I/O workqueue of the CPU
-            // that took the disk's interrupt). Spinning held them off for the
-            // whole window (perf sched: 60 µs delays of kworker/N-dio).
+        if ready && !window.is_zero() && waits_on_guest(st, io) && last_work.elapsed() < window {
+            // Yield, not spin: the frontend this worker waits for may need
+            // this very CPU (a frontend woken by our call runs where we run).
+            // Spinning held it off for the whole window.
             std::thread::yield_now();
             continue;
         }
@@ -180,7 +178,13 @@ pub(crate) fn serve(
             }
         }
     }
-    st.poller.sleeping();
+    st.poller.sleeping(waits_on_guest(st, io));
+}
+
+/// True when nothing is in flight on the queue's channel or pool: the next
+/// event can only be the guest's (see [`super::poll`]).
+fn waits_on_guest(st: &QueueState, io: &QueueIo) -> bool {
+    st.channel.as_ref().map_or(true, |ch| ch.in_flight() == 0) && !io.pool.busy()
 }
 
 /// True when the memory table in `mem` is no longer the snapshot `m`.
