@@ -263,6 +263,36 @@ for w in [w for w in rows.split(",") if w]:
 PY
 }
 
+# bench_paired RESULTS ROWS DEN COLUMNS: a Markdown table of each server's IOPS
+# over DEN's (a TAG) round by round, from the raw "TAG ROUND WORKLOAD IOPS ..."
+# lines of RESULTS: the median of the per-round ratios and their range. The
+# disk drifts between rounds (a slow minute slows every server in it), so a
+# ratio taken within each round shows less of that drift than a ratio of two
+# medians. COLUMNS: comma-separated TAG=Header; tags absent are dropped.
+bench_paired() {
+  python3 - "$@" <<'PY'
+import statistics, sys
+results, rows, den, cols = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+iops = {}
+for line in open(results):
+    f = line.split()
+    if len(f) >= 4 and f[2] != "idle":
+        iops[(f[0], f[1], f[2])] = float(f[3])
+tags = {t for t, _, _ in iops}
+cols = [c.split("=", 1) for c in cols.split(",") if c]
+cols = [(t, h) for t, h in cols if t in tags]
+print("| workload | " + " | ".join(h for _, h in cols) + " |")
+print("|---|" + "---:|" * len(cols))
+for w in [w for w in rows.split(",") if w]:
+    out = [w]
+    for t, _ in cols:
+        r = [v / iops[(den, rd, w)] for (tt, rd, ww), v in iops.items()
+             if tt == t and ww == w and iops.get((den, rd, w), 0) > 0]
+        out.append(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "-")
+    print("| " + " | ".join(out) + " |")
+PY
+}
+
 # bench_cpu_table MEDIANS WORKLOADS COLUMNS: server CPU use (utime+stime per
 # second, % of one core) with the connection open and no I/O ("idle", when
 # measured) and during each of WORKLOADS, and the server's thread count under

@@ -242,6 +242,11 @@ if [[ ,$tables, == *,direct,* ]]; then
     "colo=$colo_label --direct,colo-nopoll=--direct --poll-us 0,baseline=baseline --direct,qsd-io_uring=qsd io_uring,qsd-native=qsd native,fio=fio io_uring (device)" \
     "colo / fio=colo/fio,--poll-us 0 / fio=colo-nopoll/fio,colo / better qsd=colo/max(qsd-io_uring|qsd-native),--poll-us 0 / better qsd=colo-nopoll/max(qsd-io_uring|qsd-native),baseline / better qsd=baseline/max(qsd-io_uring|qsd-native)"
   echo
+  echo "O_DIRECT against fio round by round (each run over fio's run in the same round): median (range) of $rounds:"
+  echo
+  bench_paired "$work/direct.res" "$direct_rows" fio \
+    "colo=$colo_label --direct,colo-nopoll=--direct --poll-us 0,baseline=baseline --direct,qsd-io_uring=qsd io_uring,qsd-native=qsd native"
+  echo
   echo "Server CPU (utime+stime per second, % of one core; idle: ${idle} s connected, no I/O; load: the median run), O_DIRECT:"
   echo
   bench_cpu_table "$work/direct.med" randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd128,randread-4k-2q-qd32 \
